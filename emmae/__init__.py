@@ -1,0 +1,3 @@
+"""cryo-EMMAE: self-supervised, streaming particle picking for cryo-EM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,246 @@
+"""One frozen, typed configuration tree for every stage of the picker.
+
+Load it from TOML with :func:`load_config`, override single fields with
+``section.field=value`` strings (the CLIs' ``--set``), and save the exact
+configuration next to every output with :func:`config_record`.
+Lengths carry their unit in the name: ``*_px`` pixels of the *input micrograph*,
+``*_A`` Angstrom, ``*_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Literal, get_args, get_origin
+
+import annotated_types as at
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from emmae import __version__
+from emmae.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class PreprocessConfig(_Section):
+    """Section 1 of the method. Filter sizes are in pixels of the input micrograph
+    (as in the reference); the ``fast`` mode scales them to the working grid."""
+
+    mode: Literal["fast", "reference"] = "fast"
+    diameter_px: float | None = Field(None, gt=0, le=8192)
+    diameter_A: float | None = Field(None, gt=0, le=10000)
+    pixel_size_A: float | None = Field(None, gt=0, le=100)
+    grid_px: int = Field(1024, ge=64, le=8192, multiple_of=64)
+    tile_px: int = Field(64, ge=8, le=1024)
+    gaussian_sigma_px: float = Field(3.0, ge=0, le=100)
+    gaussian_radius_px: int = Field(4, ge=0, le=400)
+    clahe_clip_limit: float = Field(2.0, ge=0, le=256)
+    clahe_tiles: int = Field(16, ge=1, le=128)
+    box_px: float = Field(20.0, ge=1, le=1000)
+    box_passes: int = Field(2, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _one_diameter(self) -> PreprocessConfig:
+        if self.diameter_px is not None and self.diameter_A is not None:
+            raise ValueError("give diameter_px or diameter_A, not both")
+        if self.grid_px % self.tile_px:
+            raise ValueError(f"grid_px ({self.grid_px}) must be a multiple of tile_px ({self.tile_px})")
+        return self
+
+
+class ModelConfig(_Section):
+    """Which model bundle encodes the tiles (None: the bundled default model)."""
+
+    bundle: Path | None = None
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    batch_tiles: int = Field(256, ge=1, le=65536)
+
+
+class ClusterConfig(_Section):
+    """Section 3 of the method: hierarchical k-means on the latent map."""
+
+    levels: tuple[int, ...] = (3, 4, 5)
+    seed: int = Field(0, ge=0)
+    centre_margin_px: int = Field(25, ge=0, le=127)  # on the 256-px latent grid
+    max_iter: int = Field(100, ge=1, le=10000)
+
+    @model_validator(mode="after")
+    def _levels(self) -> ClusterConfig:
+        if not self.levels or any(k < 2 or k > 64 for k in self.levels):
+            raise ValueError(f"levels must be a non-empty list of k in [2, 64], got {list(self.levels)}")
+        return self
+
+
+class PostprocessConfig(_Section):
+    """Section 4 of the method: threshold, components, suppression, border."""
+
+    area_fraction: float = Field(0.04, gt=0, lt=1)
+    threshold_levels: int = Field(30, ge=2, le=1000)
+    min_distance_diameters: float = Field(0.5, ge=0, le=10)
+    border_diameters: float = Field(1 / 1.5, ge=0, le=10)
+
+
+class OutputConfig(_Section):
+    """What is written, and the explicit coordinate switches users otherwise apply by hand."""
+
+    formats: tuple[Literal["star", "box", "cbox"], ...] = ("star",)
+    flip_y: bool = False
+    coordinate_scale: float = Field(1.0, gt=0, le=64)
+    strip_prefix: str = ""
+    add_prefix: str = ""
+    project_root: Path | None = None
+
+
+class StreamConfig(_Section):
+    """The streaming daemon: what to watch and when a file counts as complete."""
+
+    patterns: tuple[str, ...] = ("*.mrc",)
+    recursive: bool = True
+    settle_s: float = Field(5.0, ge=0, le=3600)
+    poll_interval_s: float = Field(2.0, gt=0, le=3600)
+    poll: Literal["auto", "always", "never"] = "auto"
+    order: Literal["oldest", "newest"] = "oldest"
+    queue_depth: int = Field(4, ge=1, le=1024)
+
+
+class BackendConfig(_Section):
+    """Compute device. ``EMMAE_DEVICE=cpu`` in the environment also forces the CPU."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+
+
+class EmmaeConfig(_Section):
+    """The whole configuration tree."""
+
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    output: OutputConfig = OutputConfig()
+    stream: StreamConfig = StreamConfig()
+    backend: BackendConfig = BackendConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> EmmaeConfig:
+    """Build the configuration from an optional TOML file and ``section.field=value`` overrides.
+
+    Override values are parsed as TOML values (``3``, ``0.5``, ``true``, ``[3, 4]``,
+    ``"text"``); anything that is not valid TOML is taken as a plain string.
+
+    Raises:
+        ConfigError: unreadable or invalid TOML, an unknown field, or a value out of
+            range (the message names the field and the allowed values).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for item in overrides:
+        _apply_override(data, item)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> EmmaeConfig:
+    """Validate a plain dict into an :class:`EmmaeConfig`.
+
+    Raises:
+        ConfigError: with one line per invalid field, naming it and the allowed values.
+    """
+    try:
+        return EmmaeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(err) for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r} is not of the form section.field=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"override {item!r}: {parts[0]!r} is not a section")
+    section[parts[1]] = value
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    allowed = _allowed_values(err["loc"])
+    got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+    suffix = f"; allowed: {allowed}" if allowed else ""
+    return f"{loc or '<root>'}: {err['msg']}{got}{suffix}"
+
+
+def _allowed_values(loc: tuple[Any, ...]) -> str:
+    """The allowed range or choices of the field at ``loc``, as text ('' if unknown)."""
+    model: type[BaseModel] = EmmaeConfig
+    info = None
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            return ""
+        info = model.model_fields[part]
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            model = info.annotation
+    if info is None:
+        return ""
+    choices = _literal_values(info.annotation)
+    if choices:
+        return "one of " + ", ".join(repr(c) for c in choices)
+    bounds = []
+    for meta in info.metadata:
+        for name, op in (("Gt", ">"), ("Ge", ">="), ("Lt", "<"), ("Le", "<=")):
+            if isinstance(meta, getattr(at, name)):
+                bounds.append(f"{op} {getattr(meta, name.lower())}")
+        if isinstance(meta, at.MultipleOf):
+            bounds.append(f"multiple of {meta.multiple_of}")
+    return ", ".join(bounds)
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) for value in _literal_values(arg)]
+
+
+def resolve_diameter_px(config: PreprocessConfig, header_pixel_size_A: float | None = None) -> float:
+    """The particle diameter in pixels of the input micrograph.
+
+    ``diameter_px`` is used as given. ``diameter_A`` is divided by the pixel size:
+    ``config.pixel_size_A`` when set (it overrides the header), else the MRC header's.
+
+    Raises:
+        ConfigError: no diameter at all, or a diameter in Angstrom with no pixel size.
+    """
+    if config.diameter_px is not None:
+        return float(config.diameter_px)
+    if config.diameter_A is None:
+        raise ConfigError("no particle diameter: set preprocess.diameter_px or preprocess.diameter_A")
+    pixel_size = config.pixel_size_A or header_pixel_size_A
+    if pixel_size is None or not math.isfinite(pixel_size) or pixel_size <= 0:
+        raise ConfigError(
+            f"preprocess.diameter_A={config.diameter_A} needs a pixel size: the micrograph header has none, "
+            "so set preprocess.pixel_size_A (or give preprocess.diameter_px)"
+        )
+    return float(config.diameter_A) / float(pixel_size)
+
+
+def config_record(config: EmmaeConfig, argv: Iterable[str] | None = None) -> dict[str, Any]:
+    """A JSON-ready record of the configuration, the package version and the command line."""
+    return {
+        "emmae_version": __version__,
+        "argv": list(sys.argv if argv is None else argv),
+        "config": config.model_dump(mode="json"),
+    }

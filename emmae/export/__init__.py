@@ -1,0 +1,1 @@
+"""Encoder-only ONNX export and model bundles (PyTorch + onnx)."""

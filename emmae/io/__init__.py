@@ -1,0 +1,1 @@
+"""Micrograph and coordinate file formats."""

@@ -1,0 +1,1 @@
+"""The torch-free runtime: preprocessing, encoding, clustering and picking."""

@@ -1,0 +1,1 @@
+"""Masked-autoencoder training (PyTorch). Imports torch; the runtime never imports this package."""

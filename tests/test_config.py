@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from emmae.config import (
+    EmmaeConfig,
+    PreprocessConfig,
+    config_record,
+    load_config,
+    resolve_diameter_px,
+)
+from emmae.errors import ConfigError
+
+
+def test_defaults_are_the_reference_numbers():
+    config = EmmaeConfig()
+    pre = config.preprocess
+    assert (pre.grid_px, pre.tile_px, pre.gaussian_sigma_px, pre.gaussian_radius_px) == (1024, 64, 3.0, 4)
+    assert (pre.clahe_clip_limit, pre.clahe_tiles, pre.box_px, pre.box_passes) == (2.0, 16, 20.0, 2)
+    assert config.cluster.levels == (3, 4, 5)
+    assert config.postprocess.area_fraction == 0.04
+
+
+def test_frozen_and_extra_forbidden():
+    config = EmmaeConfig()
+    with pytest.raises(ValidationError):
+        config.preprocess.grid_px = 512  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        PreprocessConfig(unknown=1)  # type: ignore[call-arg]
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "emmae.toml"
+    path.write_text('[preprocess]\nmode = "reference"\ndiameter_A = 300.0\n\n[cluster]\nlevels = [3, 4]\n')
+    config = load_config(path, ["preprocess.pixel_size_A=1.34", "output.flip_y=true", "stream.patterns=['*.tif']"])
+    assert config.preprocess.mode == "reference"
+    assert config.preprocess.diameter_A == 300.0
+    assert config.preprocess.pixel_size_A == 1.34
+    assert config.cluster.levels == (3, 4)
+    assert config.output.flip_y is True
+    assert config.stream.patterns == ("*.tif",)
+
+
+def test_plain_string_override():
+    assert load_config(None, ["model.bundle=/data/model.onnx"]).model.bundle.as_posix() == "/data/model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("preprocess.clahe_clip_limit=-1", r"preprocess\.clahe_clip_limit: .*got -1.*allowed: >= 0, <= 256"),
+        ("postprocess.area_fraction=1.5", r"postprocess\.area_fraction: .*allowed: > 0, < 1"),
+        ("preprocess.mode=slow", r"preprocess\.mode: .*allowed: one of 'fast', 'reference'"),
+        ("preprocess.grid_px=1000", r"preprocess\.grid_px: .*multiple of 64"),
+        ("stream.settle_s=-2", r"stream\.settle_s: .*allowed: >= 0"),
+        ("preprocess.bogus=3", r"preprocess\.bogus: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_values_name_the_field_and_range(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("bad", ["no_equals_sign", "too.many.dots=1", "=3"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, [bad])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[preprocess\nmode=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_both_diameters_rejected():
+    with pytest.raises(ConfigError, match="diameter_px or diameter_A, not both"):
+        load_config(None, ["preprocess.diameter_px=50", "preprocess.diameter_A=200"])
+
+
+def test_resolve_diameter():
+    assert resolve_diameter_px(PreprocessConfig(diameter_px=56)) == 56.0
+    assert resolve_diameter_px(PreprocessConfig(diameter_A=300), header_pixel_size_A=1.5) == pytest.approx(200.0)
+    # the configured pixel size overrides the header's
+    assert resolve_diameter_px(PreprocessConfig(diameter_A=300, pixel_size_A=3.0), 1.5) == pytest.approx(100.0)
+
+
+def test_resolve_diameter_errors():
+    with pytest.raises(ConfigError, match="no particle diameter"):
+        resolve_diameter_px(PreprocessConfig())
+    with pytest.raises(ConfigError, match="needs a pixel size"):
+        resolve_diameter_px(PreprocessConfig(diameter_A=300), header_pixel_size_A=None)
+
+
+def test_config_record_round_trips_through_json():
+    config = load_config(None, ["preprocess.diameter_px=40", "cluster.levels=[3, 4]"])
+    record = json.loads(json.dumps(config_record(config, ["emmae-pick", "x.mrc"])))
+    assert record["argv"] == ["emmae-pick", "x.mrc"]
+    assert record["emmae_version"]
+    assert EmmaeConfig.model_validate(record["config"]) == config
