@@ -1,0 +1,178 @@
+"""Micrographs from MRC files through ``mrcfile``.
+
+:func:`check_complete` is the cheap, strict gate the daemon calls on a new file
+(header valid, data block complete); :func:`read_micrograph` reads one 2-D
+micrograph (modes 0, 1, 2, 6, 12; 2-D or single-section 3-D), memory-mapped, as
+float32. Each failure raises its own :class:`~emmae.errors.MicrographError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from emmae.errors import (
+    CorruptMRCError,
+    EmptyMRCError,
+    IncompleteMRCError,
+    MultiSectionError,
+    NonFiniteDataError,
+    NotMRCError,
+    TruncatedMRCError,
+    UnsupportedModeError,
+)
+from emmae.io.atomic import atomic_path
+
+HEADER_BYTES = 1024
+#: MRC mode -> bytes per voxel, for the modes a micrograph can use.
+MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+_MAX_DIM = 1 << 20
+
+
+@dataclass(frozen=True)
+class MrcLayout:
+    """What the header says about the file's size and shape."""
+
+    nx: int
+    ny: int
+    nz: int
+    mode: int
+    extended_header_bytes: int
+
+    @property
+    def expected_bytes(self) -> int:
+        return HEADER_BYTES + self.extended_header_bytes + self.nx * self.ny * self.nz * MODE_BYTES[self.mode]
+
+
+@dataclass(frozen=True)
+class Micrograph:
+    """One micrograph: ``data[row, col]`` (y, x) in file order, float32."""
+
+    path: Path
+    data: np.ndarray
+    pixel_size_xy_A: tuple[float, float] | None
+
+    @property
+    def pixel_size_A(self) -> float | None:
+        """The pixel size in Angstrom (geometric mean of x and y), or None if the header has none."""
+        if self.pixel_size_xy_A is None:
+            return None
+        return float(np.sqrt(self.pixel_size_xy_A[0] * self.pixel_size_xy_A[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape  # type: ignore[return-value]
+
+
+def read_layout(path: str | Path) -> MrcLayout:
+    """Parse and check the 1024-byte header, without reading data.
+
+    Raises:
+        EmptyMRCError: the file has zero bytes.
+        TruncatedMRCError: the file is shorter than the header.
+        NotMRCError: no 'MAP ' stamp or impossible dimensions.
+        UnsupportedModeError: a mode other than 0, 1, 2, 6, 12.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(HEADER_BYTES)
+    if not head:
+        raise EmptyMRCError(path, "empty file (0 bytes)")
+    if len(head) >= 212 and head[208:211] != b"MAP":
+        raise NotMRCError(path, "not an MRC file (no 'MAP ' stamp at byte 208)")
+    if len(head) < HEADER_BYTES:
+        raise TruncatedMRCError(path, f"file ends inside the MRC header ({len(head)} of {HEADER_BYTES} bytes)")
+    order = ">" if head[212] == 0x11 else "<"
+    nx, ny, nz, mode = (int(v) for v in np.frombuffer(head, dtype=f"{order}i4", count=4))
+    next_bytes = int(np.frombuffer(head, dtype=f"{order}i4", count=1, offset=92)[0])
+    if not all(0 < n < _MAX_DIM for n in (nx, ny, nz)) or not 0 <= next_bytes < (1 << 31):
+        raise NotMRCError(path, f"not a valid MRC header (nx={nx}, ny={ny}, nz={nz}, extended header {next_bytes})")
+    if mode not in MODE_BYTES:
+        raise UnsupportedModeError(path, f"MRC mode {mode} is not supported (use 0, 1, 2, 6 or 12)")
+    return MrcLayout(nx=nx, ny=ny, nz=nz, mode=mode, extended_header_bytes=next_bytes)
+
+
+def check_complete(path: str | Path) -> MrcLayout:
+    """The daemon's gate: the header is valid and the data block is complete.
+
+    Raises:
+        IncompleteMRCError: the file is empty or shorter than its header declares: it
+            is still being written (or was cut short); look again later.
+        NotMRCError, UnsupportedModeError, MultiSectionError: the file will never be
+            a usable micrograph.
+    """
+    path = Path(path)
+    try:
+        layout = read_layout(path)
+    except (EmptyMRCError, TruncatedMRCError) as exc:
+        raise IncompleteMRCError(path, f"still being written: {exc.reason}") from None
+    size = os.stat(path).st_size
+    if size < layout.expected_bytes:
+        raise IncompleteMRCError(
+            path, f"still being written: {size} of {layout.expected_bytes} bytes the header declares"
+        )
+    if layout.nz != 1:
+        raise MultiSectionError(path, f"a stack of {layout.nz} sections; expected one micrograph per file")
+    return layout
+
+
+def read_micrograph(path: str | Path, *, mmap: bool = True) -> Micrograph:
+    """Read one micrograph as float32 ``data[row, col]`` with the header's pixel size.
+
+    ``mmap=True`` maps the file instead of reading it into a buffer first, which
+    saves a copy for large micrographs.
+
+    Raises:
+        EmptyMRCError, TruncatedMRCError: the file is empty or shorter than declared.
+        NotMRCError, CorruptMRCError: not an MRC file, or one mrcfile rejects.
+        UnsupportedModeError: a mode other than 0, 1, 2, 6, 12.
+        MultiSectionError: more than one section.
+        NonFiniteDataError: NaN or infinite values.
+    """
+    path = Path(path)
+    layout = read_layout(path)
+    size = os.stat(path).st_size
+    if size < layout.expected_bytes:
+        raise TruncatedMRCError(path, f"truncated: {size} of {layout.expected_bytes} bytes the header declares")
+    if layout.nz != 1:
+        raise MultiSectionError(path, f"a stack of {layout.nz} sections; expected one micrograph per file")
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    try:
+        with opener(path, mode="r", permissive=False) as mrc:
+            data = np.array(mrc.data.reshape(layout.ny, layout.nx), dtype=np.float32)
+            voxel = mrc.voxel_size
+    except ValueError as exc:
+        raise CorruptMRCError(path, f"mrcfile rejects the file: {exc}") from None
+    if layout.mode in (2, 12):
+        _check_finite(path, data)
+    pixel = (float(voxel.x), float(voxel.y))
+    return Micrograph(path=path, data=data, pixel_size_xy_A=pixel if min(pixel) > 0 else None)
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
+    if np.isfinite(data.sum(dtype=np.float64)):
+        return
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise NonFiniteDataError(path, f"{bad} NaN or infinite values in the data")
+
+
+def write_micrograph(path: str | Path, data: np.ndarray, pixel_size_A: float | tuple[float, float] | None) -> None:
+    """Write a 2-D array as an MRC file (mode from its dtype), atomically.
+
+    Raises:
+        ValueError: ``data`` is not 2-D or its dtype has no MRC mode.
+        OutputError: the file could not be written.
+    """
+    if data.ndim != 2:
+        raise ValueError(f"a micrograph is 2-D, got shape {data.shape}")
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(data)
+            if pixel_size_A is not None:
+                px, py = (pixel_size_A, pixel_size_A) if np.isscalar(pixel_size_A) else pixel_size_A
+                mrc.voxel_size = (px, py, px)
