@@ -9,6 +9,7 @@ Lengths carry their unit in the name: ``*_px`` pixels of the *input micrograph*,
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import tomllib
@@ -213,6 +214,24 @@ def _literal_values(annotation: Any) -> list[Any]:
     if get_origin(annotation) is Literal:
         return list(get_args(annotation))
     return [value for arg in get_args(annotation) for value in _literal_values(arg)]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and repeatable ``--set section.field=value`` to a CLI parser."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=None,
+        metavar="SECTION.FIELD=VALUE",
+        help="override one configuration field (repeatable), e.g. --set preprocess.mode=reference",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EmmaeConfig:
+    """The configuration named by :func:`add_config_arguments`' options. Raises :class:`ConfigError`."""
+    return load_config(args.config, args.overrides or ())
 
 
 def resolve_diameter_px(config: PreprocessConfig, header_pixel_size_A: float | None = None) -> float:

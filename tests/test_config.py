@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -7,6 +8,8 @@ from pydantic import ValidationError
 
 from emmae.config import (
     EmmaeConfig,
+    add_config_arguments,
+    config_from_args,
     PreprocessConfig,
     config_record,
     load_config,
@@ -104,3 +107,16 @@ def test_config_record_round_trips_through_json():
     assert record["argv"] == ["emmae-pick", "x.mrc"]
     assert record["emmae_version"]
     assert EmmaeConfig.model_validate(record["config"]) == config
+
+
+def test_cli_options(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[preprocess]\ndiameter_px = 40\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--set", "preprocess.mode=reference", "--set", "backend.device=cpu"])
+    config = config_from_args(args)
+    assert (config.preprocess.diameter_px, config.preprocess.mode, config.backend.device) == (40, "reference", "cpu")
+    assert config_from_args(parser.parse_args([])) == EmmaeConfig()
+    with pytest.raises(ConfigError, match="backend.device"):
+        config_from_args(parser.parse_args(["--set", "backend.device=tpu"]))
