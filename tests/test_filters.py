@@ -14,6 +14,8 @@ from emmae.runtime.filters import (
     local_normalise,
     minmax,
     ring_mask,
+    ring_spectrum,
+    separable_filter,
     to_uint8,
 )
 
@@ -87,8 +89,6 @@ def test_gaussian_blur_matches_scipy_float64(backend, host, rng, use_opencv):
     image = rng.normal(size=(70, 90)).astype(np.float32)
     kernel = gaussian_kernel(3.0, 4).astype(np.float64)
     reference = ndi.correlate(image.astype(np.float64), np.outer(kernel, kernel), mode="mirror")
-    from emmae.runtime.filters import separable_filter
-
     out = host(separable_filter(backend.asarray(image), gaussian_kernel(3.0, 4), gaussian_kernel(3.0, 4), use_opencv=use_opencv))
     np.testing.assert_allclose(out, reference, atol=1e-5)
     np.testing.assert_allclose(host(gaussian_blur(backend.asarray(image), 3.0, 4)), reference, atol=1e-5)
@@ -137,3 +137,14 @@ def test_minmax_and_uint8(backend, host):
     np.testing.assert_array_equal(host(to_uint8(image)), np.array([[0, 63], [127, 255]], np.uint8))
     flat = backend.asarray(np.full((3, 3), 5.0, np.float32))
     np.testing.assert_array_equal(host(minmax(flat)), np.zeros((3, 3)))
+
+
+def test_precomputed_ring_spectrum_gives_the_same_result(backend, host, rng):
+    image = rng.normal(size=(90, 70)).astype(np.float32)
+    ring = ring_spectrum((90, 70), 11.0, backend)
+    with_ring = host(local_normalise(backend.asarray(image), 11.0, ring))
+    np.testing.assert_allclose(with_ring, host(local_normalise(backend.asarray(image), 11.0)), atol=1e-6)
+    other = rng.normal(size=(60, 60)).astype(np.float32)  # a ring for another shape is not used
+    np.testing.assert_allclose(
+        host(local_normalise(backend.asarray(other), 11.0, ring)), _reference_local_normalise(other, 11.0), atol=2e-3
+    )

@@ -10,6 +10,7 @@ reflected without repeating the edge pixel (OpenCV's REFLECT_101, ndimage's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -58,17 +59,45 @@ def ring_mask(diameter_px: float) -> np.ndarray:
 _VARIANCE_FLOOR = 1e-5  # relative to the (globally standardised) image's scale
 
 
-def local_normalise(image: Array, diameter_px: float) -> Array:
+@dataclass(frozen=True)
+class RingSpectrum:
+    """The FFT of :func:`ring_mask` for images of one shape (reusable across micrographs)."""
+
+    image_shape: tuple[int, int]
+    fft_shape: tuple[int, int]
+    half: int
+    weight: float  # number of ones in the mask
+    spectrum: Array  # real [fy, fx // 2 + 1] on the backend's device
+
+
+def ring_spectrum(image_shape: tuple[int, int], diameter_px: float, backend: Backend) -> RingSpectrum:
+    """Precompute the ring's spectrum for :func:`local_normalise` on ``image_shape`` images."""
+    mask = ring_mask(diameter_px)
+    half = mask.shape[0] // 2
+    fft = backend.fft
+    fft_shape = tuple(fft.next_fast_len(n + 2 * half, real=True) for n in image_shape)
+    wrapped = np.zeros(fft_shape, dtype=np.float32)  # the mask centred on (0, 0), wrapped around
+    wrapped[: half + 1, : half + 1] = mask[half:, half:]
+    wrapped[-half:, : half + 1] = mask[:half, half:]
+    wrapped[: half + 1, -half:] = mask[half:, :half]
+    wrapped[-half:, -half:] = mask[:half, :half]
+    spectrum = fft.rfft2(backend.asarray(wrapped), **backend.fft_kwargs()).real  # symmetric mask: real
+    return RingSpectrum(tuple(image_shape), fft_shape, half, float(mask.sum()), spectrum)  # type: ignore[arg-type]
+
+
+def local_normalise(image: Array, diameter_px: float, ring: RingSpectrum | None = None) -> Array:
     """RELION-style local normalisation ``(x - mean) / sigma`` under :func:`ring_mask`.
 
     Local sums are circular FFT correlations of an image padded by reflection (so
     the borders see the image, not the opposite edge). Where the local variance is
     zero up to float32 round-off (a flat region) the output is 0, never NaN.
+    ``ring`` (from :func:`ring_spectrum`, same shape and diameter) saves one FFT.
     """
     backend = backend_of(image)
-    xp = backend.xp
-    mask = ring_mask(diameter_px)
-    half = mask.shape[0] // 2
+    xp, fft, kw = backend.xp, backend.fft, backend.fft_kwargs()
+    if ring is None or ring.image_shape != tuple(image.shape):
+        ring = ring_spectrum(tuple(image.shape), diameter_px, backend)  # type: ignore[arg-type]
+    half = ring.half
     ny, nx = image.shape
     x = image.astype(np.float32)
     x -= x.mean()
@@ -77,8 +106,10 @@ def local_normalise(image: Array, diameter_px: float) -> Array:
     batch = xp.empty((2, *padded.shape), dtype=np.float32)  # [x, x^2]
     batch[0] = padded
     xp.multiply(padded, padded, out=batch[1])
-    sums = _correlate_fft(backend, batch, mask)[:, half : half + ny, half : half + nx]
-    sums *= np.float32(1 / mask.sum())
+    spectrum = fft.rfft2(batch, s=ring.fft_shape, **kw)
+    spectrum *= ring.spectrum
+    sums = fft.irfft2(spectrum, s=ring.fft_shape, **kw)[:, half : half + ny, half : half + nx]
+    sums *= np.float32(1 / ring.weight)
     mean, mean_sq = sums[0], sums[1]
     # Below this, a local variance is float32 round-off of E[x^2] - mean^2: a flat region.
     flat = np.float32(_VARIANCE_FLOOR) * (1 + mean_sq)
@@ -87,22 +118,6 @@ def local_normalise(image: Array, diameter_px: float) -> Array:
     x /= xp.sqrt(xp.maximum(variance, flat))
     x[variance <= flat] = 0
     return x
-
-
-def _correlate_fft(backend: Backend, images: Array, kernel: np.ndarray) -> Array:
-    """Circular correlation of each image ``[B, H, W]`` with a centred, symmetric ``kernel``."""
-    xp, fft = backend.xp, backend.fft
-    shape = tuple(fft.next_fast_len(n, real=True) for n in images.shape[1:])
-    half = kernel.shape[0] // 2
-    wrapped = np.zeros(shape, dtype=np.float32)
-    wrapped[: half + 1, : half + 1] = kernel[half:, half:]
-    wrapped[-half:, : half + 1] = kernel[:half, half:]
-    wrapped[: half + 1, -half:] = kernel[half:, :half]
-    wrapped[-half:, -half:] = kernel[:half, :half]
-    kw = backend.fft_kwargs()
-    spectrum = fft.rfft2(images, s=shape, **kw)
-    spectrum *= fft.rfft2(xp.asarray(wrapped), **kw).real
-    return fft.irfft2(spectrum, s=shape, **kw).astype(np.float32, copy=False)
 
 
 def gaussian_kernel(sigma_px: float, radius_px: int) -> np.ndarray:

@@ -28,7 +28,17 @@ from emmae.backend import CPU, Backend
 from emmae.config import PreprocessConfig
 from emmae.io.coords import GridTransform
 from emmae.runtime.clahe import clahe
-from emmae.runtime.filters import MIN_DIAMETER_PX, Array, box_blur, gaussian_blur, local_normalise, minmax, to_uint8
+from emmae.runtime.filters import (
+    MIN_DIAMETER_PX,
+    Array,
+    RingSpectrum,
+    box_blur,
+    gaussian_blur,
+    local_normalise,
+    minmax,
+    ring_spectrum,
+    to_uint8,
+)
 from emmae.runtime.resize import pad_to, resize
 
 Step = tuple[str, Callable[[Array], Array]]
@@ -79,7 +89,8 @@ def plan(
         )
     upload: Step = ("upload", lambda a: backend.asarray(a, dtype=np.float32))
     pad: Step = ("pad", lambda a: pad_to(a, transform.padded_shape))
-    filters = _filter_steps(config, diameter_px * scale, scale)
+    filter_shape = transform.valid_shape if config.mode == "fast" else (shape[0], shape[1])
+    filters = _filter_steps(config, diameter_px * scale, scale, ring_spectrum(filter_shape, diameter_px * scale, backend))
     if config.mode == "fast":
         bin_step: Step = ("bin", lambda a: resize(a, transform.valid_shape, "area"))
         return transform, [upload, bin_step, *filters, pad]
@@ -87,13 +98,13 @@ def plan(
     return transform, [upload, *filters, resize_step, pad]
 
 
-def _filter_steps(config: PreprocessConfig, diameter_px: float, scale: float) -> list[Step]:
+def _filter_steps(config: PreprocessConfig, diameter_px: float, scale: float, ring: RingSpectrum) -> list[Step]:
     """Normalise, smooth, CLAHE, box blur, at a resolution ``scale`` times the micrograph's."""
     sigma = config.gaussian_sigma_px * scale
     radius = max(1, round(config.gaussian_radius_px * scale)) if config.gaussian_radius_px else 0
     box = max(1.0, config.box_px * scale)
     return [
-        ("normalise", lambda a: local_normalise(a, diameter_px)),
+        ("normalise", lambda a: local_normalise(a, diameter_px, ring)),
         ("gaussian", lambda a: gaussian_blur(a, sigma, radius)),
         ("clahe", lambda a: clahe(to_uint8(a), config.clahe_clip_limit, config.clahe_tiles)),
         ("box", lambda a: minmax(box_blur(a.astype(np.float32), box, config.box_passes)) * np.float32(255)),
