@@ -1,5 +1,7 @@
 # `make test` creates .venv (CPU only: no CUDA torch is ever downloaded) and runs the suite.
 PYTHON ?= python3
+# A CPU build of torch, installed before the `train` extra so pip never resolves a CUDA one.
+TORCH_CPU ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -e ".[cpu,train,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

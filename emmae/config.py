@@ -28,8 +28,13 @@ class _Section(BaseModel):
 
 
 class PreprocessConfig(_Section):
-    """Section 1 of the method. Filter sizes are in pixels of the input micrograph
-    (as in the reference); the ``fast`` mode scales them to the working grid."""
+    """Section 1 of the method.
+
+    Filter sizes are in pixels of the working grid (``*_grid_px``), so that a model
+    sees the same image statistics whatever the camera size. The defaults are the
+    reference's sizes (sigma 3 px, 9x9 kernel, 20-px boxes) on a 4096-px micrograph,
+    which the grid samples 4x coarser; the ``reference`` mode filters at full
+    resolution with the sizes scaled up accordingly."""
 
     mode: Literal["fast", "reference"] = "fast"
     diameter_px: float | None = Field(None, gt=0, le=8192)
@@ -37,11 +42,11 @@ class PreprocessConfig(_Section):
     pixel_size_A: float | None = Field(None, gt=0, le=100)
     grid_px: int = Field(1024, ge=64, le=8192, multiple_of=64)
     tile_px: int = Field(64, ge=8, le=1024)
-    gaussian_sigma_px: float = Field(3.0, ge=0, le=100)
-    gaussian_radius_px: int = Field(4, ge=0, le=400)
+    gaussian_sigma_grid_px: float = Field(0.75, ge=0, le=100)
+    gaussian_radius_grid_px: float = Field(1.0, ge=0, le=400)
     clahe_clip_limit: float = Field(2.0, ge=0, le=256)
     clahe_tiles: int = Field(16, ge=1, le=128)
-    box_px: float = Field(20.0, ge=1, le=1000)
+    box_grid_px: float = Field(5.0, ge=1, le=1000)
     box_passes: int = Field(2, ge=0, le=8)
 
     @model_validator(mode="after")

@@ -64,3 +64,7 @@ class EmptyMRCError(IncompleteMRCError):
 
 class TruncatedMRCError(IncompleteMRCError):
     """The file ends before the header or the data block does."""
+
+
+class BundleError(EmmaeError, ValueError):
+    """A model bundle that is missing, corrupt or incompatible with this version."""

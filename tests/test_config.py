@@ -21,8 +21,10 @@ from emmae.errors import ConfigError
 def test_defaults_are_the_reference_numbers():
     config = EmmaeConfig()
     pre = config.preprocess
-    assert (pre.grid_px, pre.tile_px, pre.gaussian_sigma_px, pre.gaussian_radius_px) == (1024, 64, 3.0, 4)
-    assert (pre.clahe_clip_limit, pre.clahe_tiles, pre.box_px, pre.box_passes) == (2.0, 16, 20.0, 2)
+    # the reference's full-resolution sizes (sigma 3, 9x9, 20-px boxes) on a 4096 micrograph, in grid pixels
+    assert (pre.grid_px, pre.tile_px) == (1024, 64)
+    assert (pre.gaussian_sigma_grid_px * 4, pre.gaussian_radius_grid_px * 4, pre.box_grid_px * 4) == (3.0, 4.0, 20.0)
+    assert (pre.clahe_clip_limit, pre.clahe_tiles, pre.box_passes) == (2.0, 16, 2)
     assert config.cluster.levels == (3, 4, 5)
     assert config.postprocess.area_fraction == 0.04
 

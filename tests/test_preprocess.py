@@ -50,7 +50,7 @@ def test_particles_stay_where_the_transform_says(rng, mode):
 def test_fast_and_reference_agree_on_a_binnable_micrograph(rng):
     """At 1x the two modes are the same computation."""
     image = rng.normal(0, 1, (256, 256)).astype(np.float32)
-    config = dict(grid_px=256, gaussian_sigma_px=1.5, gaussian_radius_px=2, box_px=6)
+    config = dict(grid_px=256, gaussian_sigma_grid_px=1.5, gaussian_radius_grid_px=2, box_grid_px=6)
     fast = preprocess(image, PreprocessConfig(mode="fast", **config), 20).image
     reference = preprocess(image, PreprocessConfig(mode="reference", **config), 20).image
     np.testing.assert_allclose(fast, reference, atol=1e-3)

@@ -5,8 +5,10 @@ Two modes, chosen by ``PreprocessConfig.mode``:
 * ``reference``: the filters run at the micrograph's resolution, as the authors
   did, and the result is resized (antialiased bicubic) onto the grid;
 * ``fast`` (default): the micrograph is first binned onto the grid (exact area
-  averaging) and the same filters run there with their sizes scaled by the
-  binning factor: 16x less work for a 4096^2 micrograph.
+  averaging) and the filters run there: 16x less work for a 4096^2 micrograph.
+
+Filter sizes are given in grid pixels (``PreprocessConfig``) and scaled up by the
+binning factor when the ``reference`` mode filters at full resolution.
 
 Either way the result is a float32 image in grey levels 0-255 (the reference's
 PNG range, not quantised), scaled isotropically so its longer side has
@@ -81,16 +83,18 @@ def plan(
     if not diameter_px > 0:
         raise ValueError(f"the particle diameter must be positive, got {diameter_px} px")
     transform = GridTransform.fit(shape, config.grid_px, config.tile_px)  # type: ignore[arg-type]
-    scale = transform.scale if config.mode == "fast" else 1.0
-    if diameter_px * scale < MIN_DIAMETER_PX:
+    if diameter_px * transform.scale < MIN_DIAMETER_PX:
         raise ValueError(
-            f"particles of {diameter_px:g} px are {diameter_px * scale:.1f} px on the {config.grid_px}-px grid: "
-            f"too small (< {MIN_DIAMETER_PX:g} px) to pick; use a larger grid_px"
+            f"particles of {diameter_px:g} px are {diameter_px * transform.scale:.1f} px on the "
+            f"{config.grid_px}-px grid: too small (< {MIN_DIAMETER_PX:g} px) to pick; use a larger grid_px"
         )
+    # Resolution of the filtering, relative to the micrograph: the grid's, or full.
+    scale = transform.scale if config.mode == "fast" else 1.0
     upload: Step = ("upload", lambda a: backend.asarray(a, dtype=np.float32))
     pad: Step = ("pad", lambda a: pad_to(a, transform.padded_shape))
     filter_shape = transform.valid_shape if config.mode == "fast" else (shape[0], shape[1])
-    filters = _filter_steps(config, diameter_px * scale, scale, ring_spectrum(filter_shape, diameter_px * scale, backend))
+    ring = ring_spectrum(filter_shape, diameter_px * scale, backend)
+    filters = _filter_steps(config, diameter_px * scale, scale / transform.scale, ring)
     if config.mode == "fast":
         bin_step: Step = ("bin", lambda a: resize(a, transform.valid_shape, "area"))
         return transform, [upload, bin_step, *filters, pad]
@@ -98,11 +102,11 @@ def plan(
     return transform, [upload, *filters, resize_step, pad]
 
 
-def _filter_steps(config: PreprocessConfig, diameter_px: float, scale: float, ring: RingSpectrum) -> list[Step]:
-    """Normalise, smooth, CLAHE, box blur, at a resolution ``scale`` times the micrograph's."""
-    sigma = config.gaussian_sigma_px * scale
-    radius = max(1, round(config.gaussian_radius_px * scale)) if config.gaussian_radius_px else 0
-    box = max(1.0, config.box_px * scale)
+def _filter_steps(config: PreprocessConfig, diameter_px: float, per_grid_px: float, ring: RingSpectrum) -> list[Step]:
+    """Normalise, smooth, CLAHE, box blur; ``per_grid_px`` pixels of the filtered image per grid pixel."""
+    sigma = config.gaussian_sigma_grid_px * per_grid_px
+    radius = max(1, round(config.gaussian_radius_grid_px * per_grid_px)) if config.gaussian_radius_grid_px else 0
+    box = max(1.0, config.box_grid_px * per_grid_px)
     return [
         ("normalise", lambda a: local_normalise(a, diameter_px, ring)),
         ("gaussian", lambda a: gaussian_blur(a, sigma, radius)),

@@ -1,0 +1,174 @@
+"""``emmae-export``: turn a training checkpoint into a model bundle.
+
+Exports the encoder to ONNX, embeds the training micrographs listed in the
+checkpoint, fits the train-set k-means (k = 4), names the particle cluster and writes
+one bundle per precision. Example::
+
+    emmae-export runs/mae/checkpoint.pt --out model.onnx --precision fp32 fp16 int8
+    emmae-export runs/mae/checkpoint.pt --out model.onnx \\
+        --reference mic_0001.mrc --reference-coords mic_0001.star --cluster-method reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emmae import __version__
+from emmae.config import PreprocessConfig
+from emmae.errors import EmmaeError
+from emmae.export.bundle import write_bundle
+from emmae.export.onnx import export_fp32, export_variant
+from emmae.io.coords import GridTransform
+from emmae.io.mrc import read_layout, read_micrograph
+from emmae.io.truth import read_centres
+from emmae.runtime.bundle import BundleInfo, open_bundle
+from emmae.runtime.tiles import latent_map, to_tiles
+from emmae.trainer.clusters import (
+    ClusterChoice,
+    disk_mask,
+    fit_train_clusters,
+    label_map,
+    particle_cluster_by_prior,
+    particle_cluster_by_reference,
+)
+from emmae.trainer.data import MicrographItem, cached_grid_image
+from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
+from emmae.trainer.train import load_checkpoint
+
+log = logging.getLogger("emmae.export")
+K_TRAIN = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="bundle path; other precisions get a -fp16/-int8 suffix")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"])
+    parser.add_argument("--reference", type=Path, help="an annotated micrograph to name the particle cluster")
+    parser.add_argument("--reference-coords", type=Path, help="its particle centres (.star, .csv or .box)")
+    parser.add_argument("--reference-diameter-px", type=float, help="particle diameter on the reference (default: its training diameter)")
+    parser.add_argument("--cluster-method", choices=["prior", "reference"], default="prior")
+    parser.add_argument("--cache", type=Path, help="preprocessing cache (default: beside the checkpoint)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        for path in export_bundles(args):
+            log.info("wrote %s", path)
+    except (EmmaeError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def load_mae(checkpoint: dict) -> MaskedAutoencoder:
+    mae = MaskedAutoencoder(MAEArchitecture(**checkpoint["arch"]))
+    mae.load_state_dict(checkpoint["model"])
+    return mae.eval()
+
+
+def export_bundles(args: argparse.Namespace) -> list[Path]:
+    checkpoint = load_checkpoint(args.checkpoint)
+    mae = load_mae(checkpoint)
+    pre = PreprocessConfig(**checkpoint["extra"]["preprocess"])
+    cache = args.cache or args.checkpoint.parent / "cache"
+    with tempfile.TemporaryDirectory() as work:
+        fp32 = export_fp32(mae, Path(work) / "encoder.onnx")
+        probe = write_bundle(fp32, _info(checkpoint, pre, np.zeros((1, mae.arch.embed_dim)), ClusterChoice(0, [0.0], "none"), "fp32", args), Path(work) / "probe.onnx")
+        bundle = open_bundle(probe)
+        items = [MicrographItem(Path(p), float(d)) for p, d in checkpoint["extra"]["train"]]
+        maps = [_latent_map(bundle, cached_grid_image(item, pre, cache), pre) for item in items]
+        fit = fit_train_clusters(maps, K_TRAIN, seed=0)
+        centroids = np.asarray(fit.centroids)
+        labels = [label_map(m, centroids) for m in maps]
+        latent_diameters = [i.diameter_px * _grid_scale(i.path, pre) / mae.arch.patch_px for i in items]
+        prior = particle_cluster_by_prior(labels, latent_diameters, K_TRAIN)
+        choice = prior
+        reference = _reference_choice(args, bundle, centroids, pre, items) if args.reference else None
+        if args.cluster_method == "reference":
+            if reference is None:
+                raise ValueError("--cluster-method reference needs --reference and --reference-coords")
+            choice = reference
+        log.info("particle cluster by prior: %d %s", prior.cluster, np.round(prior.scores, 3).tolist())
+        if reference is not None:
+            log.info("particle cluster by reference: %d %s (agree: %s)", reference.cluster, np.round(reference.scores, 3).tolist(), reference.cluster == prior.cluster)
+        extra = {"prior": prior.__dict__, "reference": None if reference is None else reference.__dict__}
+        written = []
+        for precision in args.precision:
+            path = args.out if precision == args.precision[0] else args.out.with_name(f"{args.out.stem}-{precision}{args.out.suffix}")
+            graph = export_variant(mae, Path(work) / f"graph-{precision}.onnx", precision, Path(work))
+            info = _info(checkpoint, pre, centroids, choice, precision, args, extra)
+            written.append(write_bundle(graph, info, path))
+        return written
+
+
+def _grid_scale(path: Path, pre: PreprocessConfig) -> float:
+    """Grid pixels per micrograph pixel (from the header's shape)."""
+    layout = read_layout(path)
+    return GridTransform.fit((layout.ny, layout.nx), pre.grid_px, pre.tile_px).scale
+
+
+def _latent_map(bundle, grid_image: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
+    tiles = to_tiles(grid_image, pre.tile_px) / np.float32(255)
+    return latent_map(bundle.embed(tiles), grid_image.shape, bundle.info.patch_px)
+
+
+def _reference_choice(args, bundle, centroids: np.ndarray, pre: PreprocessConfig, items: list[MicrographItem]) -> ClusterChoice:
+    if args.reference_coords is None:
+        raise ValueError("--reference needs --reference-coords")
+    diameter = args.reference_diameter_px or next((i.diameter_px for i in items), None)
+    if diameter is None:
+        raise ValueError("--reference-diameter-px is needed")
+    item = MicrographItem(args.reference, diameter)
+    grid_image = cached_grid_image(item, pre, None)
+    labels = label_map(_latent_map(bundle, grid_image, pre), centroids)
+    transform = GridTransform.fit(read_micrograph(args.reference).shape, pre.grid_px, pre.tile_px)
+    patch = bundle.info.patch_px
+    centres = (transform.input_to_grid(read_centres(args.reference_coords)) + 0.5) / patch - 0.5
+    mask = disk_mask(labels.shape, centres, diameter * transform.scale / patch)
+    return particle_cluster_by_reference(labels, mask, len(centroids))
+
+
+def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice: ClusterChoice, precision: str, args, extra: dict | None = None) -> BundleInfo:
+    history = checkpoint["history"]
+    last = history[-1] if history else {}
+    digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    provenance = {
+        "train": [Path(p).name for p, _ in checkpoint["extra"]["train"]],
+        "valid": [Path(p).name for p, _ in checkpoint["extra"]["valid"]],
+        "epochs": int(checkpoint["epoch"]),
+        "settings": checkpoint["settings"],
+        "final_train_loss": last.get("train_loss"),
+        "final_valid_loss": last.get("valid_loss"),
+        "checkpoint_sha256": digest,
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "particle_cluster_choices": extra or {},
+    }
+    return BundleInfo(
+        arch=dict(checkpoint["arch"]),
+        standardisation=dict(checkpoint["standardisation"]),
+        centroids=np.asarray(centroids, dtype=np.float64).round(7).tolist(),
+        particle_cluster=choice.cluster,
+        particle_cluster_method=choice.method,
+        preprocess=pre.model_dump(mode="json"),
+        precision=precision,
+        provenance=provenance,
+        emmae_version=__version__,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

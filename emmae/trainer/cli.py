@@ -1,0 +1,137 @@
+"""``emmae-train``: train the masked autoencoder on micrographs.
+
+Examples::
+
+    emmae-train Micrographs/ --diameter-A 300 --out runs/mae
+    emmae-train --manifest data/EMPIAR-10028/manifest.json --epochs 100 --depth 6 --out runs/small
+    emmae-train --resume runs/mae/checkpoint.pt --out runs/mae
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from emmae.config import add_config_arguments, config_from_args, resolve_diameter_px
+from emmae.errors import EmmaeError
+from emmae.io.atomic import write_bytes_atomic
+from emmae.io.mrc import read_micrograph
+from emmae.memory import retain_freed_memory
+from emmae.trainer.data import (
+    MicrographItem,
+    Standardisation,
+    expand_inputs,
+    fit_standardisation,
+    items_from_manifest,
+    load_tiles,
+)
+from emmae.trainer.model import MAEArchitecture
+from emmae.trainer.train import TrainSettings, load_checkpoint, train
+
+log = logging.getLogger("emmae.train")
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}")
+
+
+def _from_args(cls: type, args: argparse.Namespace, base: dict | None = None) -> object:
+    values = dict(base or {})
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None})
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmae-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", help="training micrographs: files, folders or globs")
+    parser.add_argument("--valid", nargs="*", default=[], help="held-back micrographs for the validation loss")
+    parser.add_argument("--manifest", action="append", type=Path, default=[], help="dataset manifest.json: its 'train' split trains, 'valid' validates (repeatable)")
+    parser.add_argument("--diameter-px", type=float, help="particle diameter in pixels of the input micrographs")
+    parser.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom (needs a pixel size)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoint, history)")
+    parser.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    parser.add_argument("--cache", type=Path, help="folder for preprocessed images (default OUT/cache)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_config_arguments(parser)
+    _add_dataclass_options(parser, MAEArchitecture, "model architecture")
+    _add_dataclass_options(parser, TrainSettings, "optimisation")
+    return parser
+
+
+def _items(paths: list[str], args: argparse.Namespace, config) -> list[MicrographItem]:
+    pre = config.preprocess.model_copy(update={"diameter_px": args.diameter_px or config.preprocess.diameter_px, "diameter_A": args.diameter_A or config.preprocess.diameter_A})
+    items = []
+    for path in expand_inputs(paths) if paths else []:
+        header = read_micrograph(path).pixel_size_A if pre.diameter_px is None else None
+        items.append(MicrographItem(path=path, diameter_px=resolve_diameter_px(pre, header)))
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    retain_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    except (EmmaeError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    base_arch = checkpoint["arch"] if checkpoint else None
+    base_settings = checkpoint["settings"] if checkpoint else None
+    arch = _from_args(MAEArchitecture, args, base_arch)
+    settings = _from_args(TrainSettings, args, base_settings)
+    train_items = _items(args.inputs, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "train")]
+    valid_items = _items(args.valid, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "valid")]
+    if not train_items:
+        raise ValueError("no training micrographs: give files/folders or --manifest")
+    pre = config.preprocess.model_copy(update={"tile_px": arch.tile_px})
+    cache = args.cache or args.out / "cache"
+    train_tiles = load_tiles(train_items, pre, cache)
+    valid_tiles = load_tiles(valid_items, pre, cache) if valid_items else None
+    standardisation = fit_standardisation(train_tiles)
+    if checkpoint:
+        standardisation = Standardisation(**checkpoint["standardisation"])
+    extra = {
+        "train": [[str(i.path), i.diameter_px] for i in train_items],
+        "valid": [[str(i.path), i.diameter_px] for i in valid_items],
+        "preprocess": pre.model_dump(mode="json"),
+    }
+    progress = _progress_bar(settings) if sys.stderr.isatty() else None
+    model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, progress)
+    write_bytes_atomic(args.out / "history.json", json.dumps(state.history, indent=1).encode())
+    last = state.history[-1] if state.history else {}
+    log.info("done: %d epochs, train loss %.4f, valid loss %s", state.epoch, last.get("train_loss", float("nan")), last.get("valid_loss"))
+    return 0
+
+
+def _progress_bar(settings: TrainSettings):
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+
+    def update(step: int, total: int, info: dict) -> None:
+        bar.total = total
+        bar.n = step
+        bar.set_postfix(loss=f"{info['loss']:.4f}", tiles_s=f"{info['tiles/s']:.0f}", refresh=False)
+        bar.refresh()
+
+    return update
+
+
+if __name__ == "__main__":
+    sys.exit(main())

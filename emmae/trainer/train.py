@@ -1,0 +1,183 @@
+"""The MAE training loop: AdamW, linear warm-up then cosine decay, checkpoints, resume.
+
+Checkpoints hold only tensors and plain Python values, so they load with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emmae.io.atomic import atomic_path
+from emmae.trainer.data import Standardisation
+from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation schedule; the defaults are the reference's."""
+
+    epochs: int = 400
+    batch_size: int = 128
+    base_lr: float = 5e-4  # at batch 128; scaled linearly with the batch size
+    min_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 1e-5
+    seed: int = 0
+    checkpoint_every: int = 10
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def learning_rate(settings: TrainSettings, epoch_float: float) -> float:
+    """Linear warm-up for ``warmup_epochs``, then half-cosine from the peak to ``min_lr``."""
+    peak = settings.base_lr * settings.batch_size / 128
+    if epoch_float < settings.warmup_epochs:
+        return peak * epoch_float / settings.warmup_epochs
+    span = max(settings.epochs - settings.warmup_epochs, 1e-9)
+    progress = min((epoch_float - settings.warmup_epochs) / span, 1.0)
+    return settings.min_lr + (peak - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999) with no weight decay on biases, norms and tokens (1-D or fewer dims)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1 and p.shape[:2] != (1, 1)]
+    keep = [p for p in model.parameters() if p.requires_grad and not (p.ndim > 1 and p.shape[:2] != (1, 1))]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.base_lr, betas=(0.9, 0.999))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def validation_loss(model: MaskedAutoencoder, tiles: torch.Tensor, batch_size: int, seed: int) -> float:
+    """Masked-patch MSE over ``tiles`` with a fixed masking seed (comparable across epochs)."""
+    model.eval()
+    generator = torch.Generator(device=tiles.device).manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(tiles), batch_size):
+        batch = tiles[start : start + batch_size]
+        loss, _, _ = model(batch, generator=generator)
+        total += float(loss) * len(batch)
+        count += len(batch)
+    model.train()
+    return total / max(count, 1)
+
+
+def save_checkpoint(
+    path: Path, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, state: TrainState,
+    settings: TrainSettings, standardisation: Standardisation, extra: dict,
+) -> None:
+    """Write a checkpoint atomically (plain dicts and tensors only)."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "history": state.history,
+        "arch": model.arch.to_dict(),
+        "settings": asdict(settings),
+        "standardisation": asdict(standardisation),
+        "rng": torch.get_rng_state(),
+        "extra": extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint with ``weights_only=True``. Raises ``FileNotFoundError``/``RuntimeError``."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train(
+    arch: MAEArchitecture,
+    settings: TrainSettings,
+    train_tiles: np.ndarray,
+    valid_tiles: np.ndarray | None,
+    standardisation: Standardisation,
+    out_dir: Path,
+    resume: Path | None = None,
+    extra: dict | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> tuple[MaskedAutoencoder, TrainState]:
+    """Train (or resume) an MAE on standardised tiles; checkpoints go to ``out_dir``.
+
+    ``progress(step, total_steps, info)`` is called after every batch.
+    """
+    torch.manual_seed(settings.seed)
+    device = pick_device(settings.device)
+    model = MaskedAutoencoder(arch).to(device)
+    optimizer = make_optimizer(model, settings)
+    state = TrainState()
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = TrainState(epoch=int(checkpoint["epoch"]), history=list(checkpoint["history"]))
+        torch.set_rng_state(checkpoint["rng"])
+        log.info("resumed from %s at epoch %d", resume, state.epoch)
+    data = torch.from_numpy(standardisation.apply(train_tiles)).to(device)
+    valid = None if valid_tiles is None else torch.from_numpy(standardisation.apply(valid_tiles)).to(device)
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    while state.epoch < settings.epochs:
+        record = _run_epoch(model, optimizer, data, settings, state.epoch, device, progress, total_steps)
+        state.epoch += 1
+        if valid is not None:
+            record["valid_loss"] = validation_loss(model, valid, settings.batch_size, settings.seed)
+        state.history.append(record)
+        log.info("epoch %d/%d %s", state.epoch, settings.epochs, {k: round(v, 5) for k, v in record.items()})
+        if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs:
+            save_checkpoint(out_dir / "checkpoint.pt", model, optimizer, state, settings, standardisation, extra)
+    return model, state
+
+
+def _run_epoch(
+    model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, data: torch.Tensor, settings: TrainSettings,
+    epoch: int, device: torch.device, progress: Callable[[int, int, dict], None] | None, total_steps: int,
+) -> dict:
+    model.train()
+    generator = torch.Generator().manual_seed(settings.seed * 100003 + epoch)
+    order = torch.randperm(len(data), generator=generator).to(device)
+    steps = math.ceil(len(data) / settings.batch_size)
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        lr = learning_rate(settings, epoch + step / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = data[order[step * settings.batch_size : (step + 1) * settings.batch_size]]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _, _ = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            seconds = time.perf_counter() - start
+            tiles_per_s = min((step + 1) * settings.batch_size, len(data)) / max(seconds, 1e-9)
+            progress(epoch * steps + step + 1, total_steps, {"loss": losses[-1], "lr": lr, "tiles/s": tiles_per_s})
+    seconds = time.perf_counter() - start
+    return {"train_loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "tiles_per_s": len(data) / seconds}
