@@ -71,8 +71,9 @@ class ClusterConfig(_Section):
 
     levels: tuple[int, ...] = (3, 4, 5)
     seed: int = Field(0, ge=0)
-    centre_margin_px: int = Field(25, ge=0, le=127)  # on the 256-px latent grid
+    centre_margin_fraction: float = Field(0.1, ge=0, lt=0.5)  # of the latent map, each side (25 of 256)
     max_iter: int = Field(100, ge=1, le=10000)
+    fit_points: int = Field(4096, ge=64)  # latents sampled to fit each level; all are assigned
 
     @model_validator(mode="after")
     def _levels(self) -> ClusterConfig:

@@ -49,6 +49,10 @@ class BundleInfo:
     def embed_dim(self) -> int:
         return int(self.arch["embed_dim"])
 
+    def flops_per_tile(self) -> float:
+        """Multiply-adds x 2 of one tile through the encoder (linear layers and attention)."""
+        return encoder_flops(self.arch)
+
     def centroid_array(self) -> np.ndarray:
         return np.asarray(self.centroids, dtype=np.float32)
 
@@ -71,6 +75,16 @@ class BundleInfo:
             raise BundleError(f"{source}: incomplete bundle metadata ({exc})") from None
         _check(info, source)
         return info
+
+
+def encoder_flops(arch: dict[str, Any]) -> float:
+    """FLOPs (2 per multiply-add) of the ViT encoder on one tile: ~2.83e9 for the reference size."""
+    tokens = (arch["tile_px"] // arch["patch_px"]) ** 2
+    t, d = tokens + 1, arch["embed_dim"]
+    hidden = int(d * arch["mlp_ratio"])
+    patch_embed = 2 * tokens * arch["patch_px"] ** 2 * d
+    per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
+    return float(patch_embed + arch["depth"] * per_block)
 
 
 def _check(info: BundleInfo, source: str) -> None:

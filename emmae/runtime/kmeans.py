@@ -25,16 +25,25 @@ class KMeansResult:
     n_iter: int
 
 
-def squared_distances(x: Array, centroids: Array) -> Array:
-    """``[N, k]`` squared Euclidean distances (``|x|^2 - 2 x.c + |c|^2``, clipped at 0)."""
+def squared_distances(x: Array, centroids: Array, x_sq: Array | None = None) -> Array:
+    """``[N, k]`` squared Euclidean distances (``|x|^2 - 2 x.c + |c|^2``, clipped at 0).
+
+    ``x_sq``: the precomputed ``|x|^2`` ``[N, 1]``, when called repeatedly on the same ``x``.
+    """
     xp = backend_of(x).xp
-    d = (x * x).sum(axis=1, keepdims=True) - 2 * (x @ centroids.T) + (centroids * centroids).sum(axis=1)[None, :]
-    return xp.maximum(d, 0)
+    if x_sq is None:
+        x_sq = (x * x).sum(axis=1, keepdims=True)
+    return xp.maximum(x_sq + _offsets(x, centroids), 0)
+
+
+def _offsets(x: Array, centroids: Array) -> Array:
+    """``|c|^2 - 2 x.c`` ``[N, k]``: the squared distances up to the per-row ``|x|^2``."""
+    return (centroids * centroids).sum(axis=1)[None, :] - 2 * (x @ centroids.T)
 
 
 def assign(x: Array, centroids: Array) -> Array:
     """Index of the nearest centroid of every row of ``x``."""
-    return squared_distances(x, centroids).argmin(axis=1)
+    return _offsets(x, centroids.astype(x.dtype, copy=False)).argmin(axis=1)
 
 
 def kmeans_plus_plus(x: Array, k: int, rng: np.random.Generator) -> Array:
@@ -42,14 +51,15 @@ def kmeans_plus_plus(x: Array, k: int, rng: np.random.Generator) -> Array:
     xp = backend_of(x).xp
     n = x.shape[0]
     trials = 2 + int(math.log(k))
+    x_sq = (x * x).sum(axis=1, keepdims=True)
     centres = [int(rng.integers(n))]
-    closest = squared_distances(x, x[centres]).ravel()  # [N]
+    closest = squared_distances(x, x[centres], x_sq).ravel()  # [N]
     for _ in range(1, k):
         weights = to_host(closest).astype(np.float64)
         total = weights.sum()
         probs = weights / total if total > 0 else np.full(n, 1.0 / n)
         candidates = rng.choice(n, size=trials, p=probs)
-        dists = xp.minimum(closest[:, None], squared_distances(x, x[candidates]))  # [N, trials]
+        dists = xp.minimum(closest[:, None], squared_distances(x, x[candidates], x_sq))  # [N, trials]
         best = int(to_host(dists.sum(axis=0)).argmin())
         centres.append(int(candidates[best]))
         closest = dists[:, best]

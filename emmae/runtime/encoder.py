@@ -1,0 +1,91 @@
+"""The encoder at run time: one onnxruntime session per process, the best provider available.
+
+Providers are tried in the order TensorRT -> CUDA -> CPU among those this onnxruntime
+build offers, and the one that really runs is read back from the session (an
+unusable CUDA provider falls back to the CPU silently otherwise). All tiles of a
+micrograph go through in one run. On the GPU the tiles are bound from, and the
+latents written to, device memory (IO binding), so nothing crosses to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emmae.backend import CPU, Backend
+from emmae.runtime.bundle import ModelBundle, default_bundle_path, open_bundle
+from emmae.runtime.filters import Array
+from emmae.runtime.tiles import latent_map, to_tiles
+
+log = logging.getLogger(__name__)
+
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(available: list[str], backend: Backend) -> list[str]:
+    """The preferred providers this build offers; GPU providers only with a GPU backend."""
+    wanted = PREFERRED if backend.is_gpu else ("CPUExecutionProvider",)
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def bundle_path(path: Path | None, precision: str) -> Path:
+    """``path``, or the bundled default model of that precision."""
+    if path is not None:
+        return path
+    default = default_bundle_path()
+    return default if precision == "fp32" else default.with_name(f"{default.stem}-{precision}{default.suffix}")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A loaded bundle and the backend its inputs and outputs live on."""
+
+    bundle: ModelBundle
+    backend: Backend
+
+    @classmethod
+    def open(cls, path: Path | None = None, precision: str = "fp32", backend: Backend = CPU) -> Encoder:
+        """Open a bundle (default: the shipped model) on the best provider. Raises ``BundleError``."""
+        import onnxruntime as ort
+
+        providers = choose_providers(ort.get_available_providers(), backend)
+        bundle = open_bundle(bundle_path(path, precision), providers)
+        running = bundle.providers
+        log.info("encoder %s runs on %s", bundle.path.name, running[0])
+        if backend.is_gpu and running[0] == "CPUExecutionProvider":
+            log.warning("onnxruntime has no usable GPU provider: the encoder runs on the CPU")
+        return cls(bundle=bundle, backend=backend)
+
+    @property
+    def on_device(self) -> bool:
+        return self.backend.is_gpu and self.bundle.providers[0] != "CPUExecutionProvider"
+
+    def encode(self, grid_image: Array) -> Array:
+        """Latent map ``[H/p, W/p, D]`` of a preprocessed grid image (grey levels 0-255), on the backend."""
+        info = self.bundle.info
+        xp = self.backend.xp
+        tiles = to_tiles(grid_image, info.tile_px)
+        tiles = (tiles * np.float32(1 / 255) - np.float32(info.standardisation["mean"])) * np.float32(1 / info.standardisation["std"])
+        tiles = xp.ascontiguousarray(tiles, dtype=np.float32)
+        latents = self._run_device(tiles) if self.on_device else self.backend.asarray(self._run_host(tiles))
+        return latent_map(latents, tuple(grid_image.shape), info.patch_px)
+
+    def _run_host(self, tiles: Array) -> np.ndarray:
+        session = self.bundle.session
+        host = tiles if isinstance(tiles, np.ndarray) else tiles.get()
+        return session.run(None, {session.get_inputs()[0].name: host})[0]
+
+    def _run_device(self, tiles: Array) -> Array:
+        """IO binding: tiles and latents stay in GPU memory."""
+        xp, session, info = self.backend.xp, self.bundle.session, self.bundle.info
+        out = xp.empty((tiles.shape[0], (info.tile_px // info.patch_px) ** 2, info.embed_dim), dtype=np.float32)
+        binding = session.io_binding()
+        device_id = int(xp.cuda.Device().id)
+        binding.bind_input(session.get_inputs()[0].name, "cuda", device_id, np.float32, list(tiles.shape), int(tiles.data.ptr))
+        binding.bind_output(session.get_outputs()[0].name, "cuda", device_id, np.float32, list(out.shape), int(out.data.ptr))
+        self.backend.synchronize()
+        session.run_with_iobinding(binding)
+        return out
