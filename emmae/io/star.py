@@ -10,11 +10,11 @@ import starfile
 
 from emmae.io.atomic import atomic_path
 
-StarData = pd.DataFrame | Mapping[str, pd.DataFrame]
+StarData = pd.DataFrame | Mapping[str, pd.DataFrame | dict]
 
 
 def write_star(path: str | Path, data: StarData) -> None:
-    """Write one data block (a DataFrame) or several (name -> DataFrame) to ``path``.
+    """Write one data block (a DataFrame) or several (name -> DataFrame loop or dict of single values).
 
     The file appears complete or not at all (temporary file + ``os.replace``).
 

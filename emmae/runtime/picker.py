@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from emmae.backend import to_host
 from emmae.config import EmmaeConfig, PreprocessConfig, resolve_diameter_px
+from emmae.io.coords import GridTransform
+from emmae.io.atomic import atomic_path
 from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
@@ -35,6 +38,10 @@ class Picks:
     score: np.ndarray
     candidates_xy: np.ndarray
     candidates_score: np.ndarray
+    region: np.ndarray  # bool [h, w]: the particle cluster's latents, for re-thresholding
+    transform: GridTransform
+    diameter_grid_px: float
+    patch_px: int
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -88,8 +95,46 @@ def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encode
     return Picks(
         name=label, shape=tuple(image.shape), pixel_size_A=header_px if pre.pixel_size_A is None else pre.pixel_size_A,
         diameter_px=diameter_px, xy=grid.transform.grid_to_input(kept.xy), score=kept.score,
-        candidates_xy=grid.transform.grid_to_input(found.xy), candidates_score=found.score, timings_s=timings,
+        candidates_xy=grid.transform.grid_to_input(found.xy), candidates_score=found.score, region=region,
+        transform=grid.transform, diameter_grid_px=grid.diameter_grid_px, patch_px=patch, timings_s=timings,
     )
 
 
-__all__ = ["Candidates", "Picks", "pick_micrograph"]
+def repick(previous: Picks, config: EmmaeConfig) -> Picks:
+    """New candidates and picks from ``previous.region`` under ``config.postprocess`` (no encoding)."""
+    found = candidates(previous.region, previous.patch_px, previous.diameter_grid_px, config.postprocess)
+    kept = picks(found, previous.diameter_grid_px, previous.transform.valid_shape, config.postprocess)
+    t = previous.transform
+    return replace(
+        previous, xy=t.grid_to_input(kept.xy), score=kept.score, candidates_xy=t.grid_to_input(found.xy),
+        candidates_score=found.score, timings_s={},
+    )
+
+
+def save_picks(path: Path, result: Picks) -> None:
+    """Everything needed to re-threshold ``result`` later, as one ``.npz`` (atomic)."""
+    t = result.transform
+    meta = {"name": result.name, "shape": list(result.shape), "pixel_size_A": result.pixel_size_A, "diameter_px": result.diameter_px,
+            "diameter_grid_px": result.diameter_grid_px, "patch_px": result.patch_px,
+            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)]}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, region=result.region, meta=np.array(json.dumps(meta)))
+
+
+def load_picks(path: Path, config: EmmaeConfig) -> Picks:
+    """Re-create a :class:`Picks` from :func:`save_picks` output, picked under ``config``."""
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        region = saved["region"].astype(bool)
+    shapes = [tuple(s) for s in meta["transform"]]
+    empty = np.zeros((0, 2))
+    base = Picks(
+        name=meta["name"], shape=tuple(meta["shape"]), pixel_size_A=meta["pixel_size_A"], diameter_px=meta["diameter_px"],
+        xy=empty, score=np.zeros(0), candidates_xy=empty, candidates_score=np.zeros(0), region=region,
+        transform=GridTransform(*shapes), diameter_grid_px=meta["diameter_grid_px"], patch_px=meta["patch_px"],
+    )
+    return repick(base, config)
+
+
+__all__ = ["Candidates", "Picks", "load_picks", "pick_micrograph", "repick", "save_picks"]

@@ -21,12 +21,12 @@ import torch
 from emmae.config import add_config_arguments, config_from_args, resolve_diameter_px
 from emmae.errors import EmmaeError
 from emmae.io.atomic import write_bytes_atomic
+from emmae.io.inputs import expand_inputs
 from emmae.io.mrc import read_micrograph
 from emmae.memory import retain_freed_memory
 from emmae.trainer.data import (
     MicrographItem,
     Standardisation,
-    expand_inputs,
     fit_standardisation,
     items_from_manifest,
     load_tiles,

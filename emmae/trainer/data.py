@@ -7,7 +7,6 @@ the file's path, size and mtime, the preprocessing settings and the package vers
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -43,27 +42,6 @@ class Standardisation:
 
     def apply(self, tiles: np.ndarray) -> np.ndarray:
         return ((tiles - self.mean) / self.std).astype(np.float32)
-
-
-def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",)) -> list[Path]:
-    """Files, folders (their ``patterns``) and globs -> sorted unique paths.
-
-    Raises:
-        FileNotFoundError: an input matches nothing.
-    """
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            matches = [p for pattern in patterns for p in path.glob(pattern)]
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = [Path(p) for p in glob.glob(item)]
-        if not matches:
-            raise FileNotFoundError(f"no micrographs found for {item!r}")
-        found += matches
-    return sorted(set(found))
 
 
 def items_from_manifest(manifest: Path, split: str) -> list[MicrographItem]:

@@ -1,0 +1,93 @@
+"""Pick files that RELION, cryoSPARC, EMAN and crYOLO import without edits. All writes are atomic.
+
+* ``<stem>_autopick.star``: RELION coordinates of one micrograph
+  (``_rlnCoordinateX _rlnCoordinateY _rlnClassNumber _rlnAutopickFigureOfMerit _rlnAnglePsi``);
+* ``autopick.star``: RELION 4/5 index (``data_coordinate_files``: ``_rlnMicrographName
+  _rlnMicrographCoordinates``), names copied verbatim;
+* ``particles.star``: every pick with ``_rlnMicrographName`` (cryoSPARC's import);
+* ``<stem>.box``: EMAN boxes (lower-left corner, box size); ``<stem>.cbox``: crYOLO-style,
+  every candidate with its confidence, before any threshold.
+
+The explicit switches of :class:`~emmae.config.OutputConfig` apply, in this order:
+``flip_y`` (``y -> ny - 1 - y`` in the picked micrograph), then ``coordinate_scale``.
+Nothing is ever flipped or scaled silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+
+import numpy as np
+import pandas as pd
+
+from emmae.config import OutputConfig
+from emmae.io.atomic import write_bytes_atomic
+from emmae.io.star import write_star
+
+
+def transform_xy(xy: np.ndarray, shape: tuple[int, int], output: OutputConfig) -> np.ndarray:
+    """Apply the explicit ``flip_y`` and ``coordinate_scale`` switches to ``[N, 2]`` (x, y)."""
+    out = np.array(xy, dtype=np.float64).reshape(-1, 2)
+    if output.flip_y:
+        out[:, 1] = shape[0] - 1 - out[:, 1]
+    return out * output.coordinate_scale
+
+
+def micrograph_name(path: str | PurePath, output: OutputConfig) -> str:
+    """The name written as ``_rlnMicrographName``: relative to ``project_root`` when set,
+    then ``strip_prefix`` removed and ``add_prefix`` added, as explicit switches."""
+    name = str(path)
+    if output.project_root is not None:
+        try:
+            name = str(Path(path).resolve().relative_to(Path(output.project_root).resolve()))
+        except ValueError:
+            pass
+    if output.strip_prefix and name.startswith(output.strip_prefix):
+        name = name[len(output.strip_prefix) :]
+    return output.add_prefix + name
+
+
+def relion_coordinates(xy: np.ndarray, score: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({
+        "rlnCoordinateX": np.round(xy[:, 0], 2), "rlnCoordinateY": np.round(xy[:, 1], 2),
+        "rlnClassNumber": np.zeros(len(xy), dtype=int), "rlnAutopickFigureOfMerit": np.round(score, 4),
+        "rlnAnglePsi": np.full(len(xy), -999.0),
+    })
+
+
+def write_relion_coordinates(path: Path, xy: np.ndarray, score: np.ndarray) -> None:
+    """One micrograph's RELION coordinate STAR."""
+    write_star(path, relion_coordinates(xy, score))
+
+
+def write_index(path: Path, entries: Sequence[tuple[str, str]]) -> None:
+    """RELION's ``autopick.star``: (micrograph name, coordinate file) rows."""
+    frame = pd.DataFrame(entries, columns=["rlnMicrographName", "rlnMicrographCoordinates"])
+    write_star(path, {"coordinate_files": frame})
+
+
+def write_particles(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """All picks of a session with their micrograph names: (name, xy, score) per micrograph."""
+    frames = [relion_coordinates(xy, score).assign(rlnMicrographName=name) for name, xy, score in rows]
+    frame = pd.concat(frames, ignore_index=True) if frames else relion_coordinates(np.zeros((0, 2)), np.zeros(0)).assign(rlnMicrographName=[])
+    write_star(path, {"particles": frame[["rlnMicrographName", *relion_coordinates(np.zeros((0, 2)), np.zeros(0)).columns]]})
+
+
+def write_box(path: Path, xy: np.ndarray, box_px: float) -> None:
+    """EMAN ``.box``: ``x_ll y_ll w h`` per line, tab-separated (corner = centre - box / 2)."""
+    size = int(round(box_px))
+    lines = [f"{int(round(x - size / 2))}\t{int(round(y - size / 2))}\t{size}\t{size}" for x, y in xy]
+    write_bytes_atomic(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
+
+
+def write_cbox(path: Path, xy: np.ndarray, confidence: np.ndarray, box_px: float) -> None:
+    """crYOLO-style ``.cbox`` with every candidate (lower-left corners) and its confidence."""
+    n = len(xy)
+    boxes = pd.DataFrame({
+        "CoordinateX": np.round(xy[:, 0] - box_px / 2, 2), "CoordinateY": np.round(xy[:, 1] - box_px / 2, 2),
+        "CoordinateZ": np.full(n, np.nan), "Width": np.full(n, box_px), "Height": np.full(n, box_px),
+        "Depth": np.full(n, np.nan), "EstWidth": np.full(n, box_px), "EstHeight": np.full(n, box_px),
+        "Confidence": np.round(confidence, 4), "NumBoxes": np.full(n, np.nan), "Angle": np.full(n, np.nan),
+    })
+    write_star(path, {"global": {"cbox_format_version": "1.0"}, "cryolo": boxes})

@@ -1,0 +1,79 @@
+"""Pick files: RELION coordinates and index, combined particles, EMAN box, crYOLO cbox."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import starfile
+
+from emmae.config import OutputConfig
+from emmae.io.picks import (
+    micrograph_name,
+    transform_xy,
+    write_box,
+    write_cbox,
+    write_index,
+    write_particles,
+    write_relion_coordinates,
+)
+from emmae.io.truth import read_centres
+
+XY = np.array([[10.5, 20.25], [100.0, 200.0]])
+SCORE = np.array([0.5, 1.25])
+
+
+def test_relion_coordinates_round_trip(tmp_path):
+    path = tmp_path / "mic_autopick.star"
+    write_relion_coordinates(path, XY, SCORE)
+    frame = starfile.read(path)
+    assert list(frame.columns) == ["rlnCoordinateX", "rlnCoordinateY", "rlnClassNumber", "rlnAutopickFigureOfMerit", "rlnAnglePsi"]
+    np.testing.assert_allclose(read_centres(path), XY)
+    np.testing.assert_allclose(frame["rlnAutopickFigureOfMerit"], SCORE)
+
+
+def test_index_and_particles(tmp_path):
+    write_index(tmp_path / "autopick.star", [("MotionCorr/job002/Movies/a.mrc", "picks/a_autopick.star")])
+    index = starfile.read(tmp_path / "autopick.star", always_dict=True)
+    assert list(index) == ["coordinate_files"]
+    assert index["coordinate_files"]["rlnMicrographName"].tolist() == ["MotionCorr/job002/Movies/a.mrc"]
+    write_particles(tmp_path / "particles.star", [("a.mrc", XY, SCORE), ("b.mrc", XY[:1], SCORE[:1])])
+    particles = starfile.read(tmp_path / "particles.star", always_dict=True)["particles"]
+    assert particles["rlnMicrographName"].tolist() == ["a.mrc", "a.mrc", "b.mrc"]
+    write_particles(tmp_path / "empty.star", [])
+    assert tmp_path.joinpath("empty.star").is_file()
+
+
+def test_box_is_lower_left_corner(tmp_path):
+    write_box(tmp_path / "a.box", XY, 50)
+    rows = np.loadtxt(tmp_path / "a.box", ndmin=2)
+    np.testing.assert_array_equal(rows, [[-14, -5, 50, 50], [75, 175, 50, 50]])
+    np.testing.assert_allclose(read_centres(tmp_path / "a.box"), XY, atol=1.0)  # integer corners
+
+
+def test_cbox_holds_every_candidate(tmp_path):
+    write_cbox(tmp_path / "a.cbox", XY, SCORE, 50.0)
+    blocks = starfile.read(tmp_path / "a.cbox", always_dict=True)
+    assert set(blocks) == {"global", "cryolo"}
+    boxes = blocks["cryolo"]
+    np.testing.assert_allclose(boxes["CoordinateX"] + 25, XY[:, 0])
+    np.testing.assert_allclose(boxes["Confidence"], SCORE)
+
+
+def test_explicit_switches():
+    shape = (300, 400)  # ny, nx
+    np.testing.assert_allclose(transform_xy(XY, shape, OutputConfig()), XY)
+    np.testing.assert_allclose(transform_xy(XY, shape, OutputConfig(flip_y=True)), [[10.5, 278.75], [100.0, 99.0]])
+    np.testing.assert_allclose(transform_xy(XY, shape, OutputConfig(flip_y=True, coordinate_scale=2)), [[21.0, 557.5], [200.0, 198.0]])
+    assert micrograph_name("/data/x/Movies/a.mrc", OutputConfig(strip_prefix="/data/x/", add_prefix="J12/")) == "J12/Movies/a.mrc"
+
+
+def test_name_relative_to_project_root(tmp_path):
+    path = tmp_path / "MotionCorr" / "a.mrc"
+    assert micrograph_name(path, OutputConfig(project_root=tmp_path)) == "MotionCorr/a.mrc"
+    assert micrograph_name("/elsewhere/a.mrc", OutputConfig(project_root=tmp_path)) == "/elsewhere/a.mrc"
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_twice_is_identity(flip):
+    once = transform_xy(XY, (512, 512), OutputConfig(flip_y=flip))
+    np.testing.assert_allclose(transform_xy(once, (512, 512), OutputConfig(flip_y=flip)), XY)
