@@ -224,3 +224,12 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
 def test_unwritable_folder(tmp_path):
     with pytest.raises(OutputError, match="cannot write"):
         write_bytes_atomic(tmp_path / "missing-folder" / "x.star", b"data_\n")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "a.star", b"data_\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.star").stat().st_mode & 0o777 == 0o644
