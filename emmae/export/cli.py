@@ -38,6 +38,7 @@ from emmae.trainer.clusters import (
     fit_train_clusters,
     label_map,
     particle_cluster_by_prior,
+    smoothed_labels,
     particle_cluster_by_reference,
 )
 from emmae.trainer.data import MicrographItem, cached_grid_image
@@ -92,9 +93,8 @@ def export_bundles(args: argparse.Namespace) -> list[Path]:
         maps = [_latent_map(bundle, cached_grid_image(item, pre, cache), pre) for item in items]
         fit = fit_train_clusters(maps, K_TRAIN, seed=0)
         centroids = np.asarray(fit.centroids)
-        labels = [label_map(m, centroids) for m in maps]
         latent_diameters = [i.diameter_px * _grid_scale(i.path, pre) / mae.arch.patch_px for i in items]
-        prior = particle_cluster_by_prior(labels, latent_diameters, K_TRAIN)
+        prior = particle_cluster_by_prior(smoothed_labels(maps, centroids, latent_diameters, mae.arch.patch_px), latent_diameters, K_TRAIN)
         choice = prior
         reference = _reference_choice(args, bundle, centroids, pre, items) if args.reference else None
         if args.cluster_method == "reference":

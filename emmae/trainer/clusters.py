@@ -10,7 +10,8 @@ Two ways to name the particle cluster among the ``k`` train-set clusters:
 * :func:`particle_cluster_by_prior`: no annotation, only the particle diameter: the
   cluster whose connected regions are most often particle-sized (the share of its
   latents that lie in components whose area is within a factor ~2 of the particle
-  disk's; background forms large regions, noise small specks).
+  disk's; background forms large regions, noise small specks), on latents smoothed
+  as the per-micrograph clustering smooths them (:func:`smoothed_labels`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
+from emmae.runtime.cluster import smooth_latents, smoothing_window
 from emmae.runtime.kmeans import KMeansResult, assign, kmeans
 
 
@@ -47,6 +49,14 @@ def label_map(latent_map: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Nearest-centroid label of every latent ``[h, w]``."""
     h, w, d = latent_map.shape
     return np.asarray(assign(latent_map.reshape(-1, d).astype(np.float32), centroids)).reshape(h, w)
+
+
+def smoothed_labels(latent_maps: list[np.ndarray], centroids: np.ndarray, latent_diameters: list[float], patch_px: int) -> list[np.ndarray]:
+    """Nearest-centroid labels of each map after the per-micrograph latent smoothing."""
+    return [
+        label_map(np.asarray(smooth_latents(m, smoothing_window(d * patch_px, patch_px))), centroids)
+        for m, d in zip(latent_maps, latent_diameters, strict=True)
+    ]
 
 
 def disk_mask(shape: tuple[int, int], centres_xy: np.ndarray, diameter: float) -> np.ndarray:
