@@ -1,0 +1,90 @@
+"""Per-stage picking time (read, preprocess, encode, cluster, post-process, write), CPU and GPU.
+
+    python bench/pick.py [--count 5] [--sizes 1024 4096] [--bundle model.onnx]
+
+Synthetic micrographs (``emmae.synth``) are written as MRC files and picked one by
+one with ``pick_micrograph``; the table shows the median of each stage over the
+micrographs (after one warm-up pick) and the encoder's share of the total.
+Results: ``bench/results/pick-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from emmae.backend import CPU, get_backend
+from emmae.config import EmmaeConfig
+from emmae.errors import BackendError
+from emmae.io.picks import write_relion_coordinates
+from emmae.memory import retain_freed_memory
+from emmae.runtime.encoder import Encoder
+from emmae.runtime.picker import pick_micrograph
+from emmae.synth import SynthParams, write_session
+
+log = logging.getLogger("bench.pick")
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ["read", "preprocess", "encode", "cluster", "postprocess", "write"]
+
+
+def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> dict:
+    diameter = 56.0 * size / 1024
+    paths = write_session(folder / str(size), count + 1, SynthParams(shape=(size, size), diameter_px=diameter), seed=size)
+    config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
+    samples: dict[str, list[float]] = {stage: [] for stage in [*STAGES, "total"]}
+    for i, path in enumerate(paths):
+        result = pick_micrograph(path, config, encoder)
+        start = time.perf_counter()
+        write_relion_coordinates(folder / f"{path.stem}_autopick.star", result.xy, result.score)
+        timings = {**result.timings_s, "write": time.perf_counter() - start}
+        if i == 0:
+            continue  # warm-up
+        for stage in STAGES:
+            samples[stage].append(timings[stage])
+        samples["total"].append(sum(timings[s] for s in STAGES))
+    medians = {stage: statistics.median(v) for stage, v in samples.items()}
+    return {"size": size, "micrographs": count, "median_s": medians, "encode_share": medians["encode"] / medians["total"],
+            "cluster_plus_postprocess_s": medians["cluster"] + medians["postprocess"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    retain_freed_memory()
+    try:
+        backend = get_backend(args.device)
+    except BackendError as exc:
+        log.error("%s", exc)
+        return 2
+    encoder = Encoder.open(args.bundle, backend=backend)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            rows.append(bench_size(size, args.count, encoder, Path(folder)))
+    print(f"{'size':>6} " + " ".join(f"{s:>11}" for s in [*STAGES, "total"]) + f" {'encoder share':>13}")
+    for r in rows:
+        print(f"{r['size']:>6} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"]) + f" {r['encode_share']:13.0%}")
+    print(f"(milliseconds, medians over {args.count} micrographs; device {backend.device_name}, encoder on {encoder.bundle.providers[0]})")
+    out = RESULTS / f"pick-{'cpu' if backend is CPU else backend.device_name.lower().replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": backend.device_name, "provider": encoder.bundle.providers[0]}
+    out.write_text(json.dumps({"machine": machine, "bundle": encoder.bundle.path.name, "results": rows}, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
