@@ -25,6 +25,9 @@ def test_area_threshold_is_the_highest_level_over_the_prior():
     higher = finer[finer > level]
     assert all(np.mean(values > h) <= 0.04 for h in higher)
     assert area_threshold(np.zeros(100), 0.04, 30) is None
+    sparse = np.zeros(1000)
+    sparse[:10] = 0.9  # 1 % of the map: below the prior, still picked at the lowest positive level
+    assert area_threshold(sparse, 0.04, 30) == pytest.approx(1 / 29)
 
 
 def test_particle_map_upsamples_and_normalises():

@@ -3,7 +3,8 @@
 The binary latent map is smoothed (3x3 box sum, zero padding, divided by its
 maximum), upsampled bilinearly x2 (the reference's 512 grid for a 256 map), and
 thresholded at the highest of ``threshold_levels`` levels in [1, 0] above which more
-than ``area_fraction`` of the map lies (the area prior). Each 4-connected component
+than ``area_fraction`` of the map lies (the area prior; the lowest positive level for
+a sparse micrograph that never reaches it). Each 4-connected component
 becomes a candidate: centre = intensity-weighted centroid, score = its area over the
 area of a particle disk. Neighbour suppression keeps the higher-scoring of two
 candidates closer than the minimum distance (ties: the first in scan order, never
@@ -50,11 +51,18 @@ def particle_map(region: np.ndarray) -> np.ndarray:
 
 
 def area_threshold(values: np.ndarray, area_fraction: float, levels: int) -> float | None:
-    """The highest level in ``linspace(1, 0, levels)`` exceeded by more than ``area_fraction`` of ``values``."""
-    for level in np.linspace(1.0, 0.0, levels):
+    """The highest level in ``linspace(1, 0, levels)`` exceeded by more than ``area_fraction`` of ``values``.
+
+    A sparse micrograph, whose particle map never covers that much, gets the lowest
+    positive level instead (the reference returns no picks there); None only for an
+    empty map.
+    """
+    grid = np.linspace(1.0, 0.0, levels)
+    for level in grid:
         if np.mean(values > level) > area_fraction:
             return float(level)
-    return None
+    lowest = float(grid[-2])
+    return lowest if np.any(values > lowest) else None
 
 
 def candidates(region: np.ndarray, patch_px: int, diameter_grid_px: float, config: PostprocessConfig) -> Candidates:
