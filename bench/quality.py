@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", default="test")
+    parser.add_argument("--output", type=Path, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     retain_freed_memory()
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['dataset']:<14} {r['method']:<14} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f} {r['picks']:6d} {r['truths']:6d}")
     mean_f1 = float(np.mean([r["f1"] for r in results if r["method"] == "cryo-emmae"]))
     print(f"cryo-emmae mean F1 over datasets: {mean_f1:.3f}")
-    out = RESULTS / "quality.json"
+    out = args.output or RESULTS / "quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": str(encoder.bundle.path.name), "split": args.split, "mean_f1": mean_f1, "results": results}, indent=2) + "\n")
     log.info("wrote %s", out)
