@@ -121,6 +121,14 @@ def _probe_cupy() -> tuple[ModuleType | None, str]:
     return cupy, ""
 
 
+def cuml_kmeans() -> type:
+    """cuML's ``KMeans`` class (GPU k-means). Raises :class:`BackendError` when cuML is missing."""
+    try:
+        return importlib.import_module("cuml.cluster").KMeans
+    except ImportError as exc:
+        raise BackendError(f"k-means engine 'cuml' needs cuML: {exc}") from None
+
+
 def get_array_module(array: Any) -> ModuleType:
     """``numpy`` or ``cupy``, whichever owns ``array`` (CuPy is not imported for NumPy arrays)."""
     if type(array).__module__.split(".")[0] == "cupy":

@@ -74,6 +74,7 @@ class ClusterConfig(_Section):
     centre_margin_fraction: float = Field(0.1, ge=0, lt=0.5)  # of the latent map, each side (25 of 256)
     max_iter: int = Field(100, ge=1, le=10000)
     fit_points: int = Field(4096, ge=64)  # latents sampled to fit each level; all are assigned
+    engine: Literal["emmae", "sklearn", "cuml"] = "emmae"  # k-means implementation
 
     @model_validator(mode="after")
     def _levels(self) -> ClusterConfig:

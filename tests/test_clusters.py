@@ -65,3 +65,54 @@ def test_reference_picks_the_enriched_cluster(rng):
     mask = disk_mask(labels.shape, centres, 10.0)
     choice = particle_cluster_by_reference(labels, mask, 4)
     assert choice.cluster == 1 and choice.scores[1] == pytest.approx(1 / mask.mean())
+
+
+def test_kmeans_agrees_with_scikit_learn(rng):
+    """Same data, one k-means++ init each, ten seeds: the partitions agree (adjusted Rand index).
+
+    Either implementation may land in a poorer local optimum for some seed (one init, as the
+    reference uses), so the comparison is over seeds, not bitwise.
+    """
+    pytest.importorskip("sklearn")
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    centres = rng.normal(0, 3, (5, 16))
+    points = np.concatenate([rng.normal(c, 1.0, (400, 16)) for c in centres]).astype(np.float32)
+    agreement, ratios = [], []
+    for seed in range(10):
+        ours = kmeans(points, 5, seed=seed)
+        theirs = KMeans(n_clusters=5, n_init=1, random_state=seed).fit(points)
+        agreement.append(adjusted_rand_score(theirs.labels_, ours.labels))
+        ratios.append(ours.inertia / theirs.inertia_)
+    assert np.median(agreement) > 0.99
+    assert sum(a > 0.95 for a in agreement) >= 8
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("engine", ["emmae", "sklearn"])
+def test_engines_behind_one_interface(rng, engine):
+    pytest.importorskip("sklearn")
+    from sklearn.metrics import adjusted_rand_score
+
+    from emmae.runtime.kmeans import fit
+
+    points, truth = _blobs(rng, [[0, 0], [6, 0], [0, 6]], spread=0.8)
+    result = fit(points, 3, seed=0, engine=engine)
+    assert result.centroids.shape == (3, 2)
+    assert adjusted_rand_score(truth, result.labels) > 0.98
+
+
+def test_unknown_or_missing_engine(rng, monkeypatch):
+    import sys
+
+    from emmae.errors import BackendError
+    from emmae.runtime.kmeans import fit
+
+    points, _ = _blobs(rng, [[0, 0], [6, 0]])
+    with pytest.raises(ValueError, match="unknown k-means engine"):
+        fit(points, 2, engine="faiss")
+    monkeypatch.setitem(sys.modules, "cuml", None)
+    monkeypatch.setitem(sys.modules, "cuml.cluster", None)
+    with pytest.raises(BackendError, match="needs cuML"):
+        fit(points, 2, engine="cuml")

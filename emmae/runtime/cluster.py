@@ -14,7 +14,7 @@ import numpy as np
 from emmae.backend import backend_of, to_host
 from emmae.config import ClusterConfig
 from emmae.runtime.filters import Array, box_kernel
-from emmae.runtime.kmeans import assign, kmeans
+from emmae.runtime.kmeans import assign, fit
 
 
 def smoothing_window(diameter_grid_px: float, patch_px: int) -> int:
@@ -79,8 +79,8 @@ def particle_region(
     if len(points) > config.fit_points:
         sample = points[xp.asarray(np.sort(rng.choice(len(points), config.fit_points, replace=False)))]
     for k in config.levels:
-        fit = kmeans(sample, k, seed=config.seed, max_iter=config.max_iter)
-        labels = assign(points, fit.centroids).reshape(h, w)
+        level = fit(sample, k, seed=config.seed, max_iter=config.max_iter, engine=config.engine)
+        labels = assign(points, level.centroids).reshape(h, w)
         chosen = select_cluster(labels, k, region, config.centre_margin_fraction)
         if chosen is None:
             break

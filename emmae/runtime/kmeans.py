@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emmae.backend import backend_of, to_host
+from emmae.backend import backend_of, cuml_kmeans, to_host
+from emmae.errors import BackendError
 from emmae.runtime.filters import Array
 
 
@@ -91,6 +92,32 @@ def kmeans(x: Array, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e
             break
     inertia = float(xp.take_along_axis(squared_distances(x, centroids), labels[:, None], axis=1).sum())
     return KMeansResult(centroids=centroids, labels=labels, inertia=inertia, n_iter=n_iter)
+
+
+def fit(x: Array, k: int, seed: int = 0, max_iter: int = 100, engine: str = "emmae") -> KMeansResult:
+    """k-means with the chosen implementation: ``emmae`` (this module, NumPy or CuPy),
+    ``sklearn`` (scikit-learn, on the host) or ``cuml`` (cuML, on the GPU); one init, seeded.
+
+    Raises:
+        BackendError: the engine's library is not installed.
+        ValueError: an unknown engine, or fewer points than clusters.
+    """
+    if engine == "emmae":
+        return kmeans(x, k, seed=seed, max_iter=max_iter)
+    backend = backend_of(x)
+    if engine == "sklearn":
+        try:
+            from sklearn.cluster import KMeans
+        except ImportError as exc:
+            raise BackendError(f"k-means engine 'sklearn' needs scikit-learn: {exc}") from None
+        model = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter).fit(to_host(x))
+    elif engine == "cuml":
+        model = cuml_kmeans()(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter).fit(x)
+    else:
+        raise ValueError(f"unknown k-means engine {engine!r}")
+    centroids = backend.asarray(to_host(model.cluster_centers_), dtype=np.float32)
+    labels = assign(x.astype(np.float32, copy=False), centroids)
+    return KMeansResult(centroids=centroids, labels=labels, inertia=float(model.inertia_), n_iter=int(model.n_iter_))
 
 
 def _centroids(x: Array, labels: Array, previous: Array) -> Array:
