@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,13 @@ def real_micrographs() -> list[tuple[Path, float]]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+WITHOUT_TORCH = "import sys\nsys.modules['torch'] = None; sys.modules['onnx'] = None  # importing them now fails\n"
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; fail the test with its stderr unless it exits 0. Returns stdout."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

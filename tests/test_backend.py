@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from emmae import backend as backend_mod
 from emmae.backend import CPU, get_array_module, get_backend, to_host
 from emmae.errors import BackendError
+from tests.conftest import run_python
 
 PACKAGE = Path(backend_mod.__file__).resolve().parent
 
@@ -103,6 +103,4 @@ def test_runtime_never_imports_torch():
         "assert not loaded, loaded\n"
         "print('runtime modules:', sum(1 for n in sys.modules if n.startswith('emmae.runtime')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split(":")[1]) >= 4  # the runtime's modules really were imported
+    assert int(run_python(code).split(":")[1]) >= 4  # the runtime's modules really were imported

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 
 from emmae.runtime.bundle import default_bundle_path, open_bundle
+from tests.conftest import WITHOUT_TORCH, run_python
 
 
 def test_default_bundle_is_complete():
@@ -26,15 +24,12 @@ def test_default_bundle_is_complete():
 
 
 def test_default_bundle_loads_without_torch():
-    code = (
-        "import sys\n"
-        "sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+    code = WITHOUT_TORCH + (
         "import numpy as np\n"
         "from emmae.runtime.bundle import open_bundle\n"
         "bundle = open_bundle()\n"
         "out = bundle.embed(np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32))\n"
         "print(out.shape, bundle.providers[0])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "CPUExecutionProvider" in result.stdout and "(3, 256," in result.stdout
+    out = run_python(code)
+    assert "CPUExecutionProvider" in out and "(3, 256," in out

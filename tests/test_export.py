@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from emmae.runtime.tiles import to_tiles  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 from emmae.trainer import cli as train_cli  # noqa: E402
 from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder  # noqa: E402
+from tests.conftest import WITHOUT_TORCH, run_python  # noqa: E402
 
 SMALL = MAEArchitecture(embed_dim=48, depth=2, num_heads=1, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
@@ -102,9 +101,7 @@ def test_bundle_loads_and_embeds_without_torch(mae, graphs, tmp_path):
     tiles = np.random.default_rng(1).random((2, 1, 64, 64)).astype(np.float32)
     np.save(tmp_path / "tiles.npy", tiles)
     np.save(tmp_path / "expected.npy", _torch_latents(mae, (tiles - 0.5) / 0.1))
-    code = (
-        "import sys\n"
-        "sys.modules['torch'] = None; sys.modules['onnx'] = None  # any import of them now fails\n"
+    code = WITHOUT_TORCH + (
         "import numpy as np\n"
         "from emmae.runtime.bundle import open_bundle\n"
         f"folder = {str(tmp_path)!r}\n"
@@ -113,9 +110,7 @@ def test_bundle_loads_and_embeds_without_torch(mae, graphs, tmp_path):
         "assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4\n"
         "print('ok', got.shape)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "ok (2, 256, 48)" in result.stdout
+    assert "ok (2, 256, 48)" in run_python(code)
 
 
 def test_bundle_errors(graphs, tmp_path):
