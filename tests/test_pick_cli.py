@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 
@@ -92,3 +93,24 @@ def test_eval_scores_truth_against_itself(session, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["pooled"]["one-to-one"]["f1"] == 1.0 and report["pooled"]["nearest"]["f1"] == 1.0
     assert "pooled" in capsys.readouterr().out
+
+
+def test_micrograph_sizes_are_recorded(picked):
+    _, out = picked
+    table = starfile.read(out / "micrographs.star", always_dict=True)["micrographs"]
+    assert table["rlnImageSizeX"].tolist() == [512, 512] and table["rlnImageSizeY"].tolist() == [512, 512]
+    assert table["rlnMicrographPixelSize"].tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_names_from_a_micrographs_star_are_kept_verbatim(session, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "MotionCorr" / "job002").mkdir(parents=True)
+    (project / "MotionCorr" / "job002" / "mic_00000.mrc").write_bytes((session / "mic_00000.mrc").read_bytes())
+    starfile.write({"micrographs": pd.DataFrame({"rlnMicrographName": ["MotionCorr/job002/mic_00000.mrc"]})}, project / "corrected_micrographs.star")
+    monkeypatch.chdir(project)
+    out = tmp_path / "picks"
+    assert cli.main(["corrected_micrographs.star", "--diameter-px", "28", "--out", str(out)]) == cli.EXIT_OK
+    index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
+    assert index["rlnMicrographName"].tolist() == ["MotionCorr/job002/mic_00000.mrc"]
+    particles = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    assert set(particles["rlnMicrographName"]) <= {"MotionCorr/job002/mic_00000.mrc"}

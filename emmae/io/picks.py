@@ -5,6 +5,7 @@
 * ``autopick.star``: RELION 4/5 index (``data_coordinate_files``: ``_rlnMicrographName
   _rlnMicrographCoordinates``), names copied verbatim;
 * ``particles.star``: every pick with ``_rlnMicrographName`` (cryoSPARC's import);
+* ``micrographs.star``: each micrograph's width, height and pixel size;
 * ``<stem>.box``: EMAN boxes (lower-left corner, box size); ``<stem>.cbox``: crYOLO-style,
   every candidate with its confidence, before any threshold.
 
@@ -72,6 +73,17 @@ def write_particles(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray
     frames = [relion_coordinates(xy, score).assign(rlnMicrographName=name) for name, xy, score in rows]
     frame = pd.concat(frames, ignore_index=True) if frames else relion_coordinates(np.zeros((0, 2)), np.zeros(0)).assign(rlnMicrographName=[])
     write_star(path, {"particles": frame[["rlnMicrographName", *relion_coordinates(np.zeros((0, 2)), np.zeros(0)).columns]]})
+
+
+def write_micrographs(path: Path, rows: Sequence[tuple[str, tuple[int, int], float | None]]) -> None:
+    """Each picked micrograph's name, width and height (pixels) and pixel size (A, 0 if unknown)."""
+    frame = pd.DataFrame({
+        "rlnMicrographName": [name for name, _, _ in rows],
+        "rlnImageSizeX": [shape[1] for _, shape, _ in rows],
+        "rlnImageSizeY": [shape[0] for _, shape, _ in rows],
+        "rlnMicrographPixelSize": [round(px or 0.0, 5) for _, _, px in rows],
+    })
+    write_star(path, {"micrographs": frame})
 
 
 def write_box(path: Path, xy: np.ndarray, box_px: float) -> None:

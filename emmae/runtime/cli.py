@@ -8,6 +8,7 @@ Examples::
 
 Writes ``<stem>_autopick.star`` per micrograph, the RELION index ``autopick.star``,
 ``particles.star`` (all picks with ``_rlnMicrographName``, for cryoSPARC),
+``micrographs.star`` (each micrograph's width, height and pixel size),
 ``emmae-config.json`` (configuration, version, command line) and ``<stem>_emmae.npz``
 (the particle map, for re-thresholding). Exit status: 0 all picked, 1 some
 micrographs failed (reported, skipped), 2 nothing could be done (bad arguments,
@@ -22,14 +23,24 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_config, validate_config
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.atomic import write_bytes_atomic
-from emmae.io.inputs import expand_inputs
-from emmae.io.picks import micrograph_name, transform_xy, write_box, write_cbox, write_index, write_particles, write_relion_coordinates
+from emmae.io.inputs import expand_inputs, micrographs_from_star
+from emmae.io.picks import (
+    micrograph_name,
+    transform_xy,
+    write_box,
+    write_cbox,
+    write_index,
+    write_micrographs,
+    write_particles,
+    write_relion_coordinates,
+)
 from emmae.memory import retain_freed_memory
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import Picks, load_picks, pick_micrograph, save_picks
@@ -40,7 +51,7 @@ EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmae-pick", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="micrographs: .mrc files, folders or globs")
+    parser.add_argument("inputs", nargs="*", help="micrographs: .mrc files, folders, globs, or a micrographs .star (names kept verbatim)")
     parser.add_argument("--diameter-px", type=float, help="particle diameter in pixels of the micrographs")
     parser.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom (pixel size from the header or --pixel-size-A)")
     parser.add_argument("--pixel-size-A", type=float, help="override the header's pixel size")
@@ -79,15 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
         if args.rethreshold:
             return rethreshold(args.rethreshold, config, sys.argv if argv is None else argv)
-        paths = expand_inputs(args.inputs) if args.inputs else []
-        if not paths:
+        items = _inputs(args.inputs, config)
+        if not items:
             raise EmmaeError("no micrographs given")
-        _check_unique_stems(paths)
+        _check_unique_stems([path for path, _ in items])
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
-    except (EmmaeError, FileNotFoundError) as exc:
+    except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    return pick_all(paths, config, encoder, args.out, sys.argv if argv is None else argv)
+    return pick_all(items, config, encoder, args.out, sys.argv if argv is None else argv)
+
+
+def _inputs(inputs: list[str], config: EmmaeConfig) -> list[tuple[Path, str]]:
+    """(file, name written to the outputs) for every micrograph named on the command line."""
+    stars = [item for item in inputs if item.endswith(".star")]
+    others = [item for item in inputs if not item.endswith(".star")]
+    items = [pair for star in stars for pair in micrographs_from_star(star, config.output.project_root)]
+    items += [(path, micrograph_name(path, config.output)) for path in (expand_inputs(others) if others else [])]
+    return items
 
 
 def _check_unique_stems(paths: list[Path]) -> None:
@@ -98,22 +118,22 @@ def _check_unique_stems(paths: list[Path]) -> None:
         seen[path.stem] = path
 
 
-def pick_all(paths: list[Path], config: EmmaeConfig, encoder: Encoder, out: Path, argv: list[str]) -> int:
+def pick_all(items: list[tuple[Path, str]], config: EmmaeConfig, encoder: Encoder, out: Path, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / "emmae-config.json", json.dumps(config_record(config, argv), indent=2).encode())
     done: list[tuple[str, Picks]] = []
     failed = 0
     start = time.perf_counter()
-    for i, path in enumerate(paths, 1):
+    for i, (path, name) in enumerate(progress(items), 1):
         try:
-            result = pick_micrograph(path, config, encoder, name=micrograph_name(path, config.output))
+            result = pick_micrograph(path, config, encoder, name=name)
         except (MicrographError, EmmaeError) as exc:
             failed += 1
             log.error("skipped %s", exc)
             continue
         write_outputs(out, path.stem, result, config)
         done.append((path.stem, result))
-        log.info("[%d/%d] %s: %d particles in %.2f s", i, len(paths), path.name, len(result), sum(result.timings_s.values()))
+        log.info("[%d/%d] %s: %d particles in %.2f s", i, len(items), path.name, len(result), sum(result.timings_s.values()))
     write_session_files(out, done, config)
     seconds = time.perf_counter() - start
     per = [sum(r.timings_s.values()) for _, r in done]
@@ -124,6 +144,17 @@ def pick_all(paths: list[Path], config: EmmaeConfig, encoder: Encoder, out: Path
     if not done:
         return EXIT_FAILED
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def progress(items: list) -> Iterable:
+    """``items`` with a progress bar on an interactive terminal (tqdm, when installed)."""
+    if not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, unit="micrograph", dynamic_ncols=True)
 
 
 def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig) -> None:
@@ -142,6 +173,7 @@ def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig) -> N
 def write_session_files(out: Path, done: list[tuple[str, Picks]], config: EmmaeConfig) -> None:
     """The RELION index and the combined particles STAR of everything picked so far."""
     write_index(out / "autopick.star", [(r.name, str(out / f"{stem}_autopick.star")) for stem, r in done])
+    write_micrographs(out / "micrographs.star", [(r.name, r.shape, r.pixel_size_A) for _, r in done])
     write_particles(out / "particles.star", [(r.name, transform_xy(r.xy, r.shape, config.output), r.score) for _, r in done])
 
 
