@@ -1,0 +1,188 @@
+"""``emmae-stream``: pick micrographs as they land, keep the model loaded, lose nothing.
+
+    emmae-stream --watch /data/session --diameter-A 300 [--out DIR] [--once] [--settle-s 5]
+
+Each scan (every ``stream.poll_interval_s``) finds candidate files, waits until each
+is stable for ``stream.settle_s`` and passes the strict MRC check, picks it with the
+model loaded once, writes its outputs atomically, records it in the SQLite journal
+and rewrites the session index ``autopick.star`` atomically. A failed micrograph is
+recorded with its reason and retried only if the file changes. SIGINT, SIGTERM or a
+file named ``EMMAE_STOP`` in the watched folder stop the daemon after the micrograph in
+hand; ``--once`` picks the backlog and exits. Restarting resumes from the journal.
+Exit status: 0 stopped cleanly, 2 bad arguments, configuration or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from emmae.backend import get_backend
+from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_config, validate_config
+from emmae.errors import EmmaeError, MicrographError
+from emmae.io.atomic import write_bytes_atomic
+from emmae.io.picks import micrograph_name, write_index
+from emmae.memory import retain_freed_memory
+from emmae.runtime.cli import write_outputs
+from emmae.runtime.encoder import Encoder
+from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.stream.gate import Gate, scan
+from emmae.runtime.stream.journal import Journal
+
+log = logging.getLogger("emmae.stream")
+STOP_FILE = "EMMAE_STOP"
+
+
+@dataclass
+class StopFlag:
+    """Set by a signal handler or the stop file; checked between micrographs."""
+
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.reason)
+
+    def handle(self, signum: int, _frame: object) -> None:
+        self.reason = signal.Signals(signum).name
+        log.info("%s received: stopping after the micrograph in hand", self.reason)
+
+
+class Session:
+    """One watched folder, its output folder, journal and gate."""
+
+    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder) -> None:
+        self.watch, self.out, self.config, self.encoder = watch, out, config, encoder
+        out.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(out)
+        self.gate = Gate(config.stream.settle_s)
+
+    def step(self, stop: StopFlag) -> int:
+        """One scan: pick every file that became ready. Returns how many were picked."""
+        picked = 0
+        for path in self._candidates():
+            if stop:
+                break
+            name = micrograph_name(path, self.config.output)
+            stat = path.stat()
+            if not self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
+                continue
+            self.journal.mark_seen(str(path), name)
+            try:
+                state = self.gate.check(path)
+            except MicrographError as exc:
+                self.journal.mark_failed(str(path), name, exc.reason, stat.st_size, stat.st_mtime_ns)
+                log.error("failed %s", exc)
+                continue
+            if state == "ready":
+                picked += self._pick(path, name, stat.st_size, stat.st_mtime_ns)
+        return picked
+
+    def _candidates(self) -> list[Path]:
+        files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve()))
+        if self.config.stream.order == "newest":
+            files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
+        return files
+
+    def _pick(self, path: Path, name: str, size: int, mtime_ns: int) -> int:
+        self.journal.mark_processing(str(path), name)
+        try:
+            result = pick_micrograph(path, self.config, self.encoder, name=name)
+            stem = path.stem
+            write_outputs(self.out, stem, result, self.config)
+        except (MicrographError, EmmaeError) as exc:
+            self.journal.mark_failed(str(path), name, str(exc), size, mtime_ns)
+            log.error("failed %s", exc)
+            return 0
+        self.journal.mark_picked(str(path), name, len(result), str(self.out / f"{stem}_autopick.star"), result.timings_s)
+        self.write_index()
+        log.info("picked %s: %d particles in %.2f s", path.name, len(result), sum(result.timings_s.values()))
+        return 1
+
+    def write_index(self) -> None:
+        """The session's RELION index of every micrograph picked so far (atomic)."""
+        write_index(self.out / "autopick.star", [(e.name, e.outputs or "") for e in self.journal.picked()])
+
+    def backlog_done(self) -> bool:
+        """No file in the folder is still waiting to be picked (for ``--once``)."""
+        for path in self._candidates():
+            stat = path.stat()
+            if self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
+                return False
+        return True
+
+
+def run(session: Session, stop: StopFlag, once: bool) -> None:
+    """Scan until stopped (or, with ``once``, until the backlog is picked)."""
+    poll = session.config.stream.poll_interval_s
+    while not stop:
+        if (session.watch / STOP_FILE).exists():
+            stop.reason = STOP_FILE
+            log.info("stop file found: stopping")
+            break
+        session.step(stop)
+        if once and session.backlog_done():
+            break
+        time.sleep(poll)
+    session.write_index()
+    log.info("journal: %s", session.journal.counts())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmae-stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--watch", type=Path, required=True, help="folder where micrographs land")
+    parser.add_argument("--out", type=Path, help="output folder (default: WATCH/emmae_picks)")
+    parser.add_argument("--diameter-px", type=float)
+    parser.add_argument("--diameter-A", type=float)
+    parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
+    parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
+    parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
+    parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
+    add_config_arguments(parser)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> EmmaeConfig:
+    data = load_config(args.config, args.overrides or ()).model_dump(mode="json")
+    for (section, key), value in {
+        ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
+        ("model", "bundle"): args.model and str(args.model), ("stream", "settle_s"): args.settle_s,
+        ("stream", "poll_interval_s"): args.poll_interval_s,
+    }.items():
+        if value is not None:
+            data[section][key] = value
+    return validate_config(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    retain_freed_memory()
+    try:
+        config = _config(args)
+        if not args.watch.is_dir():
+            raise EmmaeError(f"not a folder: {args.watch}")
+        encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
+        out = args.out or args.watch / "emmae_picks"
+        session = Session(args.watch, out, config, encoder)
+    except (EmmaeError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    write_bytes_atomic(out / "emmae-config.json", json.dumps(config_record(config, sys.argv if argv is None else argv), indent=2).encode())
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    try:
+        run(session, stop, args.once)
+    finally:
+        session.journal.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
