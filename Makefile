@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install bench-preprocess clean
+.PHONY: test demo install bench-preprocess clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/emmae-stream --demo
 
 bench-preprocess: $(STAMP)
 	$(PY) bench/preprocess.py

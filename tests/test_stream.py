@@ -157,3 +157,14 @@ def test_once_picks_the_backlog_and_exits(tmp_path):
     assert len(list(out.glob("*_autopick.star"))) == len(mics)
     picked = starfile.read(out / "mic_00000_autopick.star")
     assert np.all(picked["rlnCoordinateX"].between(0, 256))
+
+
+@needs_model
+def test_demo_simulates_and_picks_a_session(tmp_path):
+    out = tmp_path / "demo-picks"
+    daemon = _stream(["--demo", "--demo-count", "2", "--demo-per-hour", "36000", "--out", str(out)])
+    output, _ = daemon.communicate(timeout=120)
+    assert daemon.returncode == 0, output
+    assert "demo done: 2 micrographs picked" in output
+    assert len(list(out.glob("demo_*_autopick.star"))) == 2
+    starfile.read(out / "autopick.star")

@@ -1,6 +1,7 @@
 """``emmae-stream``: pick micrographs as they land, keep the model loaded, lose nothing.
 
     emmae-stream --watch /data/session --diameter-A 300 [--out DIR] [--once] [--settle-s 5]
+    emmae-stream --demo                 # a simulated session picked live, no data needed
 
 Each scan (every ``stream.poll_interval_s``) finds candidate files, waits until each
 is stable for ``stream.settle_s`` and passes the strict MRC check, picks it with the
@@ -19,7 +20,9 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, scan
 from emmae.runtime.stream.journal import Journal
 
@@ -117,8 +121,8 @@ class Session:
         return True
 
 
-def run(session: Session, stop: StopFlag, once: bool) -> None:
-    """Scan until stopped (or, with ``once``, until the backlog is picked)."""
+def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None = None) -> None:
+    """Scan until stopped (with ``once``: until the backlog is picked, once ``until()`` holds)."""
     poll = session.config.stream.poll_interval_s
     while not stop:
         if (session.watch / STOP_FILE).exists():
@@ -126,7 +130,7 @@ def run(session: Session, stop: StopFlag, once: bool) -> None:
             log.info("stop file found: stopping")
             break
         session.step(stop)
-        if once and session.backlog_done():
+        if once and (until is None or until()) and session.backlog_done():
             break
         time.sleep(poll)
     session.write_index()
@@ -135,7 +139,10 @@ def run(session: Session, stop: StopFlag, once: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmae-stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--watch", type=Path, required=True, help="folder where micrographs land")
+    parser.add_argument("--watch", type=Path, help="folder where micrographs land")
+    parser.add_argument("--demo", action="store_true", help="simulate a session in a temporary folder and pick it live")
+    parser.add_argument("--demo-count", type=int, default=12, help="micrographs in the demo (default 12)")
+    parser.add_argument("--demo-per-hour", type=float, default=1200, help="acquisition rate of the demo (default 1200/h)")
     parser.add_argument("--out", type=Path, help="output folder (default: WATCH/emmae_picks)")
     parser.add_argument("--diameter-px", type=float)
     parser.add_argument("--diameter-A", type=float)
@@ -163,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     retain_freed_memory()
+    if args.demo:
+        return demo(args, argv)
     try:
         config = _config(args)
-        if not args.watch.is_dir():
-            raise EmmaeError(f"not a folder: {args.watch}")
+        if args.watch is None or not args.watch.is_dir():
+            raise EmmaeError(f"--watch needs an existing folder, got {args.watch}")
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
         out = args.out or args.watch / "emmae_picks"
         session = Session(args.watch, out, config, encoder)
@@ -181,6 +190,37 @@ def main(argv: list[str] | None = None) -> int:
         run(session, stop, args.once)
     finally:
         session.journal.close()
+    return 0
+
+
+def demo(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
+    watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
+    out = args.out or watch / "emmae_picks"
+    argv = [*(argv or []), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
+    demo_args = build_parser().parse_args([a for a in argv if a != "--demo"])
+    acquisition = Acquisition(watch, args.demo_count, 3600.0 / args.demo_per_hour)
+    log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
+    try:
+        config = _config(demo_args)
+        encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
+        session = Session(watch, out, config, encoder)
+    except (EmmaeError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    acquisition.start()
+    try:
+        run(session, stop, once=True, until=acquisition.finished.is_set)
+    finally:
+        acquisition.cancelled.set()
+        session.journal.close()
+    picked = Journal(out)
+    entries = picked.picked()
+    log.info("demo done: %d micrographs picked, %d particles; outputs in %s", len(entries), sum(e.particles or 0 for e in entries), out)
+    picked.close()
     return 0
 
 
