@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 
@@ -168,3 +169,19 @@ def test_demo_simulates_and_picks_a_session(tmp_path):
     assert "demo done: 2 micrographs picked" in output
     assert len(list(out.glob("demo_*_autopick.star"))) == 2
     starfile.read(out / "autopick.star")
+
+
+@needs_model
+def test_watch_star_follows_upstream_rows_verbatim(tmp_path):
+    project = tmp_path / "project"
+    movies = project / "MotionCorr" / "job002" / "Movies"
+    mics = write_session(movies, 2, PARAMS, seed=6)
+    star = project / "MotionCorr" / "job002" / "corrected_micrographs.star"
+    names = [f"MotionCorr/job002/Movies/{m.name}" for m in mics]
+    starfile.write({"micrographs": pd.DataFrame({"rlnMicrographName": names})}, star)
+    out = tmp_path / "out"
+    daemon = _stream(["--watch-star", str(star), "--out", str(out), "--diameter-px", "24", "--settle-s", "0", "--poll-interval-s", "0.1", "--once", "--set", f"output.project_root={str(project)!r}"])
+    output, _ = daemon.communicate(timeout=120)
+    assert daemon.returncode == 0, output
+    index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
+    assert sorted(index["rlnMicrographName"]) == sorted(names)

@@ -30,6 +30,7 @@ from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_config, validate_config
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.atomic import write_bytes_atomic
+from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
 from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
@@ -58,10 +59,10 @@ class StopFlag:
 
 
 class Session:
-    """One watched folder, its output folder, journal and gate."""
+    """One watched folder (or upstream micrographs STAR), its output folder, journal and gate."""
 
-    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder) -> None:
-        self.watch, self.out, self.config, self.encoder = watch, out, config, encoder
+    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None) -> None:
+        self.watch, self.out, self.config, self.encoder, self.watch_star = watch, out, config, encoder, watch_star
         out.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(out)
         self.gate = Gate(config.stream.settle_s)
@@ -69,11 +70,13 @@ class Session:
     def step(self, stop: StopFlag) -> int:
         """One scan: pick every file that became ready. Returns how many were picked."""
         picked = 0
-        for path in self._candidates():
+        for path, name in self._candidates():
             if stop:
                 break
-            name = micrograph_name(path, self.config.output)
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
             if not self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
                 continue
             self.journal.mark_seen(str(path), name)
@@ -87,11 +90,21 @@ class Session:
                 picked += self._pick(path, name, stat.st_size, stat.st_mtime_ns)
         return picked
 
-    def _candidates(self) -> list[Path]:
+    def _candidates(self) -> list[tuple[Path, str]]:
+        """(file, output name) pairs: the STAR's rows verbatim, or the folder's files."""
+        if self.watch_star is not None:
+            return self._star_rows()
         files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve()))
         if self.config.stream.order == "newest":
             files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
-        return files
+        return [(path, micrograph_name(path, self.config.output)) for path in files]
+
+    def _star_rows(self) -> list[tuple[Path, str]]:
+        try:
+            return micrographs_from_star(self.watch_star, self.config.output.project_root)
+        except (OSError, ValueError) as exc:  # absent yet, or caught mid-write by the upstream job
+            log.debug("cannot read %s yet: %s", self.watch_star, exc)
+            return []
 
     def _pick(self, path: Path, name: str, size: int, mtime_ns: int) -> int:
         self.journal.mark_processing(str(path), name)
@@ -114,8 +127,11 @@ class Session:
 
     def backlog_done(self) -> bool:
         """No file in the folder is still waiting to be picked (for ``--once``)."""
-        for path in self._candidates():
-            stat = path.stat()
+        for path, _ in self._candidates():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
             if self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
                 return False
         return True
@@ -140,6 +156,7 @@ def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmae-stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--watch", type=Path, help="folder where micrographs land")
+    parser.add_argument("--watch-star", type=Path, help="follow an upstream micrographs STAR (e.g. corrected_micrographs.star) instead; names kept verbatim")
     parser.add_argument("--demo", action="store_true", help="simulate a session in a temporary folder and pick it live")
     parser.add_argument("--demo-count", type=int, default=12, help="micrographs in the demo (default 12)")
     parser.add_argument("--demo-per-hour", type=float, default=1200, help="acquisition rate of the demo (default 1200/h)")
@@ -174,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args, argv)
     try:
         config = _config(args)
-        if args.watch is None or not args.watch.is_dir():
-            raise EmmaeError(f"--watch needs an existing folder, got {args.watch}")
+        watch = args.watch or (args.watch_star.parent if args.watch_star else None)
+        if watch is None or not watch.is_dir():
+            raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
-        out = args.out or args.watch / "emmae_picks"
-        session = Session(args.watch, out, config, encoder)
+        out = args.out or watch / "emmae_picks"
+        session = Session(watch, out, config, encoder, args.watch_star)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
