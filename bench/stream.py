@@ -1,0 +1,129 @@
+"""Streaming under a simulated acquisition: latency from "file complete" to "STAR on disk".
+
+    python bench/stream.py [--rate 1000] [--count 30] [--burst 20] [--size 1024] [--settle-s 1]
+
+Synthetic micrographs are written in 1 MB chunks at ``--rate`` per hour (then a burst
+of ``--burst`` at once) into a temporary folder that a daemon session (the bundled
+model, settle time ``--settle-s``, 0.5 s polling) watches. Reports per scenario the
+latency p50/p95/max (completion of the file's last write to the journal entry, which
+follows the atomic STAR write), throughput, CPU use (cores busy) and the resident
+memory after every pick (its growth shows a leak). Results: ``bench/results/stream-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emmae.backend import get_backend
+from emmae.config import validate_config
+from emmae.io.mrc import write_micrograph
+from emmae.memory import retain_freed_memory
+from emmae.runtime.encoder import Encoder
+from emmae.runtime.stream.daemon import Session, StopFlag
+from emmae.runtime.stream.demo import write_in_chunks
+from emmae.synth import SynthParams, make_micrograph
+
+log = logging.getLogger("bench.stream")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def acquire(folder: Path, images: list[bytes], interval_s: float, completed: dict[str, float]) -> None:
+    for i, payload in enumerate(images):
+        start = time.monotonic()
+        name = f"{folder.name}_{i:05d}.mrc"
+        write_in_chunks(payload, folder / name, pause_s=0.01)
+        completed[str(folder / name)] = time.time()
+        time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
+
+
+def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder, settle_s: float, root: Path) -> dict:
+    watch, out = root / name, root / f"{name}-out"
+    watch.mkdir()
+    config = validate_config({"preprocess": {"diameter_px": 56.0 * SIZE / 1024}, "stream": {"settle_s": settle_s, "poll_interval_s": 0.5}})
+    session = Session(watch, out, config, encoder)
+    completed: dict[str, float] = {}
+    writer = threading.Thread(target=acquire, args=(watch, images, interval_s, completed), daemon=True)
+    cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    writer.start()
+    memory, stop = [], StopFlag()
+    while writer.is_alive() or len(session.journal.picked()) < len(images):
+        if session.step(stop):
+            memory.append(rss_mb())
+        time.sleep(0.5)
+    cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
+    done = {e.path: e for e in session.journal.picked()}
+    updated = session.journal._db.execute("SELECT path, updated FROM micrographs WHERE state = 'picked'").fetchall()
+    latency = np.array([t - completed[p] for p, t in updated if p in completed])
+    session.journal.close()
+    busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
+    return {
+        "scenario": name, "micrographs": len(done), "interval_s": interval_s, "settle_s": settle_s,
+        "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
+        "latency_max_s": float(latency.max()), "throughput_per_hour": len(done) / wall * 3600, "wall_s": wall,
+        "cpu_cores_busy": busy, "rss_mb_after_each_pick": [round(m, 1) for m in memory],
+    }
+
+
+SIZE = 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    global SIZE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=1000, help="micrographs per hour in the paced scenario")
+    parser.add_argument("--count", type=int, default=30)
+    parser.add_argument("--burst", type=int, default=20)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--settle-s", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("emmae").setLevel(logging.WARNING)
+    retain_freed_memory()
+    SIZE = args.size
+    encoder = Encoder.open(backend=get_backend("auto"))
+    params = SynthParams(shape=(args.size, args.size), diameter_px=56.0 * args.size / 1024)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        staged = root / "staged.mrc"
+
+        def images(n: int, seed: int) -> list[bytes]:
+            out = []
+            for i in range(n):
+                write_micrograph(staged, make_micrograph(params, seed=seed + i).image, 1.0)
+                out.append(staged.read_bytes())
+            return out
+
+        rows.append(scenario(f"paced-{args.rate:g}-per-hour", images(args.count, 0), 3600 / args.rate, encoder, args.settle_s, root))
+        rows.append(scenario(f"burst-{args.burst}", images(args.burst, 10_000), 0.0, encoder, args.settle_s, root))
+    print(f"{'scenario':<24} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'per hour':>9} {'cores busy':>10} {'RSS first/last MB':>18}")
+    for r in rows:
+        mem = r["rss_mb_after_each_pick"]
+        print(f"{r['scenario']:<24} {r['micrographs']:>4} {r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} {r['latency_max_s']:7.2f} "
+              f"{r['throughput_per_hour']:9.0f} {r['cpu_cores_busy']:10.2f} {mem[0]:>8.0f} / {mem[-1]:<8.0f}")
+    print(f"({args.size}^2 micrographs, settle {args.settle_s} s, 0.5 s polling, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+    out = RESULTS / "stream-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"size": args.size, "cpu_count": os.cpu_count(), "results": rows}, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
