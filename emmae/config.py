@@ -110,7 +110,7 @@ class StreamConfig(_Section):
     recursive: bool = True
     settle_s: float = Field(5.0, ge=0, le=3600)
     poll_interval_s: float = Field(2.0, gt=0, le=3600)
-    poll: Literal["auto", "always", "never"] = "auto"
+    poll: Literal["auto", "always"] = "auto"  # always: polling only, no file-system observer
     order: Literal["oldest", "newest"] = "oldest"
     queue_depth: int = Field(4, ge=1, le=1024)
 

@@ -185,3 +185,39 @@ def test_watch_star_follows_upstream_rows_verbatim(tmp_path):
     assert daemon.returncode == 0, output
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(names)
+
+
+MOUNTS = """sysfs /sys sysfs rw 0 0
+/dev/vda / ext4 rw 0 0
+server:/export /data nfs4 rw 0 0
+//nas/share /mnt/smb cifs rw 0 0
+/dev/vdb /data/local ext4 rw 0 0
+"""
+
+
+def test_network_file_systems_are_polled_only():
+    from emmae.runtime.stream.watcher import filesystem_type, wants_observer
+
+    assert filesystem_type(Path("/data/session/x"), MOUNTS) == "nfs4"
+    assert filesystem_type(Path("/data/local/x"), MOUNTS) == "ext4"  # the longest mount point wins
+    assert filesystem_type(Path("/mnt/smb"), MOUNTS) == "cifs"
+    assert not wants_observer(Path("/data/session"), "auto", MOUNTS)
+    assert not wants_observer(Path("/mnt/smb/a"), "auto", MOUNTS)
+    assert wants_observer(Path("/home/user"), "auto", MOUNTS)
+    assert not wants_observer(Path("/home/user"), "always", MOUNTS)
+
+
+def test_observer_wakes_the_daemon_on_a_new_file(tmp_path):
+    import threading
+
+    pytest.importorskip("watchdog")
+    from emmae.runtime.stream.watcher import start_observer
+
+    wake = threading.Event()
+    observer = start_observer(tmp_path, recursive=True, wake=wake)
+    try:
+        (tmp_path / "new.mrc").write_bytes(b"x")
+        assert wake.wait(5.0)
+    finally:
+        observer.stop()
+        observer.join(5)

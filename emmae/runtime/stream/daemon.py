@@ -21,7 +21,7 @@ import logging
 import signal
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from emmae.runtime.picker import pick_micrograph
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, scan
 from emmae.runtime.stream.journal import Journal
+from emmae.runtime.stream.watcher import start_observer, wants_observer
 
 log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
@@ -138,7 +139,23 @@ class Session:
 
 
 def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None = None) -> None:
-    """Scan until stopped (with ``once``: until the backlog is picked, once ``until()`` holds)."""
+    """Scan until stopped (with ``once``: until the backlog is picked, once ``until()`` holds).
+
+    Scans run every poll interval, and sooner when the file-system observer reports a change.
+    """
+    stream = session.config.stream
+    wake = threading.Event()
+    observer = start_observer(session.watch, stream.recursive, wake) if wants_observer(session.watch, stream.poll) else None
+    try:
+        _loop(session, stop, once, until, wake)
+    finally:
+        if observer is not None:
+            observer.stop()
+    session.write_index()
+    log.info("journal: %s", session.journal.counts())
+
+
+def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None, wake: threading.Event) -> None:
     poll = session.config.stream.poll_interval_s
     while not stop:
         if (session.watch / STOP_FILE).exists():
@@ -148,9 +165,8 @@ def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] 
         session.step(stop)
         if once and (until is None or until()) and session.backlog_done():
             break
-        time.sleep(poll)
-    session.write_index()
-    log.info("journal: %s", session.journal.counts())
+        wake.wait(poll)
+        wake.clear()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
     parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
     parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
+    parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
     add_config_arguments(parser)
     return parser
 
@@ -176,7 +193,7 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
     for (section, key), value in {
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("model", "bundle"): args.model and str(args.model), ("stream", "settle_s"): args.settle_s,
-        ("stream", "poll_interval_s"): args.poll_interval_s,
+        ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
     }.items():
         if value is not None:
             data[section][key] = value

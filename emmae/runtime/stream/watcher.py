@@ -1,0 +1,71 @@
+"""Waking the daemon early: a native file-system observer where events arrive, polling everywhere.
+
+The daemon always polls (every ``stream.poll_interval_s``); on a local file system a
+``watchdog`` observer also wakes it as soon as a file appears or changes, so the
+poll interval can stay long without adding latency. Network file systems (NFS, SMB/
+CIFS and the like) deliver no events for writes made on other hosts: there, and
+whenever ``stream.poll = "always"``, the observer is not started.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "lustre", "gpfs", "beegfs", "fuse.gvfsd-fuse",
+})
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the file system holding ``path`` (from ``/proc/mounts``; '' if unknown)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target = str(Path(path).resolve())
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def wants_observer(folder: Path, poll: str, mounts: str | None = None) -> bool:
+    """Start an observer unless polling is forced or the folder is on a network file system."""
+    if poll == "always":
+        return False
+    kind = filesystem_type(folder, mounts)
+    if kind in NETWORK_FILESYSTEMS:
+        log.info("%s is on %s: polling only (no change events arrive from other hosts)", folder, kind)
+        return False
+    return True
+
+
+def start_observer(folder: Path, recursive: bool, wake: threading.Event):
+    """A running watchdog observer that sets ``wake`` on every event, or None without watchdog."""
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        log.info("watchdog is not installed: polling only")
+        return None
+
+    class _Wake(FileSystemEventHandler):
+        def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's event type
+            wake.set()
+
+    observer = Observer()
+    observer.schedule(_Wake(), str(folder), recursive=recursive)
+    observer.daemon = True
+    observer.start()
+    return observer
