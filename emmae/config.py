@@ -101,6 +101,7 @@ class OutputConfig(_Section):
     strip_prefix: str = ""
     add_prefix: str = ""
     project_root: Path | None = None
+    preview: bool = False  # <stem>_preview.png: the micrograph with its picks circled
 
 
 class StreamConfig(_Section):

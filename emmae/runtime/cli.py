@@ -31,6 +31,7 @@ from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs, micrographs_from_star
+from emmae.io.mrc import read_micrograph
 from emmae.io.picks import (
     micrograph_name,
     transform_xy,
@@ -41,6 +42,7 @@ from emmae.io.picks import (
     write_particles,
     write_relion_coordinates,
 )
+from emmae.io.preview import write_preview
 from emmae.memory import retain_freed_memory
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import Picks, load_picks, pick_micrograph, save_picks
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strip-prefix", help="remove this prefix from written micrograph names")
     parser.add_argument("--add-prefix", help="add this prefix to written micrograph names")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="compute device")
+    parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
     parser.add_argument("--rethreshold", type=Path, metavar="OUT", help="re-pick from the particle maps saved in OUT (no encoding)")
     add_config_arguments(parser)
     return parser
@@ -75,6 +78,7 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
         ("preprocess", "pixel_size_A"): args.pixel_size_A, ("model", "bundle"): args.model and str(args.model),
         ("output", "formats"): args.format, ("output", "flip_y"): args.flip_y or None, ("output", "coordinate_scale"): args.scale,
         ("output", "strip_prefix"): args.strip_prefix, ("output", "add_prefix"): args.add_prefix, ("backend", "device"): args.device,
+        ("output", "preview"): args.preview or None,
     }
     for (section, key), value in updates.items():
         if value is not None:
@@ -131,7 +135,7 @@ def pick_all(items: list[tuple[Path, str]], config: EmmaeConfig, encoder: Encode
             failed += 1
             log.error("skipped %s", exc)
             continue
-        write_outputs(out, path.stem, result, config)
+        write_outputs(out, path.stem, result, config, path)
         done.append((path.stem, result))
         log.info("[%d/%d] %s: %d particles in %.2f s", i, len(items), path.name, len(result), sum(result.timings_s.values()))
     write_session_files(out, done, config)
@@ -157,8 +161,8 @@ def progress(items: list) -> Iterable:
     return tqdm(items, unit="micrograph", dynamic_ncols=True)
 
 
-def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig) -> None:
-    """The per-micrograph files of ``result`` (atomic writes)."""
+def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig, source: Path | None = None) -> None:
+    """The per-micrograph files of ``result`` (atomic writes); the preview re-reads ``source``."""
     xy = transform_xy(result.xy, result.shape, config.output)
     box = result.diameter_px * config.output.coordinate_scale * 1.5
     save_picks(out / f"{stem}_emmae.npz", result)
@@ -168,6 +172,8 @@ def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig) -> N
         write_box(out / f"{stem}.box", xy, box)
     if "cbox" in config.output.formats:
         write_cbox(out / f"{stem}.cbox", transform_xy(result.candidates_xy, result.shape, config.output), result.candidates_score, box)
+    if config.output.preview and source is not None:
+        write_preview(out / f"{stem}_preview.png", read_micrograph(source).data, result.xy, result.diameter_px)
 
 
 def write_session_files(out: Path, done: list[tuple[str, Picks]], config: EmmaeConfig) -> None:

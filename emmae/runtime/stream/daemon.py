@@ -22,6 +22,8 @@ import signal
 import sys
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,25 @@ class StopFlag:
         log.info("%s received: stopping after the micrograph in hand", self.reason)
 
 
+class Progress:
+    """Running figures for the log: micrographs per hour (last 20), waiting files, particles per micrograph."""
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=20)
+        self.count = 0
+        self.particles = 0
+
+    def picked(self, particles: int) -> None:
+        self.times.append(time.monotonic())
+        self.count += 1
+        self.particles += particles
+
+    def summary(self, waiting: int) -> str:
+        span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
+        rate = (len(self.times) - 1) / span * 3600 if span > 0 else 0.0
+        return f"{self.count} picked, {rate:.0f}/h, {waiting} waiting, {self.particles / max(self.count, 1):.0f} particles per micrograph"
+
+
 class Session:
     """One watched folder (or upstream micrographs STAR), its output folder, journal and gate."""
 
@@ -67,6 +88,7 @@ class Session:
         out.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(out)
         self.gate = Gate(config.stream.settle_s)
+        self.progress = Progress()
 
     def step(self, stop: StopFlag) -> int:
         """One scan: pick every file that became ready. Returns how many were picked."""
@@ -112,14 +134,15 @@ class Session:
         try:
             result = pick_micrograph(path, self.config, self.encoder, name=name)
             stem = path.stem
-            write_outputs(self.out, stem, result, self.config)
+            write_outputs(self.out, stem, result, self.config, path)
         except (MicrographError, EmmaeError) as exc:
             self.journal.mark_failed(str(path), name, str(exc), size, mtime_ns)
             log.error("failed %s", exc)
             return 0
         self.journal.mark_picked(str(path), name, len(result), str(self.out / f"{stem}_autopick.star"), result.timings_s)
         self.write_index()
-        log.info("picked %s: %d particles in %.2f s", path.name, len(result), sum(result.timings_s.values()))
+        self.progress.picked(len(result))
+        log.info("picked %s: %d particles in %.2f s | %s", path.name, len(result), sum(result.timings_s.values()), self.progress.summary(self.gate.pending))
         return 1
 
     def write_index(self) -> None:
@@ -181,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diameter-A", type=float)
     parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
     parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
+    parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
     parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
     parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
     parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
@@ -194,6 +218,7 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("model", "bundle"): args.model and str(args.model), ("stream", "settle_s"): args.settle_s,
         ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
+        ("output", "preview"): args.preview or None,
     }.items():
         if value is not None:
             data[section][key] = value

@@ -1,0 +1,34 @@
+"""Preview thumbnails: the micrograph, contrast-stretched and binned, with its picks circled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from emmae.io.atomic import atomic_path
+
+
+def render_preview(image: np.ndarray, xy: np.ndarray, diameter_px: float, max_side: int = 1024) -> np.ndarray:
+    """BGR uint8 thumbnail (longer side ``max_side`` at most) with a circle at every pick."""
+    scale = min(1.0, max_side / max(image.shape))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    small = cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+    lo, hi = np.percentile(small, (1, 99))
+    grey = np.clip((small - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+    canvas = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    radius = max(2, round(diameter_px * scale / 2))
+    for x, y in np.asarray(xy, dtype=np.float64).reshape(-1, 2):
+        centre = (round((x + 0.5) * scale - 0.5), round((y + 0.5) * scale - 0.5))  # x = column, y = row
+        cv2.circle(canvas, centre, radius, (0, 200, 255), 1, lineType=cv2.LINE_AA)
+    return canvas
+
+
+def write_preview(path: Path, image: np.ndarray, xy: np.ndarray, diameter_px: float) -> None:
+    """Write :func:`render_preview` as PNG (or JPEG, by the suffix), atomically."""
+    ok, encoded = cv2.imencode(Path(path).suffix or ".png", render_preview(image, xy, diameter_px))
+    if not ok:
+        raise ValueError(f"cannot encode a preview as {Path(path).suffix}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
