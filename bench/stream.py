@@ -62,9 +62,9 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     writer.start()
     memory, stop = [], StopFlag()
+    session.on_picked = lambda _path, _n: memory.append(rss_mb())
     while writer.is_alive() or len(session.journal.picked()) < len(images):
-        if session.step(stop):
-            memory.append(rss_mb())
+        session.step(stop)
         time.sleep(0.5)
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
     done = {e.path: e for e in session.journal.picked()}
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--settle-s", type=float, default=1.0)
+    parser.add_argument("--long", type=int, default=0, help="also a long run: this many micrographs at once (memory plateau)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("emmae").setLevel(logging.WARNING)
@@ -112,13 +113,19 @@ def main(argv: list[str] | None = None) -> int:
 
         rows.append(scenario(f"paced-{args.rate:g}-per-hour", images(args.count, 0), 3600 / args.rate, encoder, args.settle_s, root))
         rows.append(scenario(f"burst-{args.burst}", images(args.burst, 10_000), 0.0, encoder, args.settle_s, root))
+        if args.long:
+            cycle = images(50, 20_000)  # 50 distinct micrographs, written over and over under new names
+            rows.append(scenario(f"long-{args.long}", [cycle[i % 50] for i in range(args.long)], 0.0, encoder, args.settle_s, root))
     print(f"{'scenario':<24} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'per hour':>9} {'cores busy':>10} {'RSS first/last MB':>18}")
     for r in rows:
         mem = r["rss_mb_after_each_pick"]
         print(f"{r['scenario']:<24} {r['micrographs']:>4} {r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} {r['latency_max_s']:7.2f} "
               f"{r['throughput_per_hour']:9.0f} {r['cpu_cores_busy']:10.2f} {mem[0]:>8.0f} / {mem[-1]:<8.0f}")
+        if len(mem) >= 20:
+            tenth = len(mem) // 10
+            print(f"  RSS MB by tenth of the run: {[round(float(np.median(mem[i * tenth:(i + 1) * tenth])), 1) for i in range(10)]}")
     print(f"({args.size}^2 micrographs, settle {args.settle_s} s, 0.5 s polling, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
-    out = RESULTS / "stream-cpu.json"
+    out = RESULTS / ("stream-long-cpu.json" if args.long else "stream-cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"size": args.size, "cpu_count": os.cpu_count(), "results": rows}, indent=2) + "\n")
     log.info("wrote %s", out)

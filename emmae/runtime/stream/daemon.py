@@ -89,12 +89,13 @@ class Session:
         self.journal = Journal(out)
         self.gate = Gate(config.stream.settle_s)
         self.progress = Progress()
+        self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
 
     def step(self, stop: StopFlag) -> int:
         """One scan: pick every file that became ready. Returns how many were picked."""
         picked = 0
         for path, name in self._candidates():
-            if stop:
+            if stop or self.stop_file_found(stop):
                 break
             try:
                 stat = path.stat()
@@ -112,6 +113,13 @@ class Session:
             if state == "ready":
                 picked += self._pick(path, name, stat.st_size, stat.st_mtime_ns)
         return picked
+
+    def stop_file_found(self, stop: StopFlag) -> bool:
+        if (self.watch / STOP_FILE).exists():
+            stop.reason = STOP_FILE
+            log.info("stop file found: stopping")
+            return True
+        return False
 
     def _candidates(self) -> list[tuple[Path, str]]:
         """(file, output name) pairs: the STAR's rows verbatim, or the folder's files."""
@@ -142,6 +150,8 @@ class Session:
         self.journal.mark_picked(str(path), name, len(result), str(self.out / f"{stem}_autopick.star"), result.timings_s)
         self.write_index()
         self.progress.picked(len(result))
+        if self.on_picked is not None:
+            self.on_picked(path, len(result))
         log.info("picked %s: %d particles in %.2f s | %s", path.name, len(result), sum(result.timings_s.values()), self.progress.summary(self.gate.pending))
         return 1
 
@@ -180,11 +190,7 @@ def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] 
 
 def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None, wake: threading.Event) -> None:
     poll = session.config.stream.poll_interval_s
-    while not stop:
-        if (session.watch / STOP_FILE).exists():
-            stop.reason = STOP_FILE
-            log.info("stop file found: stopping")
-            break
+    while not stop and not session.stop_file_found(stop):
         session.step(stop)
         if once and (until is None or until()) and session.backlog_done():
             break
