@@ -97,7 +97,7 @@ def test_bundle_round_trip(mae, graphs, tmp_path):
 
 
 def test_bundle_loads_and_embeds_without_torch(mae, graphs, tmp_path):
-    path = write_bundle(graphs["fp32"], _info(), tmp_path / "model.onnx")
+    write_bundle(graphs["fp32"], _info(), tmp_path / "model.onnx")
     tiles = np.random.default_rng(1).random((2, 1, 64, 64)).astype(np.float32)
     np.save(tmp_path / "tiles.npy", tiles)
     np.save(tmp_path / "expected.npy", _torch_latents(mae, (tiles - 0.5) / 0.1))
