@@ -68,7 +68,7 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
         time.sleep(0.5)
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
     done = {e.path: e for e in session.journal.picked()}
-    updated = session.journal._db.execute("SELECT path, updated FROM micrographs WHERE state = 'picked'").fetchall()
+    updated = session.journal.picked_at()
     latency = np.array([t - completed[p] for p, t in updated if p in completed])
     session.journal.close()
     busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall

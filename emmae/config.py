@@ -237,9 +237,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> EmmaeConfig:
-    """The configuration named by :func:`add_config_arguments`' options. Raises :class:`ConfigError`."""
-    return load_config(args.config, args.overrides or ())
+def config_from_args(args: argparse.Namespace, switches: dict[tuple[str, str], Any] | None = None) -> EmmaeConfig:
+    """The configuration named by :func:`add_config_arguments`' options, then a command's own
+    switches (``(section, field) -> value``; None leaves the field alone). Raises :class:`ConfigError`."""
+    config = load_config(args.config, args.overrides or ())
+    updates = {key: value for key, value in (switches or {}).items() if value is not None}
+    if not updates:
+        return config
+    data = config.model_dump(mode="json")
+    for (section, field), value in updates.items():
+        data[section][field] = value
+    return validate_config(data)
 
 
 def resolve_diameter_px(config: PreprocessConfig, header_pixel_size_A: float | None = None) -> float:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from emmae.backend import get_backend
-from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_config, validate_config
+from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs, micrographs_from_star
@@ -72,18 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> EmmaeConfig:
-    data = load_config(args.config, args.overrides or ()).model_dump(mode="json")
-    updates = {
+    return config_from_args(args, {
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("preprocess", "pixel_size_A"): args.pixel_size_A, ("model", "bundle"): args.model and str(args.model),
         ("output", "formats"): args.format, ("output", "flip_y"): args.flip_y or None, ("output", "coordinate_scale"): args.scale,
         ("output", "strip_prefix"): args.strip_prefix, ("output", "add_prefix"): args.add_prefix, ("backend", "device"): args.device,
         ("output", "preview"): args.preview or None,
-    }
-    for (section, key), value in updates.items():
-        if value is not None:
-            data[section][key] = value
-    return validate_config(data)
+    })
 
 
 def main(argv: list[str] | None = None) -> int:

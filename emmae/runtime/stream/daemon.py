@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emmae.backend import get_backend
-from emmae.config import EmmaeConfig, add_config_arguments, config_record, load_config, validate_config
+from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import micrographs_from_star
@@ -219,16 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> EmmaeConfig:
-    data = load_config(args.config, args.overrides or ()).model_dump(mode="json")
-    for (section, key), value in {
+    return config_from_args(args, {
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("model", "bundle"): args.model and str(args.model), ("stream", "settle_s"): args.settle_s,
         ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
         ("output", "preview"): args.preview or None,
-    }.items():
-        if value is not None:
-            data[section][key] = value
-    return validate_config(data)
+    })
 
 
 def main(argv: list[str] | None = None) -> int:

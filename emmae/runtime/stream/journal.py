@@ -105,5 +105,9 @@ class Journal:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
+    def picked_at(self) -> list[tuple[str, float]]:
+        """(path, wall-clock time it was recorded as picked) of every picked micrograph."""
+        return self._db.execute("SELECT path, updated FROM micrographs WHERE state = 'picked'").fetchall()
+
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM micrographs GROUP BY state").fetchall())
