@@ -19,7 +19,7 @@ from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.postprocess import Candidates, candidates, picks
-from emmae.runtime.preprocess import preprocess
+from emmae.runtime.preprocess import Preprocessed, preprocess
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,20 @@ def model_preprocess_config(config: EmmaeConfig, encoder: Encoder) -> Preprocess
     return trained.model_copy(update={"mode": user.mode, "diameter_px": user.diameter_px, "diameter_A": user.diameter_A, "pixel_size_A": user.pixel_size_A})
 
 
-def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None, pixel_size_A: float | None = None) -> Picks:
-    """Pick one micrograph (a path, or an array ``[row, col]``) with an opened encoder.
+@dataclass(frozen=True)
+class Prepared:
+    """A micrograph read and preprocessed, ready for the encoder (the first pipeline stage)."""
+
+    label: str
+    shape: tuple[int, int]  # (ny, nx)
+    pixel_size_A: float | None
+    diameter_px: float
+    grid: Preprocessed
+    timings_s: dict[str, float]
+
+
+def prepare(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None, pixel_size_A: float | None = None) -> Prepared:
+    """Read (a path) or take (an array ``[row, col]``) one micrograph and preprocess it with the bundle's settings.
 
     Raises:
         MicrographError: the file cannot be read (see :mod:`emmae.io.mrc`).
@@ -82,6 +94,14 @@ def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encode
     diameter_px = resolve_diameter_px(pre, header_px)
     with _timed(timings, "preprocess", backend.synchronize):
         grid = preprocess(image, pre, diameter_px, backend)
+    pixel = header_px if pre.pixel_size_A is None else pre.pixel_size_A
+    return Prepared(label, tuple(image.shape), pixel, diameter_px, grid, timings)
+
+
+def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder) -> Picks:
+    """Encode, cluster and post-process a prepared micrograph (the second pipeline stage)."""
+    backend, grid = encoder.backend, prepared.grid
+    timings = dict(prepared.timings_s)
     patch = encoder.bundle.info.patch_px
     with _timed(timings, "encode", backend.synchronize):
         latents = encoder.encode(grid.image)
@@ -93,11 +113,21 @@ def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encode
         found = candidates(region, patch, grid.diameter_grid_px, config.postprocess)
         kept = picks(found, grid.diameter_grid_px, grid.transform.valid_shape, config.postprocess)
     return Picks(
-        name=label, shape=tuple(image.shape), pixel_size_A=header_px if pre.pixel_size_A is None else pre.pixel_size_A,
-        diameter_px=diameter_px, xy=grid.transform.grid_to_input(kept.xy), score=kept.score,
+        name=prepared.label, shape=prepared.shape, pixel_size_A=prepared.pixel_size_A,
+        diameter_px=prepared.diameter_px, xy=grid.transform.grid_to_input(kept.xy), score=kept.score,
         candidates_xy=grid.transform.grid_to_input(found.xy), candidates_score=found.score, region=region,
         transform=grid.transform, diameter_grid_px=grid.diameter_grid_px, patch_px=patch, timings_s=timings,
     )
+
+
+def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None, pixel_size_A: float | None = None) -> Picks:
+    """Pick one micrograph (a path, or an array ``[row, col]``) with an opened encoder: :func:`prepare` then :func:`finish`.
+
+    Raises:
+        MicrographError: the file cannot be read (see :mod:`emmae.io.mrc`).
+        ConfigError: no usable particle diameter.
+    """
+    return finish(prepare(source, config, encoder, name, pixel_size_A), config, encoder)
 
 
 def repick(previous: Picks, config: EmmaeConfig) -> Picks:
@@ -137,4 +167,4 @@ def load_picks(path: Path, config: EmmaeConfig) -> Picks:
     return repick(base, config)
 
 
-__all__ = ["Candidates", "Picks", "load_picks", "pick_micrograph", "repick", "save_picks"]
+__all__ = ["Candidates", "Picks", "Prepared", "finish", "load_picks", "pick_micrograph", "prepare", "repick", "save_picks"]
