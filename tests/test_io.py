@@ -227,9 +227,19 @@ def test_unwritable_folder(tmp_path):
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        write_bytes_atomic(tmp_path / "a.star", b"data_\n")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.star").stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_bytes_atomic(tmp_path / "a.star", b"data_\n")
+    (tmp_path / "plain.star").write_bytes(b"data_\n")  # what an ordinary write gets (mkstemp alone gives 0600)
+    assert (tmp_path / "a.star").stat().st_mode & 0o777 == (tmp_path / "plain.star").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries
+
+    (tmp_path / "sub").mkdir()
+    stale = [tmp_path / f"{TEMP_PREFIX}a.star", tmp_path / "sub" / f"{TEMP_PREFIX}b.npz"]
+    for path in [*stale, tmp_path / "keep.star"]:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.star"]

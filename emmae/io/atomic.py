@@ -52,10 +52,28 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any writer thread starts
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def _default_mode() -> int:
+    return 0o666 & ~_UMASK
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed writer left under ``folder``; returns them.
+
+    Only for a folder that no other writer is using (the daemon holds its lock first).
+    """
+    stale = [p for p in Path(folder).rglob(f"{TEMP_PREFIX}*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync(path: Path) -> None:
