@@ -1,10 +1,11 @@
 """Streaming under a simulated acquisition: latency from "file complete" to "STAR on disk".
 
-    python bench/stream.py [--rate 1000] [--count 30] [--burst 20] [--size 1024] [--settle-s 1]
+    python bench/stream.py [--rate 1000 3000] [--count 30] [--burst 20] [--size 1024] [--settle-s 1]
 
-Synthetic micrographs are written in 1 MB chunks at ``--rate`` per hour (then a burst
+Synthetic micrographs are written in 1 MB chunks at each ``--rate`` per hour (then a burst
 of ``--burst`` at once) into a temporary folder that a daemon session (the bundled
-model, settle time ``--settle-s``, 0.5 s polling) watches. Reports per scenario the
+model, settle time ``--settle-s``, 0.5 s polling, its reading, picking and writing
+overlapped in the daemon's pipeline) watches. Reports per scenario the
 latency p50/p95/max (completion of the file's last write to the journal entry, which
 follows the atomic STAR write), throughput, CPU use (cores busy) and the resident
 memory after every pick (its growth shows a leak). Results: ``bench/results/stream-cpu.json``.
@@ -30,7 +31,7 @@ from emmae.config import validate_config
 from emmae.io.mrc import write_micrograph
 from emmae.memory import retain_freed_memory
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.stream.daemon import Session, StopFlag
+from emmae.runtime.stream.daemon import Session, StopFlag, run
 from emmae.runtime.stream.demo import write_in_chunks
 from emmae.synth import SynthParams, make_micrograph
 
@@ -61,16 +62,14 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
     writer = threading.Thread(target=acquire, args=(watch, images, interval_s, completed), daemon=True)
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     writer.start()
-    memory, stop = [], StopFlag()
+    memory = []
     session.on_picked = lambda _path, _n: memory.append(rss_mb())
-    while writer.is_alive() or len(session.journal.picked()) < len(images):
-        session.step(stop)
-        time.sleep(0.5)
+    run(session, StopFlag(), once=True, until=lambda: not writer.is_alive())  # the daemon's own loop
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
     done = {e.path: e for e in session.journal.picked()}
     updated = session.journal.picked_at()
     latency = np.array([t - completed[p] for p, t in updated if p in completed])
-    session.journal.close()
+    session.release()
     busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
     return {
         "scenario": name, "micrographs": len(done), "interval_s": interval_s, "settle_s": settle_s,
@@ -86,7 +85,7 @@ SIZE = 1024
 def main(argv: list[str] | None = None) -> int:
     global SIZE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=1000, help="micrographs per hour in the paced scenario")
+    parser.add_argument("--rate", type=float, nargs="+", default=[1000.0], help="micrographs per hour of each paced scenario")
     parser.add_argument("--count", type=int, default=30)
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--size", type=int, default=1024)
@@ -111,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(staged.read_bytes())
             return out
 
-        rows.append(scenario(f"paced-{args.rate:g}-per-hour", images(args.count, 0), 3600 / args.rate, encoder, args.settle_s, root))
+        for rate in args.rate:
+            rows.append(scenario(f"paced-{rate:g}-per-hour", images(args.count, 0), 3600 / rate, encoder, args.settle_s, root))
         rows.append(scenario(f"burst-{args.burst}", images(args.burst, 10_000), 0.0, encoder, args.settle_s, root))
         if args.long:
             cycle = images(50, 20_000)  # 50 distinct micrographs, written over and over under new names

@@ -216,7 +216,7 @@ def test_observer_wakes_the_daemon_on_a_new_file(tmp_path):
     from emmae.runtime.stream.watcher import start_observer
 
     wake = threading.Event()
-    observer = start_observer(tmp_path, recursive=True, wake=wake)
+    observer = start_observer(tmp_path, recursive=True, notify=wake.set)
     try:
         (tmp_path / "new.mrc").write_bytes(b"x")
         assert wake.wait(5.0)

@@ -3,19 +3,26 @@
     emmae-stream --watch /data/session --diameter-A 300 [--out DIR] [--once] [--settle-s 5]
     emmae-stream --demo                 # a simulated session picked live, no data needed
 
-Each scan (every ``stream.poll_interval_s``) finds candidate files, waits until each
-is stable for ``stream.settle_s`` and passes the strict MRC check, picks it with the
-model loaded once, writes its outputs atomically, records it in the SQLite journal
-and rewrites the session index ``autopick.star`` atomically. A failed micrograph is
-recorded with its reason and retried only if the file changes. SIGINT, SIGTERM or a
-file named ``EMMAE_STOP`` in the watched folder stop the daemon after the micrograph in
-hand; ``--once`` picks the backlog and exits. Restarting resumes from the journal.
-Exit status: 0 stopped cleanly, 2 bad arguments, configuration or model.
+Scans (every ``stream.poll_interval_s``, sooner on a file-system event) find candidate
+files; each is handed on once it is stable for ``stream.settle_s`` and passes the strict
+MRC check. A pipeline of three threads joined by bounded queues (``stream.queue_depth``)
+reads and preprocesses, picks with the model loaded once, and writes the outputs
+atomically, so disk, CPU and accelerator overlap and memory stays bounded. Each result is
+recorded in the SQLite journal and the session index ``autopick.star`` is rewritten
+atomically. A bad micrograph is recorded with its reason and retried only if the file
+changes; a micrograph whose outputs could not be written (a full disk) is retried after
+30 s. SIGINT, SIGTERM or a file named ``EMMAE_STOP`` in the watched folder stop the
+daemon after the micrograph in hand (those queued behind it are rolled back); ``--once``
+picks the backlog and exits. Restarting resumes from the journal. Outputs mirror the
+micrographs' sub-folders. One daemon per output folder (``emmae.lock``).
+On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
+Exit status: 0 stopped cleanly, 2 bad arguments, configuration, model or a busy output folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import signal
@@ -27,24 +34,30 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import EmmaeError, MicrographError
-from emmae.io.atomic import write_bytes_atomic
+from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
 from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
 from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.picker import Picks
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, scan
 from emmae.runtime.stream.journal import Journal
+from emmae.runtime.stream.pipeline import Done, Job, Pipeline
+from emmae.runtime.stream.status import Progress, StatusLine
 from emmae.runtime.stream.watcher import start_observer, wants_observer
 
 log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
+LOCK_FILE = "emmae.lock"
+MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
+OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
 
 
 @dataclass
@@ -61,58 +74,163 @@ class StopFlag:
         log.info("%s received: stopping after the micrograph in hand", self.reason)
 
 
-class Progress:
-    """Running figures for the log: micrographs per hour (last 20), waiting files, particles per micrograph."""
+def lock_folder(out: Path) -> TextIO:
+    """Hold ``out``'s lock file for as long as the returned handle is open.
 
-    def __init__(self) -> None:
-        self.times: deque[float] = deque(maxlen=20)
-        self.count = 0
-        self.particles = 0
-
-    def picked(self, particles: int) -> None:
-        self.times.append(time.monotonic())
-        self.count += 1
-        self.particles += particles
-
-    def summary(self, waiting: int) -> str:
-        span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
-        rate = (len(self.times) - 1) / span * 3600 if span > 0 else 0.0
-        return f"{self.count} picked, {rate:.0f}/h, {waiting} waiting, {self.particles / max(self.count, 1):.0f} particles per micrograph"
+    Raises:
+        EmmaeError: another daemon is writing to ``out``.
+    """
+    handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held open for the session
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise EmmaeError(f"another emmae-stream is writing to {out} (it holds {out / LOCK_FILE})") from None
+    return handle
 
 
 class Session:
-    """One watched folder (or upstream micrographs STAR), its output folder, journal and gate."""
+    """One watched folder (or upstream micrographs STAR), its output folder, journal, gate and pipeline.
+
+    The caller's thread scans, gates, feeds the pipeline and records results in the
+    journal (its only writer); the pipeline's threads read, pick and write outputs.
+    """
 
     def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None) -> None:
         self.watch, self.out, self.config, self.encoder, self.watch_star = watch, out, config, encoder, watch_star
         out.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(out)
+        stale = remove_stale_temporaries(out)
+        if stale:
+            log.info("removed %d temporary files left in %s by an interrupted run", len(stale), out)
         self.journal = Journal(out)
         self.gate = Gate(config.stream.settle_s)
         self.progress = Progress()
+        self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
+        self.changed = threading.Event()  # set by the file-system observer
+        self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set)
+        self.status: StatusLine | None = None
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
+        self._ready: deque[Job] = deque()  # passed the gate, waiting for room in the pipeline
+        self._queued: set[str] = set()  # paths ready or in the pipeline
+        self._retry_after: dict[str, float] = {}  # paths whose outputs could not be written
+        self._last_scan = -float("inf")
 
     def step(self, stop: StopFlag) -> int:
-        """One scan: pick every file that became ready. Returns how many were picked."""
-        picked = 0
+        """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
+        picked = self.collect()
+        if stop or self.stop_file_found(stop):
+            return picked
+        now = time.monotonic()
+        if now - self._last_scan >= self.config.stream.poll_interval_s or (self.changed.is_set() and now - self._last_scan >= MIN_SCAN_INTERVAL_S):
+            self.changed.clear()
+            self._last_scan = now
+            self.scan()
+        self.feed()
+        return picked
+
+    def scan(self) -> None:
+        """Gate every wanted file; those complete join the ready queue, broken ones are recorded as failed."""
+        now = time.monotonic()
         for path, name in self._candidates():
-            if stop or self.stop_file_found(stop):
-                break
+            key = str(path)
+            if key in self._queued or self._retry_after.get(key, 0.0) > now:
+                continue
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            if not self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
+            if not self.journal.wants(key, stat.st_size, stat.st_mtime_ns):
                 continue
-            self.journal.mark_seen(str(path), name)
+            self.journal.mark_seen(key, name)
             try:
                 state = self.gate.check(path)
             except MicrographError as exc:
-                self.journal.mark_failed(str(path), name, exc.reason, stat.st_size, stat.st_mtime_ns)
-                log.error("failed %s", exc)
+                self._failed(key, name, exc.reason, stat.st_size, stat.st_mtime_ns)
                 continue
             if state == "ready":
-                picked += self._pick(path, name, stat.st_size, stat.st_mtime_ns)
+                self._ready.append(Job(path, name, stat.st_size, stat.st_mtime_ns, time.time()))
+                self._queued.add(key)
+
+    def feed(self) -> None:
+        """Move ready micrographs into the pipeline while it has room (back-pressure)."""
+        while self._ready and self.pipeline.has_room():
+            job = self._ready.popleft()
+            self.journal.mark_processing(str(job.path), job.name)
+            self.pipeline.submit(job)
+
+    def collect(self, results: list[Done] | None = None) -> int:
+        """Record finished micrographs in the journal; rewrite the index once if any was picked."""
+        picked = sum(self._record(done) for done in (self.pipeline.collect() if results is None else results))
+        if picked:
+            self.write_index()
         return picked
+
+    def close(self, stop: StopFlag) -> None:
+        """Stop the pipeline: roll back what has not started if stopping, else let it finish; record the rest."""
+        if stop:
+            self.pipeline.cancel()
+        self.collect(self.pipeline.close())
+
+    def release(self) -> None:
+        """Close the journal and free the output folder for another daemon."""
+        self.journal.close()
+        self._lock.close()
+
+    @property
+    def queued(self) -> int:
+        return len(self._ready) + self.pipeline.in_flight
+
+    def _record(self, done: Done) -> int:
+        job, key = done.job, str(done.job.path)
+        self._queued.discard(key)
+        if done.rolled_back:
+            self.journal.mark_unstarted(key, job.name)
+            return 0
+        if done.error is not None:
+            if done.output_error:  # not the micrograph's fault: retried later, and at the next start
+                self._retry_after[key] = time.monotonic() + OUTPUT_RETRY_S
+                self._failed(key, job.name, done.error, None, None)
+            else:
+                self._failed(key, job.name, done.error, job.size, job.mtime_ns)
+            return 0
+        result = done.picks
+        timings = {**result.timings_s, "latency": done.latency_s}
+        self.journal.mark_picked(key, job.name, len(result), str(self.out / f"{self.output_stem(job)}_autopick.star"), timings)
+        self.progress.picked(len(result), done.latency_s)
+        if self.on_picked is not None:
+            self.on_picked(job.path, len(result))
+        log.info("picked %s: %d particles, on disk %.2f s after it was complete | %s", job.path.name, len(result), done.latency_s, self.summary())
+        return 1
+
+    def _failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None) -> None:
+        self.journal.mark_failed(key, name, reason, size, mtime_ns)
+        self.progress.failed += 1
+        log.error("failed %s", reason)
+
+    def summary(self) -> str:
+        return self.progress.summary(self.queued, self.gate.pending)
+
+    def output_stem(self, job: Job) -> str:
+        """Outputs mirror the micrograph's place: under its STAR name when relative, else its path below the watched folder."""
+        rel = Path(job.name)
+        if rel.is_absolute() or ".." in rel.parts:
+            try:
+                rel = job.path.relative_to(self.watch)
+            except ValueError:
+                rel = Path(job.path.name)
+        return str(rel.with_suffix(""))
+
+    def _write_outputs(self, job: Job, result: Picks) -> None:
+        """The pipeline's last stage (its own thread): the micrograph's files, atomically."""
+        stem = self.output_stem(job)
+        (self.out / stem).parent.mkdir(parents=True, exist_ok=True)
+        write_outputs(self.out, stem, result, self.config, job.path)
+
+    def notice_change(self) -> None:
+        """Called by the file-system observer (its thread): scan soon."""
+        self.changed.set()
+        self.wake.set()
 
     def stop_file_found(self, stop: StopFlag) -> bool:
         if (self.watch / STOP_FILE).exists():
@@ -137,65 +255,65 @@ class Session:
             log.debug("cannot read %s yet: %s", self.watch_star, exc)
             return []
 
-    def _pick(self, path: Path, name: str, size: int, mtime_ns: int) -> int:
-        self.journal.mark_processing(str(path), name)
-        try:
-            result = pick_micrograph(path, self.config, self.encoder, name=name)
-            stem = path.stem
-            write_outputs(self.out, stem, result, self.config, path)
-        except (MicrographError, EmmaeError) as exc:
-            self.journal.mark_failed(str(path), name, str(exc), size, mtime_ns)
-            log.error("failed %s", exc)
-            return 0
-        self.journal.mark_picked(str(path), name, len(result), str(self.out / f"{stem}_autopick.star"), result.timings_s)
-        self.write_index()
-        self.progress.picked(len(result))
-        if self.on_picked is not None:
-            self.on_picked(path, len(result))
-        log.info("picked %s: %d particles in %.2f s | %s", path.name, len(result), sum(result.timings_s.values()), self.progress.summary(self.gate.pending))
-        return 1
-
     def write_index(self) -> None:
         """The session's RELION index of every micrograph picked so far (atomic)."""
         write_index(self.out / "autopick.star", [(e.name, e.outputs or "") for e in self.journal.picked()])
 
     def backlog_done(self) -> bool:
-        """No file in the folder is still waiting to be picked (for ``--once``)."""
+        """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""
+        if self.queued:
+            return False
         for path, _ in self._candidates():
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            if self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns):
+            if self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns) and self._retry_after.get(str(path), 0.0) <= time.monotonic():
                 return False
         return True
 
 
 def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None = None) -> None:
-    """Scan until stopped (with ``once``: until the backlog is picked, once ``until()`` holds).
+    """Scan, feed and record until stopped (with ``once``: until the backlog is picked, once ``until()`` holds).
 
-    Scans run every poll interval, and sooner when the file-system observer reports a change.
+    The loop wakes every poll interval, when a micrograph finishes, and when the
+    file-system observer reports a change (scans are then at most 4 a second).
     """
     stream = session.config.stream
-    wake = threading.Event()
-    observer = start_observer(session.watch, stream.recursive, wake) if wants_observer(session.watch, stream.poll) else None
+    observer = None
+    if wants_observer(session.watch, stream.poll):
+        observer = start_observer(session.watch, stream.recursive, session.notice_change, ignore=session.out.resolve())
     try:
-        _loop(session, stop, once, until, wake)
+        _loop(session, stop, once, until)
     finally:
         if observer is not None:
             observer.stop()
+        session.close(stop)
+        if session.status is not None:
+            session.status.finish()
     session.write_index()
     log.info("journal: %s", session.journal.counts())
 
 
-def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None, wake: threading.Event) -> None:
-    poll = session.config.stream.poll_interval_s
-    while not stop and not session.stop_file_found(stop):
+def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None) -> None:
+    poll = min(session.config.stream.poll_interval_s, 1.0)  # the status line ticks at least once a second
+    while True:
         session.step(stop)
-        if once and (until is None or until()) and session.backlog_done():
-            break
-        wake.wait(poll)
-        wake.clear()
+        if stop or (once and (until is None or until()) and session.backlog_done()):
+            return
+        if session.status is not None:
+            session.status.show(session.summary())
+        session.wake.wait(poll)
+        session.wake.clear()
+
+
+def setup_logging(progress: str) -> StatusLine | None:
+    """Log to stderr; with a live display, under a status line redrawn in place (returned)."""
+    live = progress == "live" or (progress == "auto" and sys.stderr.isatty())
+    handler = StatusLine(sys.stderr) if live else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    return handler if live else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
     parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
     parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
+    parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
+                        help="live: a status line redrawn under the log; plain: log lines only; auto (default): live on a terminal")
     parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
     add_config_arguments(parser)
     return parser
@@ -229,10 +349,10 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    status = setup_logging(args.progress)
     retain_freed_memory()
     if args.demo:
-        return demo(args, argv)
+        return demo(args, argv, status)
     try:
         config = _config(args)
         watch = args.watch or (args.watch_star.parent if args.watch_star else None)
@@ -241,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
         out = args.out or watch / "emmae_picks"
         session = Session(watch, out, config, encoder, args.watch_star)
+        session.status = status
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -251,11 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(session, stop, args.once)
     finally:
-        session.journal.close()
+        session.release()
     return 0
 
 
-def demo(args: argparse.Namespace, argv: list[str] | None) -> int:
+def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None) -> int:
     """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
     watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
     out = args.out or watch / "emmae_picks"
@@ -267,6 +388,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None) -> int:
         config = _config(demo_args)
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
         session = Session(watch, out, config, encoder)
+        session.status = status
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -278,7 +400,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None) -> int:
         run(session, stop, once=True, until=acquisition.finished.is_set)
     finally:
         acquisition.cancelled.set()
-        session.journal.close()
+        session.release()
     picked = Journal(out)
     entries = picked.picked()
     log.info("demo done: %d micrographs picked, %d particles; outputs in %s", len(entries), sum(e.particles or 0 for e in entries), out)

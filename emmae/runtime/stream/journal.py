@@ -46,7 +46,7 @@ class Entry:
 
 
 class Journal:
-    """The journal of one output folder (single writer: the daemon's main thread)."""
+    """The journal of one output folder (single writer: the daemon's scanning thread)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / FILENAME
@@ -87,6 +87,10 @@ class Journal:
     def mark_seen(self, path: str, name: str) -> None:
         if self.get(path) is None:
             self._upsert(path, name, "seen")
+
+    def mark_unstarted(self, path: str, name: str) -> None:
+        """Back to ``seen``: the micrograph was handed on but rolled back before it started."""
+        self._upsert(path, name, "seen")
 
     def mark_processing(self, path: str, name: str) -> None:
         self._upsert(path, name, "processing", reason=None)

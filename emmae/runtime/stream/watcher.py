@@ -10,7 +10,8 @@ whenever ``stream.poll = "always"``, the observer is not started.
 from __future__ import annotations
 
 import logging
-import threading
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def wants_observer(folder: Path, poll: str, mounts: str | None = None) -> bool:
     return True
 
 
-def start_observer(folder: Path, recursive: bool, wake: threading.Event):
-    """A running watchdog observer that sets ``wake`` on every event, or None without watchdog."""
+def start_observer(folder: Path, recursive: bool, notify: Callable[[], None], ignore: Path | None = None):
+    """A running watchdog observer that calls ``notify()`` on every event outside ``ignore``, or None without watchdog."""
     try:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
@@ -62,7 +63,8 @@ def start_observer(folder: Path, recursive: bool, wake: threading.Event):
 
     class _Wake(FileSystemEventHandler):
         def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's event type
-            wake.set()
+            if ignore is None or not Path(os.fsdecode(event.src_path)).is_relative_to(ignore):
+                notify()
 
     observer = Observer()
     observer.schedule(_Wake(), str(folder), recursive=recursive)

@@ -1,0 +1,72 @@
+"""What the daemon shows while it runs: running figures, and a live status line on a terminal.
+
+On a terminal the status line (micrographs per hour, queue, last latency, particles per
+micrograph) is redrawn in place under the scrolling log; otherwise (a service, a pipe)
+the same figures end every per-micrograph log line, and nothing is redrawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TextIO
+
+
+class Progress:
+    """Running figures: micrographs per hour (last 20 picks), last latency, particles per micrograph."""
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=20)
+        self.count = 0
+        self.failed = 0
+        self.particles = 0
+        self.last_latency_s: float | None = None
+
+    def picked(self, particles: int, latency_s: float) -> None:
+        self.times.append(time.monotonic())
+        self.count += 1
+        self.particles += particles
+        self.last_latency_s = latency_s
+
+    def rate_per_hour(self) -> float:
+        span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
+        return (len(self.times) - 1) / span * 3600 if span > 0 else 0.0
+
+    def summary(self, queued: int, settling: int) -> str:
+        latency = "-" if self.last_latency_s is None else f"{self.last_latency_s:.2f} s"
+        return (
+            f"{self.count} picked, {self.failed} failed | {self.rate_per_hour():.0f}/h | queue {queued}, settling {settling} | "
+            f"last latency {latency} | {self.particles / max(self.count, 1):.0f} particles per micrograph"
+        )
+
+
+class StatusLine(logging.Handler):
+    """A logging handler for a terminal: records scroll above one status line redrawn in place."""
+
+    CLEAR = "\r\x1b[K"
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.line = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(f"{self.CLEAR}{self.format(record)}\n{self.line}")
+            self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never stop the daemon
+            self.handleError(record)
+
+    def show(self, line: str) -> None:
+        if line != self.line:
+            self.line = line
+            self.stream.write(f"{self.CLEAR}{line}")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """Leave the last status on its own line."""
+        if self.line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line = ""
