@@ -57,6 +57,7 @@ log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
 LOCK_FILE = "emmae.lock"
 MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
+INDEX_INTERVAL_S = 1.0  # the session index (every pick so far) is rewritten at most this often, and at exit
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
 
 
@@ -115,6 +116,7 @@ class Session:
         self._queued: set[str] = set()  # paths ready or in the pipeline
         self._retry_after: dict[str, float] = {}  # paths whose outputs could not be written
         self._last_scan = -float("inf")
+        self._index_stale, self._index_written = False, -float("inf")
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
@@ -160,9 +162,10 @@ class Session:
             self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:
-        """Record finished micrographs in the journal; rewrite the index once if any was picked."""
+        """Record finished micrographs in the journal; rewrite the index if due (at most once per ``INDEX_INTERVAL_S``)."""
         picked = sum(self._record(done) for done in (self.pipeline.collect() if results is None else results))
-        if picked:
+        self._index_stale |= picked > 0
+        if self._index_stale and time.monotonic() - self._index_written >= INDEX_INTERVAL_S:
             self.write_index()
         return picked
 
@@ -256,8 +259,9 @@ class Session:
             return []
 
     def write_index(self) -> None:
-        """The session's RELION index of every micrograph picked so far (atomic)."""
+        """The session's RELION index of every micrograph picked so far (atomic; O(picked), hence rate-limited)."""
         write_index(self.out / "autopick.star", [(e.name, e.outputs or "") for e in self.journal.picked()])
+        self._index_stale, self._index_written = False, time.monotonic()
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""
