@@ -1,12 +1,24 @@
 """Picking quality on the real test splits: the bundled model against a Laplacian-of-Gaussian baseline.
 
-    python bench/quality.py [--bundle model.onnx] [--data ../shared/data/real] [--split test]
+    python bench/quality.py [--bundle model.onnx] [--data ../shared/data/real] [--split test] [--topaz PATH]
 
 For each dataset: one-to-one F1, precision and recall (the paper's metric, boxes of
 the particle diameter, IoU > 0.6), pooled over the split's micrographs, for
 (a) ``pick_micrograph`` with the bundle and (b) a diameter-matched LoG blob picker
-with a label-free threshold (Otsu over the response at local maxima). Topaz's
-pretrained detector is not run: it needs a torch build beside the CPU one used here.
+with a label-free threshold (Otsu over the response at local maxima). With ``--topaz``
+it also scores (c) Topaz's pretrained resnet16 detector, run from its own venv so its
+torch stays apart from this one's:
+
+    python3 -m venv /tmp/topaz-venv && . /tmp/topaz-venv/bin/activate
+    pip install torch==2.13.0 && pip install --no-deps topaz-em
+    pip install numpy pandas pillow scipy scikit-learn tqdm h5py psutil future
+    python bench/quality.py --topaz /tmp/topaz-venv/bin/topaz
+
+(no torchvision: the ``topaz`` entry point imports it for training, so ``topaz
+preprocess`` and ``topaz extract`` run as ``python -m topaz.commands.*`` with the venv's
+python). Micrographs are downsampled to a ~30 px particle (the best of scales 1, 2, 4
+on train+valid), extracted with radius = half that diameter and threshold score > 0
+(p > 0.5), coordinates scaled back up.
 Writes ``bench/results/quality.json``.
 """
 
@@ -15,11 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.ndimage as ndi
 
 from emmae.config import EmmaeConfig
@@ -63,12 +78,24 @@ def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
     return drop_border(found, image.shape, diameter_px / 1.5).xy
 
 
+def topaz_picks(topaz: Path, paths: list[Path], diameter_px: float) -> dict[str, np.ndarray]:
+    """Topaz's pretrained detector on ``paths``: centres (x = column, y = row) per micrograph stem."""
+    python, scale = str(topaz.parent / "python"), max(1, round(diameter_px / 30))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = ["-o", f"{tmp}/picks.txt", "-r", str(round(diameter_px / 2 / scale)), "-x", str(scale), "-t", "0"]
+        subprocess.run([python, "-m", "topaz.commands.preprocess", "-s", str(scale), "-o", tmp, *map(str, paths)], check=True, capture_output=True)
+        subprocess.run([python, "-m", "topaz.commands.extract", *run, *(f"{tmp}/{p.name}" for p in paths)], check=True, capture_output=True)
+        table = pd.read_csv(f"{tmp}/picks.txt", sep="\t")
+    return {name: rows[["x_coord", "y_coord"]].to_numpy(np.float64) for name, rows in table.groupby("image_name")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", type=Path, help="JSON path (default bench/results/quality.json)")
+    parser.add_argument("--topaz", type=Path, help="`topaz` script of a venv with topaz-em: adds a Topaz (pretrained) row")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     retain_freed_memory()
@@ -80,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     for manifest in sorted(args.data.glob("*/manifest.json")):
         entries = json.loads(manifest.read_text())["micrographs"]
         totals = {"cryo-emmae": Score(0, 0, 0, 0.0), "LoG baseline": Score(0, 0, 0, 0.0)}
+        if args.topaz:
+            split = {n: e for n, e in entries.items() if e["split"] == args.split}
+            diameter = float(np.median([e["diam_px_est"] for e in split.values()]))
+            topaz = topaz_picks(args.topaz, [manifest.parent / "micrographs" / f"{n}.mrc" for n in sorted(split)], diameter)
+            totals["Topaz (pretrained)"] = Score(0, 0, 0, 0.0)
         seconds = []
         for name, entry in sorted(entries.items()):
             if entry["split"] != args.split:
@@ -93,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             seconds.append(time.perf_counter() - start)
             totals["cryo-emmae"] += score_micrograph(picked.xy, truth, diameter)
             totals["LoG baseline"] += score_micrograph(log_picks(read_micrograph(path).data, diameter), truth, diameter)
+            if args.topaz:
+                totals["Topaz (pretrained)"] += score_micrograph(topaz.get(name, np.zeros((0, 2))), truth, diameter)
         for method, score in totals.items():
             results.append({"dataset": manifest.parent.name, "method": method, **score.to_dict()})
         log.info("%s: %d micrographs, median %.2f s per pick", manifest.parent.name, len(seconds), float(np.median(seconds)))
-    print(f"{'dataset':<14} {'method':<14} {'F1':>6} {'precision':>9} {'recall':>7} {'picks':>6} {'truth':>6}")
+    width = max([14, *(len(r["method"]) for r in results)])
+    print(f"{'dataset':<14} {'method':<{width}} {'F1':>6} {'precision':>9} {'recall':>7} {'picks':>6} {'truth':>6}")
     for r in results:
-        print(f"{r['dataset']:<14} {r['method']:<14} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f} {r['picks']:6d} {r['truths']:6d}")
+        print(f"{r['dataset']:<14} {r['method']:<{width}} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f} {r['picks']:6d} {r['truths']:6d}")
     mean_f1 = float(np.mean([r["f1"] for r in results if r["method"] == "cryo-emmae"]))
     print(f"cryo-emmae mean F1 over datasets: {mean_f1:.3f}")
     out = args.output or RESULTS / "quality.json"
