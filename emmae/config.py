@@ -90,6 +90,8 @@ class PostprocessConfig(_Section):
     threshold_levels: int = Field(30, ge=2, le=1000)
     min_distance_diameters: float = Field(0.5, ge=0, le=10)
     border_diameters: float = Field(1 / 1.5, ge=0, le=10)
+    min_score: float = Field(0.0, ge=0)  # kept picks need at least this figure of merit (component area / particle disk)
+    keep_fraction: float = Field(1.0, gt=0, le=1)  # then only this top fraction by score is kept ("keep the top N %")
 
 
 class OutputConfig(_Section):

@@ -11,6 +11,7 @@ from emmae.runtime.postprocess import (
     area_threshold,
     candidates,
     drop_border,
+    keep_best,
     particle_map,
     picks,
     suppress_neighbours,
@@ -69,3 +70,13 @@ def test_border_margin_and_picks():
     np.testing.assert_array_equal(kept.xy, [[50.0, 50.0]])
     both = picks(found, 20.0, (100, 100), PostprocessConfig(min_distance_diameters=0.5, border_diameters=0.5))
     np.testing.assert_array_equal(both.xy, [[50.0, 50.0]])
+
+
+def test_score_cut_offs_keep_the_best_and_never_bring_back_suppressed_picks():
+    found = Candidates(np.array([[20.0, 50.0], [25.0, 50.0], [50.0, 50.0], [80.0, 50.0], [50.0, 80.0]]), np.array([0.5, 0.9, 0.2, 0.4, 0.4]))
+    np.testing.assert_array_equal(keep_best(found, 0.3, 1.0).score, [0.5, 0.9, 0.4, 0.4])
+    np.testing.assert_array_equal(keep_best(found, 0.0, 0.4).score, [0.5, 0.9])  # ceil(0.4 * 5) = 2
+    np.testing.assert_array_equal(keep_best(found, 0.0, 0.6).xy, [[20.0, 50.0], [25.0, 50.0], [80.0, 50.0]])  # tie: scan order
+    config = PostprocessConfig(min_distance_diameters=0.5, border_diameters=0.1, keep_fraction=0.5)
+    kept = picks(found, 20.0, (100, 100), config)  # (25, 50) suppresses (20, 50) first; then the top half of 4
+    np.testing.assert_array_equal(kept.score, [0.9, 0.4])

@@ -8,7 +8,9 @@ a sparse micrograph that never reaches it). Each 4-connected component
 becomes a candidate: centre = intensity-weighted centroid, score = its area over the
 area of a particle disk. Neighbour suppression keeps the higher-scoring of two
 candidates closer than the minimum distance (ties: the first in scan order, never
-both removed); candidates too close to the border are dropped.
+both removed); candidates too close to the border are dropped; optionally, only
+those above a score and the top fraction by score are kept (``min_score``,
+``keep_fraction``, for re-thresholding after picking).
 """
 
 from __future__ import annotations
@@ -107,7 +109,18 @@ def drop_border(found: Candidates, valid_shape: tuple[int, int], margin: float) 
     return found.take(np.flatnonzero(inside))
 
 
+def keep_best(found: Candidates, min_score: float, keep_fraction: float) -> Candidates:
+    """Candidates scoring at least ``min_score``, then the top ``keep_fraction`` of them by score (ties: scan order)."""
+    found = found.take(np.flatnonzero(found.score >= min_score))
+    if keep_fraction >= 1.0 or len(found) == 0:
+        return found
+    count = int(np.ceil(keep_fraction * len(found)))
+    order = np.lexsort((np.arange(len(found)), -found.score))
+    return found.take(np.sort(order[:count]))
+
+
 def picks(found: Candidates, diameter_grid_px: float, valid_shape: tuple[int, int], config: PostprocessConfig) -> Candidates:
-    """Suppression by the minimum distance, then the border margin (both in diameters)."""
+    """Suppression by the minimum distance, the border margin (both in diameters), then the score cut-offs."""
     kept = suppress_neighbours(found, config.min_distance_diameters * diameter_grid_px)
-    return drop_border(kept, valid_shape, config.border_diameters * diameter_grid_px)
+    kept = drop_border(kept, valid_shape, config.border_diameters * diameter_grid_px)
+    return keep_best(kept, config.min_score, config.keep_fraction)
