@@ -57,7 +57,7 @@ log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
 LOCK_FILE = "emmae.lock"
 MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
-INDEX_INTERVAL_S = 1.0  # the session index (every pick so far) is rewritten at most this often, and at exit
+INDEX_INTERVAL_S = 1.0  # the session index (every pick so far) is rewritten at most this often (more rarely when large), and at exit
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
 
 
@@ -116,7 +116,8 @@ class Session:
         self._queued: set[str] = set()  # paths ready or in the pipeline
         self._retry_after: dict[str, float] = {}  # paths whose outputs could not be written
         self._last_scan = -float("inf")
-        self._index_stale, self._index_written = False, -float("inf")
+        self._index_stale, self._index_written, self._index_cost_s = False, -float("inf"), 0.0
+        self._picked: set[str] = {e.path for e in self.journal.picked()}  # never looked at again: no stat, no query
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
@@ -165,7 +166,8 @@ class Session:
         """Record finished micrographs in the journal; rewrite the index if due (at most once per ``INDEX_INTERVAL_S``)."""
         picked = sum(self._record(done) for done in (self.pipeline.collect() if results is None else results))
         self._index_stale |= picked > 0
-        if self._index_stale and time.monotonic() - self._index_written >= INDEX_INTERVAL_S:
+        interval = max(INDEX_INTERVAL_S, 10 * self._index_cost_s)  # the index costs at most ~10 % of this thread
+        if self._index_stale and time.monotonic() - self._index_written >= interval:
             self.write_index()
         return picked
 
@@ -200,6 +202,7 @@ class Session:
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
         self.journal.mark_picked(key, job.name, len(result), str(self.out / f"{self.output_stem(job)}_autopick.star"), timings)
+        self._picked.add(key)
         self.progress.picked(len(result), done.latency_s)
         if self.on_picked is not None:
             self.on_picked(job.path, len(result))
@@ -243,10 +246,10 @@ class Session:
         return False
 
     def _candidates(self) -> list[tuple[Path, str]]:
-        """(file, output name) pairs: the STAR's rows verbatim, or the folder's files."""
+        """(file, output name) pairs not yet picked: the STAR's rows verbatim, or the folder's files."""
         if self.watch_star is not None:
-            return self._star_rows()
-        files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve()))
+            return [(path, name) for path, name in self._star_rows() if str(path) not in self._picked]
+        files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve(), known=self._picked))
         if self.config.stream.order == "newest":
             files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
         return [(path, micrograph_name(path, self.config.output)) for path in files]
@@ -260,8 +263,10 @@ class Session:
 
     def write_index(self) -> None:
         """The session's RELION index of every micrograph picked so far (atomic; O(picked), hence rate-limited)."""
+        start = time.monotonic()
         write_index(self.out / "autopick.star", [(e.name, e.outputs or "") for e in self.journal.picked()])
         self._index_stale, self._index_written = False, time.monotonic()
+        self._index_cost_s = self._index_written - start
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""

@@ -8,9 +8,11 @@ files and the usual temporary names of copy tools are never considered.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +22,29 @@ from emmae.io.mrc import check_complete
 TEMPORARY = ("*~", "*.tmp", "*.part", "*.partial", "*.filepart", "*downloading*", "*.crdownload")
 
 
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """One compiled test for a name: matches a pattern, is not hidden, is not a temporary name."""
+    wanted = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    temporary = re.compile("|".join(fnmatch.translate(t) for t in TEMPORARY))
+    return lambda name: not name.startswith(".") and wanted.match(name) is not None and temporary.match(name) is None
+
+
 def is_candidate(name: str, patterns: tuple[str, ...]) -> bool:
     """Matches a pattern and is neither hidden nor a temporary name."""
-    if name.startswith(".") or any(fnmatch.fnmatch(name, t) for t in TEMPORARY):
-        return False
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
+    return _matcher(tuple(patterns))(name)
 
 
-def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None) -> Iterator[Path]:
-    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered)."""
+def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset()) -> Iterator[Path]:
+    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered; paths in ``known`` left out)."""
+    candidate = _matcher(tuple(patterns))
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
         for name in sorted(files):
-            if is_candidate(name, patterns):
-                yield Path(root) / name
+            if candidate(name):
+                path = os.path.join(root, name)
+                if path not in known:
+                    yield Path(path)
         if not recursive:
             break
 
