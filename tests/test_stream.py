@@ -152,12 +152,14 @@ def test_once_picks_the_backlog_and_exits(tmp_path):
     watch = tmp_path / "session"
     mics = write_session(watch, 2, PARAMS, seed=5)
     out = tmp_path / "out"
-    daemon = _stream(["--watch", str(watch), "--out", str(out), "--diameter-px", "24", "--settle-s", "0.2", "--poll-interval-s", "0.1", "--once", "--preview"])
+    args = ["--watch", str(watch), "--out", str(out), "--diameter-px", "24", "--settle-s", "0.2", "--poll-interval-s", "0.1", "--once", "--preview", "--progress", "live"]
+    daemon = _stream(args)
     output, _ = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, output
     assert len(list(out.glob("*_autopick.star"))) == len(mics)
     assert len(list(out.glob("*_preview.png"))) == len(mics)
-    assert "2 picked" in output and "particles per micrograph" in output
+    assert "2 picked, 0 failed" in output and "particles per micrograph" in output
+    assert "\x1b[K" in output  # the live status line is redrawn in place (text mode reads its \r as a newline)
     picked = starfile.read(out / "mic_00000_autopick.star")
     assert np.all(picked["rlnCoordinateX"].between(0, 256))
 
