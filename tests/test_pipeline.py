@@ -195,3 +195,41 @@ def test_one_daemon_per_output_folder(tmp_path):
     second = Session(tmp_path, tmp_path / "out", config, encoder=None)  # free again once released
     second.close(StopFlag())
     second.release()
+
+
+@needs_model
+def test_journal_and_index_failures_are_survived(tmp_path, monkeypatch):
+    import sqlite3
+
+    from emmae.errors import OutputError
+    from emmae.runtime.encoder import Encoder
+    from emmae.runtime.stream.journal import Journal
+
+    watch, out = tmp_path / "session", tmp_path / "out"
+    mics = write_session(watch, 3, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0), seed=10)
+    failures = {"journal": 1, "index": 1}
+    real_picked, real_index = Journal.mark_picked, daemon.write_index
+
+    def full_journal(self, *args):
+        if failures["journal"]:
+            failures["journal"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        real_picked(self, *args)
+
+    def full_index(*args):
+        if failures["index"]:
+            failures["index"] -= 1
+            raise OutputError("cannot write autopick.star: No space left on device")
+        real_index(*args)
+
+    monkeypatch.setattr(Journal, "mark_picked", full_journal)
+    monkeypatch.setattr(daemon, "write_index", full_index)
+    monkeypatch.setattr(daemon, "JOURNAL_RETRY_S", 0.1)
+    config = validate_config({"preprocess": {"diameter_px": 24.0}, "stream": {"settle_s": 0.0, "poll_interval_s": 0.05}})
+    session = Session(watch, out, config, Encoder.open())
+    daemon.run(session, StopFlag(), once=True)
+    assert failures == {"journal": 0, "index": 0}
+    assert session.journal.counts() == {"picked": 3}
+    index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
+    assert sorted(index["rlnMicrographName"]) == sorted(str(m) for m in mics)
+    session.release()

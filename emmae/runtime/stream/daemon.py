@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -38,7 +39,7 @@ from typing import TextIO
 
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import EmmaeError, MicrographError
+from emmae.errors import EmmaeError, MicrographError, OutputError
 from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
 from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
@@ -58,6 +59,7 @@ STOP_FILE = "EMMAE_STOP"
 LOCK_FILE = "emmae.lock"
 MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
 INDEX_INTERVAL_S = 1.0  # the session index (every pick so far) is rewritten at most this often (more rarely when large), and at exit
+JOURNAL_RETRY_S = 10.0  # after the journal could not be written
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
 
 
@@ -116,8 +118,8 @@ class Session:
         self._queued: set[str] = set()  # paths ready or in the pipeline
         self._retry_after: dict[str, float] = {}  # paths whose outputs could not be written
         self._last_scan = -float("inf")
-        self._index_stale, self._index_written, self._index_cost_s = False, -float("inf"), 0.0
         self._picked: set[str] = {e.path for e in self.journal.picked()}  # never looked at again: no stat, no query
+        self._index_stale, self._index_written, self._index_cost_s = bool(self._picked), -float("inf"), 0.0  # rewritten at start
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
@@ -158,17 +160,23 @@ class Session:
     def feed(self) -> None:
         """Move ready micrographs into the pipeline while it has room (back-pressure)."""
         while self._ready and self.pipeline.has_room():
-            job = self._ready.popleft()
+            job = self._ready[0]
             self.journal.mark_processing(str(job.path), job.name)
-            self.pipeline.submit(job)
+            self.pipeline.submit(self._ready.popleft())
 
     def collect(self, results: list[Done] | None = None) -> int:
         """Record finished micrographs in the journal; rewrite the index if due (at most once per ``INDEX_INTERVAL_S``)."""
-        picked = sum(self._record(done) for done in (self.pipeline.collect() if results is None else results))
+        results = self.pipeline.collect() if results is None else results
+        self._queued.difference_update(str(done.job.path) for done in results)  # rescanned if recording fails
+        picked = sum(self._record(done) for done in results)
         self._index_stale |= picked > 0
         interval = max(INDEX_INTERVAL_S, 10 * self._index_cost_s)  # the index costs at most ~10 % of this thread
         if self._index_stale and time.monotonic() - self._index_written >= interval:
-            self.write_index()
+            try:
+                self.write_index()
+            except OutputError as exc:  # e.g. a full disk: the index stays stale and is tried again
+                self._index_written = time.monotonic()
+                log.error("cannot rewrite the session index: %s", exc)
         return picked
 
     def close(self, stop: StopFlag) -> None:
@@ -188,7 +196,6 @@ class Session:
 
     def _record(self, done: Done) -> int:
         job, key = done.job, str(done.job.path)
-        self._queued.discard(key)
         if done.rolled_back:
             self.journal.mark_unstarted(key, job.name)
             return 0
@@ -300,14 +307,22 @@ def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] 
         session.close(stop)
         if session.status is not None:
             session.status.finish()
-    session.write_index()
+    try:
+        session.write_index()
+    except OutputError as exc:
+        log.error("cannot rewrite the session index at exit: %s (the journal has every pick; a restart rewrites it)", exc)
     log.info("journal: %s", session.journal.counts())
 
 
 def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None) -> None:
     poll = min(session.config.stream.poll_interval_s, 1.0)  # the status line ticks at least once a second
     while True:
-        session.step(stop)
+        try:
+            session.step(stop)
+        except sqlite3.OperationalError as exc:  # e.g. a full disk; what was not recorded is redone, nothing is lost
+            log.error("cannot write the journal (%s): trying again in %g s", exc, JOURNAL_RETRY_S)
+            time.sleep(JOURNAL_RETRY_S)
+            continue
         if stop or (once and (until is None or until()) and session.backlog_done()):
             return
         if session.status is not None:
