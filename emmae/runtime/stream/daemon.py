@@ -213,7 +213,8 @@ class Session:
         self.progress.picked(len(result), done.latency_s)
         if self.on_picked is not None:
             self.on_picked(job.path, len(result))
-        log.info("picked %s: %d particles, on disk %.2f s after it was complete | %s", job.path.name, len(result), done.latency_s, self.summary())
+        figures = "" if self.status is not None else f" | {self.summary()}"  # live: the status line shows them
+        log.info("picked %s: %d particles, on disk %.2f s after it was complete%s", job.path.name, len(result), done.latency_s, figures)
         return 1
 
     def _failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None) -> None:
@@ -306,6 +307,7 @@ def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] 
             observer.stop()
         session.close(stop)
         if session.status is not None:
+            session.status.show(session.summary())  # the final figures stay on screen
             session.status.finish()
     try:
         session.write_index()
