@@ -181,6 +181,16 @@ def test_outputs_mirror_subfolders_so_equal_names_do_not_collide(tmp_path):
     session.release()
     stars = sorted(str(p.relative_to(out)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star")
     assert stars == ["GridSquare_1/mic_00000_autopick.star", "GridSquare_2/mic_00000_autopick.star"]
+    from emmae.runtime.cli import rethreshold
+
+    before = {p: len(starfile.read(p)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star"}
+    fewer = config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"keep_fraction": 0.5})})
+    assert rethreshold(out, fewer, []) == 0  # finds the sub-folders' particle maps
+    assert min(before.values()) > 1
+    for star, count in before.items():
+        assert len(starfile.read(star)) == -(-count // 2)
+    index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
+    assert len(index) == 2
 
 
 def test_one_daemon_per_output_folder(tmp_path):

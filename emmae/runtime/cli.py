@@ -179,14 +179,14 @@ def write_session_files(out: Path, done: list[tuple[str, Picks]], config: EmmaeC
 
 
 def rethreshold(out: Path, config: EmmaeConfig, argv: list[str]) -> int:
-    """Recompute every micrograph's picks in ``out`` from its saved particle map (no encoding)."""
-    saved = sorted(out.glob("*_emmae.npz"))
+    """Recompute every micrograph's picks in ``out`` (and its sub-folders, as the daemon writes them) from the saved particle maps."""
+    saved = sorted(out.rglob("*_emmae.npz"))
     if not saved:
         raise EmmaeError(f"no saved particle maps (*_emmae.npz) in {out}")
     write_bytes_atomic(out / "emmae-config.json", json.dumps(config_record(config, argv), indent=2).encode())
     done = []
     for path in saved:
-        stem = path.name[: -len("_emmae.npz")]
+        stem = str(path.relative_to(out))[: -len("_emmae.npz")]
         result = load_picks(path, config)
         write_outputs(out, stem, result, config)
         done.append((stem, result))
