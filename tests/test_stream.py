@@ -225,3 +225,23 @@ def test_observer_wakes_the_daemon_on_a_new_file(tmp_path):
     finally:
         observer.stop()
         observer.join(5)
+
+
+def test_observer_ignores_the_output_folder(tmp_path, monkeypatch):
+    import threading
+
+    pytest.importorskip("watchdog")
+    from emmae.runtime.stream.watcher import start_observer
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    wake = threading.Event()
+    observer = start_observer(Path("."), recursive=True, notify=wake.set, ignore=(tmp_path / "out").resolve())  # a relative folder
+    try:
+        (tmp_path / "out" / "x_autopick.star").write_bytes(b"x")
+        assert not wake.wait(1.0)  # our own outputs do not wake the daemon
+        (tmp_path / "new.mrc").write_bytes(b"x")
+        assert wake.wait(5.0)
+    finally:
+        observer.stop()
+        observer.join(5)

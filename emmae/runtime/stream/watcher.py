@@ -67,7 +67,7 @@ def start_observer(folder: Path, recursive: bool, notify: Callable[[], None], ig
                 notify()
 
     observer = Observer()
-    observer.schedule(_Wake(), str(folder), recursive=recursive)
+    observer.schedule(_Wake(), str(Path(folder).resolve()), recursive=recursive)  # absolute event paths, comparable with ``ignore``
     observer.daemon = True
     observer.start()
     return observer
