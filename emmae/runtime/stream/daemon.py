@@ -99,8 +99,9 @@ class Session:
     journal (its only writer); the pipeline's threads read, pick and write outputs.
     """
 
-    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None) -> None:
-        self.watch, self.out, self.config, self.encoder, self.watch_star = watch, out, config, encoder, watch_star
+    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None,
+                 status: StatusLine | None = None) -> None:
+        self.watch, self.out, self.config, self.watch_star, self.status = watch, out, config, watch_star, status
         out.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(out)
         stale = remove_stale_temporaries(out)
@@ -112,7 +113,6 @@ class Session:
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
         self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set)
-        self.status: StatusLine | None = None
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self._ready: deque[Job] = deque()  # passed the gate, waiting for room in the pipeline
         self._queued: set[str] = set()  # paths ready or in the pipeline
@@ -386,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
         out = args.out or watch / "emmae_picks"
-        session = Session(watch, out, config, encoder, args.watch_star)
-        session.status = status
+        session = Session(watch, out, config, encoder, args.watch_star, status)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -413,8 +412,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
     try:
         config = _config(demo_args)
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
-        session = Session(watch, out, config, encoder)
-        session.status = status
+        session = Session(watch, out, config, encoder, status=status)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
