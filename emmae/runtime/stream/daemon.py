@@ -25,6 +25,7 @@ import argparse
 import fcntl
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -138,14 +139,8 @@ class Session:
         """Gate every wanted file; those complete join the ready queue, broken ones are recorded as failed."""
         now = time.monotonic()
         for path, name in self._candidates():
-            key = str(path)
-            if key in self._queued or self._retry_after.get(key, 0.0) > now:
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            if not self.journal.wants(key, stat.st_size, stat.st_mtime_ns):
+            key, stat = str(path), self._wanted(path, now)
+            if stat is None:
                 continue
             self.journal.mark_seen(key, name)
             try:
@@ -278,16 +273,19 @@ class Session:
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""
-        if self.queued:
-            return False
-        for path, _ in self._candidates():
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            if self.journal.wants(str(path), stat.st_size, stat.st_mtime_ns) and self._retry_after.get(str(path), 0.0) <= time.monotonic():
-                return False
-        return True
+        now = time.monotonic()
+        return not self.queued and all(self._wanted(path, now) is None for path, _ in self._candidates())
+
+    def _wanted(self, path: Path, now: float) -> os.stat_result | None:
+        """The file's stat if it still needs picking (not queued, not waiting out a retry, not done), else None."""
+        key = str(path)
+        if key in self._queued or self._retry_after.get(key, 0.0) > now:
+            return None
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return stat if self.journal.wants(key, stat.st_size, stat.st_mtime_ns) else None
 
 
 def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None = None) -> None:
