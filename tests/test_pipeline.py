@@ -162,6 +162,7 @@ def test_full_disk_is_recorded_and_retried_losing_nothing(tmp_path, monkeypatch)
     session.close(stop)
     assert failed_seen and calls[0] == calls[-1] and len(calls) == 3  # the first one failed, then was redone
     assert session.journal.counts() == {"picked": 2}
+    assert not session._retry_after  # a redone micrograph leaves no retry entry behind
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(str(m) for m in mics)
     session.release()
