@@ -19,7 +19,11 @@ preprocess`` and ``topaz extract`` run as ``python -m topaz.commands.*`` with th
 python). Micrographs are downsampled to a ~30 px particle (the best of scales 1, 2, 4
 on train+valid), extracted with radius = half that diameter and threshold score > 0
 (p > 0.5), coordinates scaled back up.
-Writes ``bench/results/quality.json``.
+Each baseline row also carries a paired bootstrap over the split's micrographs
+(``--resamples``, seed 0) of the pooled F1 difference, cryo-emmae minus that baseline:
+its median, 95 % interval and the share of resamples the model wins, so that a gap
+between two methods on five micrographs is read against its spread.
+Writes ``bench/results/quality.json`` (``--split test``) or ``quality-<split>.json``.
 """
 
 from __future__ import annotations
@@ -78,6 +82,23 @@ def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
     return drop_border(found, image.shape, diameter_px / 1.5).xy
 
 
+def pooled(scores: list[Score]) -> Score:
+    total = Score(0, 0, 0, 0.0)
+    for score in scores:
+        total += score
+    return total
+
+
+def bootstrap_difference(model: list[Score], other: list[Score], resamples: int, seed: int = 0) -> dict:
+    """Paired bootstrap over micrographs of pooled F1 (``model`` minus ``other``, same micrograph order)."""
+    rng = np.random.default_rng(seed)
+    n = len(model)
+    draws = np.array([pooled([model[i] for i in pick]).f1 - pooled([other[i] for i in pick]).f1 for pick in rng.integers(0, n, size=(resamples, n))])
+    low, median, high = np.quantile(draws, [0.025, 0.5, 0.975])
+    return {"f1_difference": pooled(model).f1 - pooled(other).f1, "median": float(median), "interval_95": [float(low), float(high)],
+            "model_wins": float(np.mean(draws > 0)), "resamples": resamples, "micrographs": n}
+
+
 def topaz_picks(topaz: Path, paths: list[Path], diameter_px: float) -> dict[str, np.ndarray]:
     """Topaz's pretrained detector on ``paths``: centres (x = column, y = row) per micrograph stem."""
     python, scale = str(topaz.parent / "python"), max(1, round(diameter_px / 30))
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", type=Path, help="JSON path (default bench/results/quality.json)")
+    parser.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples of the micrographs (default 2000)")
     parser.add_argument("--topaz", type=Path, help="`topaz` script of a venv with topaz-em: adds a Topaz (pretrained) row")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -106,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for manifest in sorted(args.data.glob("*/manifest.json")):
         entries = json.loads(manifest.read_text())["micrographs"]
-        totals = {"cryo-emmae": Score(0, 0, 0, 0.0), "LoG baseline": Score(0, 0, 0, 0.0)}
+        scores: dict[str, list[Score]] = {"cryo-emmae": [], "LoG baseline": []}
         if args.topaz:
             split = {n: e for n, e in entries.items() if e["split"] == args.split}
             diameter = float(np.median([e["diam_px_est"] for e in split.values()]))
             topaz = topaz_picks(args.topaz, [manifest.parent / "micrographs" / f"{n}.mrc" for n in sorted(split)], diameter)
-            totals["Topaz (pretrained)"] = Score(0, 0, 0, 0.0)
+            scores["Topaz (pretrained)"] = []
         seconds = []
         for name, entry in sorted(entries.items()):
             if entry["split"] != args.split:
@@ -123,20 +145,25 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             picked = pick_micrograph(path, config, encoder)
             seconds.append(time.perf_counter() - start)
-            totals["cryo-emmae"] += score_micrograph(picked.xy, truth, diameter)
-            totals["LoG baseline"] += score_micrograph(log_picks(read_micrograph(path).data, diameter), truth, diameter)
+            scores["cryo-emmae"].append(score_micrograph(picked.xy, truth, diameter))
+            scores["LoG baseline"].append(score_micrograph(log_picks(read_micrograph(path).data, diameter), truth, diameter))
             if args.topaz:
-                totals["Topaz (pretrained)"] += score_micrograph(topaz.get(name, np.zeros((0, 2))), truth, diameter)
-        for method, score in totals.items():
-            results.append({"dataset": manifest.parent.name, "method": method, **score.to_dict()})
+                scores["Topaz (pretrained)"].append(score_micrograph(topaz.get(name, np.zeros((0, 2))), truth, diameter))
+        for method, per_micrograph in scores.items():
+            row = {"dataset": manifest.parent.name, "method": method, **pooled(per_micrograph).to_dict()}
+            if method != "cryo-emmae":
+                row["model_minus_this"] = bootstrap_difference(scores["cryo-emmae"], per_micrograph, args.resamples)
+            results.append(row)
         log.info("%s: %d micrographs, median %.2f s per pick", manifest.parent.name, len(seconds), float(np.median(seconds)))
     width = max([14, *(len(r["method"]) for r in results)])
-    print(f"{'dataset':<14} {'method':<{width}} {'F1':>6} {'precision':>9} {'recall':>7} {'picks':>6} {'truth':>6}")
+    print(f"{'dataset':<14} {'method':<{width}} {'F1':>6} {'precision':>9} {'recall':>7} {'picks':>6} {'truth':>6}  model - this: F1 [95 %], wins")
     for r in results:
-        print(f"{r['dataset']:<14} {r['method']:<{width}} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f} {r['picks']:6d} {r['truths']:6d}")
+        gap = r.get("model_minus_this")
+        spread = f"  {gap['f1_difference']:+.3f} [{gap['interval_95'][0]:+.3f}, {gap['interval_95'][1]:+.3f}], {gap['model_wins']:.0%}" if gap else ""
+        print(f"{r['dataset']:<14} {r['method']:<{width}} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f} {r['picks']:6d} {r['truths']:6d}{spread}")
     mean_f1 = float(np.mean([r["f1"] for r in results if r["method"] == "cryo-emmae"]))
     print(f"cryo-emmae mean F1 over datasets: {mean_f1:.3f}")
-    out = args.output or RESULTS / "quality.json"
+    out = args.output or RESULTS / ("quality.json" if args.split == "test" else f"quality-{args.split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": str(encoder.bundle.path.name), "split": args.split, "mean_f1": mean_f1, "results": results}, indent=2) + "\n")
     log.info("wrote %s", out)
