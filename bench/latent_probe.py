@@ -1,0 +1,127 @@
+"""How much particle signal the bundle's latents carry: a supervised read-out as a reference point.
+
+    python bench/latent_probe.py [--bundle model.onnx] [--data ../shared/data/real]
+
+For each real dataset a logistic regression is fitted, with the expert labels of
+the *train* split, on the smoothed latents (target: the latent lies within 0.3
+diameters of a labelled centre). On the *test* split its score map is upsampled to
+the grid and picked like the LoG baseline of ``bench/quality.py`` (scale-matched
+blob maxima, Otsu threshold, the same suppression and border). The label-free
+``pick_micrograph`` is scored on the same micrographs. The read-out uses labels the
+picker never sees, so its F1 shows roughly how far any label-free rule on these
+latents can go; a gap that stays small means the encoder, not the clustering or the
+post-processing, limits the quality. Writes ``bench/results/latent-probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+from sklearn.linear_model import LogisticRegression
+
+from emmae.config import EmmaeConfig
+from emmae.io.truth import read_centres
+from emmae.memory import retain_freed_memory
+from emmae.metrics import Score, score_micrograph
+from emmae.runtime.cluster import smooth_latents, smoothing_window
+from emmae.runtime.encoder import Encoder
+from emmae.runtime.picker import Prepared, finish, prepare
+from quality import DEFAULT_DATA, RESULTS, log_picks, pooled
+
+log = logging.getLogger("bench.latent_probe")
+NEAR_CENTRE = 0.3  # diameters: latents this close to a labelled centre are "particle"
+
+
+def smoothed(encoder: Encoder, path: Path, config: EmmaeConfig) -> tuple[np.ndarray, Prepared]:
+    """Smoothed latent map ``[h, w, D]`` of one micrograph, and its prepared form."""
+    prepared = prepare(path, config, encoder)
+    latents = encoder.encode(prepared.grid.image)
+    window = smoothing_window(prepared.grid.diameter_grid_px, encoder.bundle.info.patch_px)
+    return np.asarray(smooth_latents(latents, window)), prepared
+
+
+def near_centres(shape: tuple[int, int], patch_px: int, centres_grid: np.ndarray, radius_grid_px: float) -> np.ndarray:
+    """Boolean ``[h, w]``: latents whose centre lies within ``radius_grid_px`` of a labelled centre (grid pixels)."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    xy = np.stack([(cols.ravel() + 0.5) * patch_px - 0.5, (rows.ravel() + 0.5) * patch_px - 0.5], axis=1)
+    distance, _ = cKDTree(centres_grid).query(xy)
+    return (distance < radius_grid_px).reshape(shape)
+
+
+def split_items(folder: Path, split: str) -> list[tuple[Path, np.ndarray, EmmaeConfig]]:
+    """(micrograph, expert centres, config with its diameter) of one split, by name."""
+    entries = json.loads((folder / "manifest.json").read_text())["micrographs"]
+    return [
+        (folder / "micrographs" / f"{name}.mrc", read_centres(folder / "coordinates" / f"{name}.star"),
+         EmmaeConfig.model_validate({"preprocess": {"diameter_px": float(entry["diam_px_est"])}}))
+        for name, entry in sorted(entries.items()) if entry["split"] == split
+    ]
+
+
+def fit_read_out(encoder: Encoder, folder: Path) -> LogisticRegression:
+    """Logistic regression of "near a labelled centre" on the train split's smoothed latents (every third one)."""
+    features, targets = [], []
+    for path, truth, config in split_items(folder, "train"):
+        latents, prepared = smoothed(encoder, path, config)
+        grid = prepared.grid
+        centres = grid.transform.input_to_grid(truth)
+        near = near_centres(latents.shape[:2], encoder.bundle.info.patch_px, centres, NEAR_CENTRE * grid.diameter_grid_px)
+        features.append(latents.reshape(-1, latents.shape[-1])[::3])
+        targets.append(near.ravel()[::3])
+    return LogisticRegression(C=0.1, max_iter=500).fit(np.concatenate(features), np.concatenate(targets))
+
+
+def read_out_picks(model: LogisticRegression, latents: np.ndarray, prepared: Prepared, patch_px: int) -> np.ndarray:
+    """Picks (input pixels) from the read-out's score map, as the LoG baseline picks a dark-blob image."""
+    grid = prepared.grid
+    score_map = model.decision_function(latents.reshape(-1, latents.shape[-1])).reshape(latents.shape[:2]).astype(np.float32)
+    grid_map = np.repeat(np.repeat(score_map, patch_px, axis=0), patch_px, axis=1)
+    h, w = grid.transform.valid_shape
+    return grid.transform.grid_to_input(log_picks(-grid_map[:h, :w], grid.diameter_grid_px))
+
+
+def dataset_rows(encoder: Encoder, folder: Path) -> list[dict]:
+    """Pooled test-split scores of the label-free picker and of the supervised read-out."""
+    model = fit_read_out(encoder, folder)
+    picker, read_out = [], []
+    for path, truth, config in split_items(folder, "test"):
+        latents, prepared = smoothed(encoder, path, config)
+        picker.append(score_micrograph(finish(prepared, config, encoder).xy, truth, prepared.diameter_px))
+        found = read_out_picks(model, latents, prepared, encoder.bundle.info.patch_px)
+        read_out.append(score_micrograph(found, truth, prepared.diameter_px))
+    return [
+        {"dataset": folder.name, "method": "cryo-emmae (label-free)", **pooled(picker).to_dict()},
+        {"dataset": folder.name, "method": "supervised latent read-out", **pooled(read_out).to_dict()},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--output", type=Path, default=RESULTS / "latent-probe.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    retain_freed_memory()
+    if not args.data.is_dir():
+        log.error("no real data at %s", args.data)
+        return 2
+    encoder = Encoder.open(args.bundle)
+    rows = [row for manifest in sorted(args.data.glob("*/manifest.json")) for row in dataset_rows(encoder, manifest.parent)]
+    print(f"{'dataset':<14} {'method':<27} {'F1':>6} {'precision':>9} {'recall':>7}")
+    for r in rows:
+        print(f"{r['dataset']:<14} {r['method']:<27} {r['f1']:6.3f} {r['precision']:9.3f} {r['recall']:7.3f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"bundle": encoder.bundle.path.name, "train": "train", "test": "test", "results": rows}, indent=2) + "\n")
+    log.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
