@@ -27,12 +27,11 @@ from sklearn.linear_model import LogisticRegression
 
 from emmae.config import EmmaeConfig
 from emmae.io.truth import read_centres
-from emmae.memory import retain_freed_memory
-from emmae.metrics import Score, score_micrograph
+from emmae.metrics import score_micrograph
 from emmae.runtime.cluster import smooth_latents, smoothing_window
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import Prepared, finish, prepare
-from quality import DEFAULT_DATA, RESULTS, log_picks, pooled
+from quality import DEFAULT_DATA, RESULTS, log_picks, open_for_real_data, pooled
 
 log = logging.getLogger("bench.latent_probe")
 NEAR_CENTRE = 0.3  # diameters: latents this close to a labelled centre are "particle"
@@ -107,12 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--output", type=Path, default=RESULTS / "latent-probe.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    retain_freed_memory()
-    if not args.data.is_dir():
-        log.error("no real data at %s", args.data)
+    encoder = open_for_real_data(args.bundle, args.data)
+    if encoder is None:
         return 2
-    encoder = Encoder.open(args.bundle)
     rows = [row for manifest in sorted(args.data.glob("*/manifest.json")) for row in dataset_rows(encoder, manifest.parent)]
     print(f"{'dataset':<14} {'method':<27} {'F1':>6} {'precision':>9} {'recall':>7}")
     for r in rows:

@@ -110,6 +110,16 @@ def topaz_picks(topaz: Path, paths: list[Path], diameter_px: float) -> dict[str,
     return {name: rows[["x_coord", "y_coord"]].to_numpy(np.float64) for name, rows in table.groupby("image_name")}
 
 
+def open_for_real_data(bundle: Path | None, data: Path) -> Encoder | None:
+    """Logging, the allocator setting and the bundle's encoder; None (logged) when ``data`` is absent."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    retain_freed_memory()
+    if not data.is_dir():
+        log.error("no real data at %s", data)
+        return None
+    return Encoder.open(bundle)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path)
@@ -119,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples of the micrographs (default 2000)")
     parser.add_argument("--topaz", type=Path, help="`topaz` script of a venv with topaz-em: adds a Topaz (pretrained) row")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    retain_freed_memory()
-    if not args.data.is_dir():
-        log.error("no real data at %s", args.data)
+    encoder = open_for_real_data(args.bundle, args.data)
+    if encoder is None:
         return 2
-    encoder = Encoder.open(args.bundle)
     results = []
     for manifest in sorted(args.data.glob("*/manifest.json")):
         entries = json.loads(manifest.read_text())["micrographs"]
