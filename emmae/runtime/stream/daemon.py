@@ -194,15 +194,14 @@ class Session:
         if done.rolled_back:
             self.journal.mark_unstarted(key, job.name)
             return 0
+        self._retry_after.pop(key, None)  # this attempt is over: only a new output failure waits again
         if done.error is not None:
             if done.output_error:  # not the micrograph's fault: retried later, and at the next start
                 self._retry_after[key] = time.monotonic() + OUTPUT_RETRY_S
                 self._failed(key, job.name, done.error, None, None)
             else:
-                self._retry_after.pop(key, None)
                 self._failed(key, job.name, done.error, job.size, job.mtime_ns)
             return 0
-        self._retry_after.pop(key, None)  # picked at last: no retry left to wait for
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
         self.journal.mark_picked(key, job.name, len(result), str(self.out / f"{self.output_stem(job)}_autopick.star"), timings)
