@@ -82,6 +82,16 @@ def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
     return drop_border(found, image.shape, diameter_px / 1.5).xy
 
 
+def split_items(folder: Path, split: str) -> list[tuple[Path, np.ndarray, EmmaeConfig]]:
+    """(micrograph, expert centres, config with its diameter) of one split of a real dataset, by name."""
+    entries = json.loads((folder / "manifest.json").read_text())["micrographs"]
+    return [
+        (folder / "micrographs" / f"{name}.mrc", read_centres(folder / "coordinates" / f"{name}.star"),
+         EmmaeConfig.model_validate({"preprocess": {"diameter_px": float(entry["diam_px_est"])}}))
+        for name, entry in sorted(entries.items()) if entry["split"] == split
+    ]
+
+
 def pooled(scores: list[Score]) -> Score:
     total = Score(0, 0, 0, 0.0)
     for score in scores:
@@ -134,28 +144,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for manifest in sorted(args.data.glob("*/manifest.json")):
-        entries = json.loads(manifest.read_text())["micrographs"]
+        items = split_items(manifest.parent, args.split)
         scores: dict[str, list[Score]] = {"cryo-emmae": [], "LoG baseline": []}
         if args.topaz:
-            split = {n: e for n, e in entries.items() if e["split"] == args.split}
-            diameter = float(np.median([e["diam_px_est"] for e in split.values()]))
-            topaz = topaz_picks(args.topaz, [manifest.parent / "micrographs" / f"{n}.mrc" for n in sorted(split)], diameter)
+            diameter = float(np.median([config.preprocess.diameter_px for _, _, config in items]))
+            topaz = topaz_picks(args.topaz, [path for path, _, _ in items], diameter)
             scores["Topaz (pretrained)"] = []
         seconds = []
-        for name, entry in sorted(entries.items()):
-            if entry["split"] != args.split:
-                continue
-            diameter = float(entry["diam_px_est"])
-            path = manifest.parent / "micrographs" / f"{name}.mrc"
-            truth = read_centres(manifest.parent / "coordinates" / f"{name}.star")
-            config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
+        for path, truth, config in items:
+            diameter = config.preprocess.diameter_px
             start = time.perf_counter()
             picked = pick_micrograph(path, config, encoder)
             seconds.append(time.perf_counter() - start)
             scores["cryo-emmae"].append(score_micrograph(picked.xy, truth, diameter))
             scores["LoG baseline"].append(score_micrograph(log_picks(read_micrograph(path).data, diameter), truth, diameter))
             if args.topaz:
-                scores["Topaz (pretrained)"].append(score_micrograph(topaz.get(name, np.zeros((0, 2))), truth, diameter))
+                scores["Topaz (pretrained)"].append(score_micrograph(topaz.get(path.stem, np.zeros((0, 2))), truth, diameter))
         for method, per_micrograph in scores.items():
             row = {"dataset": manifest.parent.name, "method": method, **pooled(per_micrograph).to_dict()}
             if method != "cryo-emmae":
