@@ -26,23 +26,26 @@ from scipy.spatial import cKDTree
 from sklearn.linear_model import LogisticRegression
 
 from emmae.config import EmmaeConfig
-from emmae.io.truth import read_centres
 from emmae.metrics import score_micrograph
 from emmae.runtime.cluster import smooth_latents, smoothing_window
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import Prepared, finish, prepare
-from quality import DEFAULT_DATA, RESULTS, log_picks, open_for_real_data, pooled
+from quality import DEFAULT_DATA, RESULTS, log_picks, open_for_real_data, pooled, split_items
 
 log = logging.getLogger("bench.latent_probe")
 NEAR_CENTRE = 0.3  # diameters: latents this close to a labelled centre are "particle"
 
 
-def smoothed(encoder: Encoder, path: Path, config: EmmaeConfig) -> tuple[np.ndarray, Prepared]:
-    """Smoothed latent map ``[h, w, D]`` of one micrograph, and its prepared form."""
+def encoded(encoder: Encoder, path: Path, config: EmmaeConfig) -> tuple[np.ndarray, Prepared]:
+    """Latent map ``[h, w, D]`` of one micrograph, and its prepared form."""
     prepared = prepare(path, config, encoder)
-    latents = encoder.encode(prepared.grid.image)
-    window = smoothing_window(prepared.grid.diameter_grid_px, encoder.bundle.info.patch_px)
-    return np.asarray(smooth_latents(latents, window)), prepared
+    return np.asarray(encoder.encode(prepared.grid.image)), prepared
+
+
+def features(latents: np.ndarray, prepared: Prepared, patch_px: int) -> np.ndarray:
+    """The read-out's inputs ``[h * w, D]``: the latents smoothed as the picker smooths them."""
+    window = smoothing_window(prepared.grid.diameter_grid_px, patch_px)
+    return np.asarray(smooth_latents(latents, window)).reshape(-1, latents.shape[-1])
 
 
 def near_centres(shape: tuple[int, int], patch_px: int, centres_grid: np.ndarray, radius_grid_px: float) -> np.ndarray:
@@ -53,33 +56,24 @@ def near_centres(shape: tuple[int, int], patch_px: int, centres_grid: np.ndarray
     return (distance < radius_grid_px).reshape(shape)
 
 
-def split_items(folder: Path, split: str) -> list[tuple[Path, np.ndarray, EmmaeConfig]]:
-    """(micrograph, expert centres, config with its diameter) of one split, by name."""
-    entries = json.loads((folder / "manifest.json").read_text())["micrographs"]
-    return [
-        (folder / "micrographs" / f"{name}.mrc", read_centres(folder / "coordinates" / f"{name}.star"),
-         EmmaeConfig.model_validate({"preprocess": {"diameter_px": float(entry["diam_px_est"])}}))
-        for name, entry in sorted(entries.items()) if entry["split"] == split
-    ]
-
-
 def fit_read_out(encoder: Encoder, folder: Path) -> LogisticRegression:
     """Logistic regression of "near a labelled centre" on the train split's smoothed latents (every third one)."""
-    features, targets = [], []
+    patch = encoder.bundle.info.patch_px
+    inputs, targets = [], []
     for path, truth, config in split_items(folder, "train"):
-        latents, prepared = smoothed(encoder, path, config)
+        latents, prepared = encoded(encoder, path, config)
         grid = prepared.grid
         centres = grid.transform.input_to_grid(truth)
-        near = near_centres(latents.shape[:2], encoder.bundle.info.patch_px, centres, NEAR_CENTRE * grid.diameter_grid_px)
-        features.append(latents.reshape(-1, latents.shape[-1])[::3])
+        near = near_centres(latents.shape[:2], patch, centres, NEAR_CENTRE * grid.diameter_grid_px)
+        inputs.append(features(latents, prepared, patch)[::3])
         targets.append(near.ravel()[::3])
-    return LogisticRegression(C=0.1, max_iter=500).fit(np.concatenate(features), np.concatenate(targets))
+    return LogisticRegression(C=0.1, max_iter=500).fit(np.concatenate(inputs), np.concatenate(targets))
 
 
 def read_out_picks(model: LogisticRegression, latents: np.ndarray, prepared: Prepared, patch_px: int) -> np.ndarray:
     """Picks (input pixels) from the read-out's score map, as the LoG baseline picks a dark-blob image."""
     grid = prepared.grid
-    score_map = model.decision_function(latents.reshape(-1, latents.shape[-1])).reshape(latents.shape[:2]).astype(np.float32)
+    score_map = model.decision_function(features(latents, prepared, patch_px)).reshape(latents.shape[:2]).astype(np.float32)
     grid_map = np.repeat(np.repeat(score_map, patch_px, axis=0), patch_px, axis=1)
     h, w = grid.transform.valid_shape
     return grid.transform.grid_to_input(log_picks(-grid_map[:h, :w], grid.diameter_grid_px))
@@ -90,8 +84,8 @@ def dataset_rows(encoder: Encoder, folder: Path) -> list[dict]:
     model = fit_read_out(encoder, folder)
     picker, read_out = [], []
     for path, truth, config in split_items(folder, "test"):
-        latents, prepared = smoothed(encoder, path, config)
-        picker.append(score_micrograph(finish(prepared, config, encoder).xy, truth, prepared.diameter_px))
+        latents, prepared = encoded(encoder, path, config)  # once, for the picker and the read-out
+        picker.append(score_micrograph(finish(prepared, config, encoder, latents).xy, truth, prepared.diameter_px))
         found = read_out_picks(model, latents, prepared, encoder.bundle.info.patch_px)
         read_out.append(score_micrograph(found, truth, prepared.diameter_px))
     return [

@@ -18,6 +18,7 @@ from emmae.io.atomic import atomic_path
 from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
+from emmae.runtime.filters import Array
 from emmae.runtime.postprocess import Candidates, candidates, picks
 from emmae.runtime.preprocess import Preprocessed, preprocess
 
@@ -98,13 +99,18 @@ def prepare(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encod
     return Prepared(label, tuple(image.shape), pixel, diameter_px, grid, timings)
 
 
-def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder) -> Picks:
-    """Encode, cluster and post-process a prepared micrograph (the second pipeline stage)."""
+def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: Array | None = None) -> Picks:
+    """Encode, cluster and post-process a prepared micrograph (the second pipeline stage).
+
+    ``latents``: the micrograph's latent map if it is already encoded (``encoder.encode``
+    of ``prepared.grid.image``); the encoder is then not run and no encode time is recorded.
+    """
     backend, grid = encoder.backend, prepared.grid
     timings = dict(prepared.timings_s)
     patch = encoder.bundle.info.patch_px
-    with _timed(timings, "encode", backend.synchronize):
-        latents = encoder.encode(grid.image)
+    if latents is None:
+        with _timed(timings, "encode", backend.synchronize):
+            latents = encoder.encode(grid.image)
     valid = tuple(-(-n // patch) for n in grid.transform.valid_shape)  # latents that cover the micrograph
     with _timed(timings, "cluster", backend.synchronize):
         window = smoothing_window(grid.diameter_grid_px, patch)
