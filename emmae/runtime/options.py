@@ -1,0 +1,120 @@
+"""Command-line options that several commands share, defined once.
+
+* :func:`add_output_arguments` / :func:`output_switches`: what ``emmae-pick`` and
+  ``emmae-stream`` write (formats, coordinate switches, names, pixel size);
+* :func:`add_common_arguments`: ``--device``, ``--threads``, ``-v``/``-q`` and ``--version``;
+* :func:`setup_logging` and :func:`progress_bar`: log lines that never land on a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from emmae import __version__
+
+FORMATS = ("star", "box", "cbox")
+DEVICES = ("auto", "cpu", "gpu")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def plain_text(doc: str | None) -> str:
+    """A docstring as plain ``--help`` text: no reStructuredText literals (double backquotes, ``::``)."""
+    text = (doc or "").replace("``", "").replace("::\n", ":\n")
+    return text.replace("\\\n", "\n")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None) -> None:
+    """The output options of ``emmae-pick`` and ``emmae-stream`` (in ``group``, default a new group
+    "output"); read them back with :func:`output_switches`."""
+    group = group or parser.add_argument_group("output")
+    group.add_argument("--format", nargs="+", choices=FORMATS, metavar="FORMAT",
+                       help="per-micrograph coordinate files, one or more of: star (RELION <stem>_autopick.star), "
+                            "box (EMAN <stem>.box), cbox (crYOLO <stem>.cbox, every candidate with its score); default: star")
+    group.add_argument("--flip-y", action="store_true",
+                       help="write y as (height - 1 - y), for micrographs that the next program reads upside down "
+                            "(e.g. cryoSPARC Patch Motion output); default: y as in the file")
+    group.add_argument("--scale", type=float, metavar="FACTOR",
+                       help="multiply the written coordinates by FACTOR (picks made on binned micrographs); default 1")
+    group.add_argument("--strip-prefix", metavar="TEXT", help="remove TEXT from the start of the written micrograph names")
+    group.add_argument("--add-prefix", metavar="TEXT", help="add TEXT to the start of the written micrograph names")
+    group.add_argument("--pixel-size-A", type=float, metavar="A",
+                       help="pixel size in Angstrom, overriding the micrograph headers (used with --diameter-A)")
+    group.add_argument("--project-root", type=Path, metavar="DIR",
+                       help="folder that the names in a micrographs STAR are relative to, and that written names are made "
+                            "relative to; default: the current folder for STAR names")
+
+
+def output_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    """``(section, field) -> value`` of the options of :func:`add_output_arguments` (None: not given)."""
+    return {
+        ("output", "formats"): args.format, ("output", "flip_y"): args.flip_y or None,
+        ("output", "coordinate_scale"): args.scale, ("output", "strip_prefix"): args.strip_prefix,
+        ("output", "add_prefix"): args.add_prefix, ("preprocess", "pixel_size_A"): args.pixel_size_A,
+        ("output", "project_root"): args.project_root and str(args.project_root),
+    }
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True, threads: bool = True, verbosity: bool = True) -> None:
+    """``--device`` (auto/cpu/gpu), ``--threads``, ``-v``/``-q`` and ``--version``."""
+    group = parser.add_argument_group("general")
+    if device:
+        group.add_argument("--device", choices=DEVICES,
+                           help="where to compute: gpu (fails when no GPU is usable), cpu, or auto (the GPU when one is usable; default)")
+    if threads:
+        group.add_argument("--threads", type=int, metavar="N", help="CPU threads to use (default: all cores)")
+    if verbosity:
+        group.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (debug messages)")
+        group.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines: -q warnings and errors only, -qq errors only")
+    group.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """INFO, one step down per ``-v`` and up per ``-q``."""
+    steps = getattr(args, "quiet", 0) - getattr(args, "verbose", 0)
+    return min(max(logging.INFO + 10 * steps, logging.DEBUG), logging.CRITICAL)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr (unless logging is set up already) at the level that ``-v``/``-q`` ask for."""
+    level = log_level(args)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.getLogger().setLevel(level)
+
+
+def check_threads(threads: int | None) -> None:
+    """Raises ValueError for a thread count below 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+
+
+def limit_cpu_threads(threads: int | None) -> None:
+    """Limit OpenCV's threads (preprocessing); the encoder takes the same count when it is opened."""
+    if threads is None:
+        return
+    check_threads(threads)
+    import cv2
+
+    cv2.setNumThreads(threads)
+
+
+@contextlib.contextmanager
+def progress_bar(items: Iterable, total: int, unit: str, enabled: bool | None = None) -> Iterator[Iterable]:
+    """``items`` behind a tqdm progress bar on an interactive terminal (``enabled=None``: when
+    stderr is a terminal and INFO lines are shown). While the bar is shown, log lines are written
+    above it, never onto it."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and logging.getLogger().isEnabledFor(logging.INFO)
+    if not enabled:
+        yield items
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(), tqdm(items, total=total, unit=unit, dynamic_ncols=True, file=sys.stderr) as bar:
+        yield bar
