@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -34,14 +33,14 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError, UnsafeNameError
+from emmae.errors import EmmaeError, MicrographError, OutputError
 from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
 from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
@@ -51,9 +50,9 @@ from emmae.runtime.encoder import Encoder
 from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, plain_text
 from emmae.runtime.picker import Picks
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
-from emmae.runtime.stream.gate import Gate, scan, stat_regular
-from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
-from emmae.runtime.stream.pipeline import Done, Job, Pipeline, check_job, failure_kind, unchanged
+from emmae.runtime.stream.gate import Gate, scan
+from emmae.runtime.stream.journal import Journal
+from emmae.runtime.stream.pipeline import Done, Job, Pipeline
 from emmae.runtime.stream.status import Progress, StatusLine
 from emmae.runtime.stream.watcher import start_observer, wants_observer
 
@@ -64,12 +63,6 @@ MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often tha
 INDEX_INTERVAL_S = 1.0  # the session index (every pick so far) is rewritten at most this often (more rarely when large), and at exit
 JOURNAL_RETRY_S = 10.0  # after the journal could not be written
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
-SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
-PACE_INTERVAL_S = 60.0  # how often the backlog is compared with the last look (a growing backlog: falling behind)
-FAILED_FILE = "failed.txt"
-OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's outputs beside its stem
-UNSAFE_CHARACTERS = frozenset("#'\"")  # break a STAR value (a comment, a quote)
-STAR_RESERVED = ("data_", "loop_", "save_", "global_", "stop_")  # a STAR value cannot start with these
 
 
 @dataclass
@@ -106,57 +99,29 @@ class Session:
 
     The caller's thread scans, gates, feeds the pipeline and records results in the
     journal (its only writer); the pipeline's threads read, pick and write outputs.
-    Every micrograph is keyed on its path relative to the watched folder, so two
-    spellings of the folder (absolute, relative, through a link) are one session.
-
-    Raises:
-        EmmaeError: the output folder cannot be created, locked or written (another
-            daemon holds it, read-only, full, not a folder).
     """
 
     def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None,
                  status: StatusLine | None = None) -> None:
         self.watch, self.out, self.config, self.watch_star, self.status = watch, out, config, watch_star, status
-        self._prefix = str(watch).rstrip("/") + "/"  # scanned paths start with it: their key is what follows
-        self._abs_prefix = os.path.abspath(watch).rstrip("/") + "/"
-        self._real_root = os.path.realpath(watch)  # the observer reports paths under it
-        self.config_hash = config_hash(config)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self._lock = lock_folder(out)
-            stale = remove_stale_temporaries(out)
-            self.journal = Journal(out, self.config_hash, roots=(watch,))
-            write_bytes_atomic(out / ".emmae-write-test", b"")  # a read-only or full folder fails here, not mid-run
-            (out / ".emmae-write-test").unlink()
-        except (OSError, sqlite3.Error) as exc:
-            if getattr(self, "_lock", None) is not None:
-                self._lock.close()
-            raise EmmaeError(f"cannot use the output folder {out}: {getattr(exc, 'strerror', None) or exc}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(out)
+        stale = remove_stale_temporaries(out)
         if stale:
             log.info("removed %d temporary files left in %s by an interrupted run", len(stale), out)
-        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s)
+        self.journal = Journal(out)
+        self.gate = Gate(config.stream.settle_s)
         self.progress = Progress()
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
         self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set)
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self._ready: deque[Job] = deque()  # passed the gate, waiting for room in the pipeline
-        self._queued: set[str] = set()  # keys ready or in the pipeline
-        self._retry_after: dict[str, float] = {}  # keys whose outputs could not be written
+        self._queued: set[str] = set()  # paths ready or in the pipeline
+        self._retry_after: dict[str, float] = {}  # paths whose outputs could not be written
         self._last_scan = -float("inf")
-        self._picked: dict[str, Entry] = {e.path: e for e in self.journal.picked()}  # skipped by key: no stat, no query
-        self._failed_keys: set[str] = {e.path for e in self.journal.failed()}
-        self.progress.failed = len(self._failed_keys)  # the status line's count is the journal's
-        self._touched: set[str] = set()  # keys the observer reported changed (its thread adds, this one takes)
-        self._touched_lock = threading.Lock()
-        self._sweep_at, self._sweep_cost_s = -float("inf"), 0.0  # every picked file is checked for replacement then
-        self._index_stale, self._index_written, self._index_cost_s = True, -float("inf"), 0.0  # rewritten at start
-        self._missing: set[str] = set()  # folders found gone (warned once)
-        self._pace_at, self._pace_backlog = time.monotonic(), 0
-        self._stop_file = _signature_of(self.watch / STOP_FILE)
-        if self._stop_file is not None:
-            log.warning("%s in %s is left from an earlier run: ignored (touch it again, or create it anew, to stop this daemon)",
-                        STOP_FILE, self.watch)
+        self._picked: set[str] = {e.path for e in self.journal.picked()}  # never looked at again: no stat, no query
+        self._index_stale, self._index_written, self._index_cost_s = bool(self._picked), -float("inf"), 0.0  # rewritten at start
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
@@ -168,122 +133,37 @@ class Session:
             self.changed.clear()
             self._last_scan = now
             self.scan()
-            self.check_pace(now)
         self.feed()
         return picked
 
-    def key(self, path: Path | str) -> str:
-        """The journal's key of a file: its path relative to the watched folder (absolute if outside it)."""
-        text = str(path)
-        if text.startswith(self._prefix):
-            return journal_key(text[len(self._prefix):])
-        text = os.path.abspath(text)
-        return journal_key(text[len(self._abs_prefix):] if text.startswith(self._abs_prefix) else text)
-
     def scan(self) -> None:
-        """Gate every wanted file; those complete join the ready queue, broken ones are recorded as failed.
-
-        No per-file error stops the scan: a file that cannot be examined, named, read or
-        sized is recorded as failed with its reason.
-        """
+        """Gate every wanted file; those complete join the ready queue, broken ones are recorded as failed."""
         now = time.monotonic()
-        self._check_folders()
-        sweep = now >= self._sweep_at
-        start = time.monotonic()
-        for path, name in self._candidates(sweep):
-            key = self.key(path)
+        for path, name in self._candidates():
+            key, stat = str(path), self._wanted(path, now)
+            if stat is None:
+                continue
+            self.journal.mark_seen(key, name)
             try:
-                self._gate_one(path, name, key, now)
-            except sqlite3.Error:
-                raise  # the journal cannot be written (full disk): the loop waits and tries again
-            except FileNotFoundError:
-                self.gate.forget(path)  # gone meanwhile
-            except (MicrographError, ConfigError) as exc:
-                stat = _any_stat(path)
-                reason = exc.reason if isinstance(exc, MicrographError) else str(exc)
-                self._failed(key, name, reason, stat and stat.st_size, stat and stat.st_mtime_ns, failure_kind(exc))
-            except Exception as exc:  # noqa: BLE001 - no per-file error stops the daemon
-                log.exception("unexpected error looking at %s", shown(key))
-                stat = _any_stat(path)
-                self._failed(key, name, f"unexpected error: {exc!r}", stat and stat.st_size, stat and stat.st_mtime_ns, "unexpected")
-        if sweep:
-            self._sweep_cost_s = time.monotonic() - start
-            self._sweep_at = time.monotonic() + max(SWEEP_INTERVAL_S, 20 * self._sweep_cost_s)
-
-    def _gate_one(self, path: Path, name: str, key: str, now: float) -> None:
-        if key in self._queued or self._retry_after.get(key, 0.0) > now:
-            return
-        unsafe = unsafe_name(self.key_text(path), name)
-        if unsafe:
-            if key not in self._failed_keys:
-                raise UnsafeNameError(path, unsafe)
-            return
-        stat = stat_regular(path)
-        if stat is None:
-            self.gate.forget(path)
-            return
-        if key in self._picked:
-            if not self._replaced(key, name, stat):
-                return
-        elif not self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
-            return
-        self.journal.mark_seen(key, name)
-        if self.gate.check(path) != "ready":
-            return
-        stat = stat_regular(path)
-        if stat is None:
-            return
-        job = Job(path, name, stat.st_size, stat.st_mtime_ns, time.time(), stat.st_ctime_ns, stat.st_ino)
-        check_job(job, self.config)  # sizes before any work: nothing is allocated for a micrograph that cannot hold particles
-        self._ready.append(job)
-        self._queued.add(key)
-
-    def key_text(self, path: Path) -> str:
-        """The file's path relative to the watched folder as the file system gives it (may hold undecodable bytes)."""
-        text = str(path)
-        return text[len(self._prefix):] if text.startswith(self._prefix) else text
-
-    def _replaced(self, key: str, name: str, stat: os.stat_result) -> bool:
-        """A picked file that changed since (replaced, rewritten, truncated): its outputs go, and it is picked again."""
-        entry = self._picked[key]
-        if entry.size is None:  # picked by an older version: this is the version it picked
-            self.journal.adopt(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-            self._picked[key] = replace(entry, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino)
-            return False
-        if not changed_since_picked(entry, stat.st_size, stat.st_mtime_ns, stat.st_ino):
-            return False
-        removed = self._remove_outputs(entry)
-        log.warning("%s changed since it was picked (replaced or rewritten): picking it again%s", shown(key),
-                    f"; its {removed} old output files are removed" if removed else "")
-        self.journal.mark_unstarted(key, name)
-        del self._picked[key]
-        self._index_stale = True
-        return True
-
-    def _remove_outputs(self, entry: Entry) -> int:
-        if not entry.outputs or not entry.outputs.endswith("_autopick.star"):
-            return 0
-        stem = entry.outputs[: -len("_autopick.star")]
-        removed = 0
-        for suffix in OUTPUT_SUFFIXES:
-            try:
-                os.unlink(stem + suffix)
-                removed += 1
-            except OSError:
-                pass
-        return removed
+                state = self.gate.check(path)
+            except MicrographError as exc:
+                self._failed(key, name, exc.reason, stat.st_size, stat.st_mtime_ns)
+                continue
+            if state == "ready":
+                self._ready.append(Job(path, name, stat.st_size, stat.st_mtime_ns, time.time()))
+                self._queued.add(key)
 
     def feed(self) -> None:
         """Move ready micrographs into the pipeline while it has room (back-pressure)."""
         while self._ready and self.pipeline.has_room():
             job = self._ready[0]
-            self.journal.mark_processing(self.key(job.path), job.name)
+            self.journal.mark_processing(str(job.path), job.name)
             self.pipeline.submit(self._ready.popleft())
 
     def collect(self, results: list[Done] | None = None) -> int:
         """Record finished micrographs in the journal; rewrite the index if due (at most once per ``INDEX_INTERVAL_S``)."""
         results = self.pipeline.collect() if results is None else results
-        self._queued.difference_update(self.key(done.job.path) for done in results)  # rescanned if recording fails
+        self._queued.difference_update(str(done.job.path) for done in results)  # rescanned if recording fails
         picked = sum(self._record(done) for done in results)
         self._index_stale |= picked > 0
         interval = max(INDEX_INTERVAL_S, 10 * self._index_cost_s)  # the index costs at most ~10 % of this thread
@@ -311,64 +191,39 @@ class Session:
         return len(self._ready) + self.pipeline.in_flight
 
     def _record(self, done: Done) -> int:
-        job, key = done.job, self.key(done.job.path)
+        job, key = done.job, str(done.job.path)
         if done.rolled_back:
             self.journal.mark_unstarted(key, job.name)
             return 0
         self._retry_after.pop(key, None)  # this attempt is over: only a new output failure waits again
-        if done.changed or (done.error is None and not unchanged(job)):
-            log.warning("%s changed while it was picked: looking at it again once it is stable", shown(key))
-            self.journal.mark_unstarted(key, job.name)
-            return 0
         if done.error is not None:
             if done.output_error:  # not the micrograph's fault: retried later, and at the next start
                 self._retry_after[key] = time.monotonic() + OUTPUT_RETRY_S
-                self._failed(key, job.name, done.error, None, None, "output")
+                self._failed(key, job.name, done.error, None, None)
             else:
-                self._failed(key, job.name, done.error, job.size, job.mtime_ns, done.kind)
+                self._failed(key, job.name, done.error, job.size, job.mtime_ns)
             return 0
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
-        outputs = str(self.out / f"{self.output_stem(job)}_autopick.star")
-        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino)
-        self._picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino)
-        if key in self._failed_keys:
-            self._failed_keys.discard(key)
-            self.progress.failed = len(self._failed_keys)
+        self.journal.mark_picked(key, job.name, len(result), str(self.out / f"{self.output_stem(job)}_autopick.star"), timings)
+        self._picked.add(key)
         self.progress.picked(len(result), done.latency_s)
         if self.on_picked is not None:
             self.on_picked(job.path, len(result))
         figures = "" if self.status is not None else f" | {self.summary()}"  # live: the status line shows them
-        log.info("picked %s: %d particles, on disk %.2f s after it was complete%s", shown(key), len(result), done.latency_s, figures)
+        log.info("picked %s: %d particles, on disk %.2f s after it was complete%s", job.path.name, len(result), done.latency_s, figures)
         return 1
 
-    def _failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
-        self.journal.mark_failed(key, journal_key(name), journal_key(reason), size, mtime_ns, kind)
-        self._failed_keys.add(key)
-        self.progress.failed = len(self._failed_keys)
-        retry = {"config": "; tried again when the configuration changes", "output": f"; tried again in {OUTPUT_RETRY_S:g} s",
-                 "unexpected": "; tried again when it or the configuration changes"}.get(kind, "; tried again if it changes")
-        log.error("failed %s: %s%s", shown(key), reason, retry)
+    def _failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None) -> None:
+        self.journal.mark_failed(key, name, reason, size, mtime_ns)
+        self.progress.failed += 1
+        log.error("failed %s", reason)
 
     def summary(self) -> str:
         return self.progress.summary(self.queued, self.gate.pending)
 
-    def check_pace(self, now: float) -> bool:
-        """Warn (at most once per ``PACE_INTERVAL_S``) when the micrographs waiting to be picked keep piling up."""
-        if now - self._pace_at < PACE_INTERVAL_S:
-            return False
-        backlog, before = self.queued, self._pace_backlog
-        self._pace_at, self._pace_backlog = now, backlog
-        if backlog > self.config.stream.queue_depth and backlog > before:
-            log.warning("falling behind the acquisition: %d micrographs wait to be picked (%d %.0f s ago); picking %.0f per hour",
-                        backlog, before, PACE_INTERVAL_S, self.progress.rate_per_hour())
-            return True
-        return False
-
     def output_stem(self, job: Job) -> str:
-        """Outputs mirror the micrograph's place below the watched folder; from a STAR, under its name when relative."""
-        if self.watch_star is None:
-            return str(Path(self.key_text(job.path)).with_suffix(""))
+        """Outputs mirror the micrograph's place: under its STAR name when relative, else its path below the watched folder."""
         rel = Path(job.name)
         if rel.is_absolute() or ".." in rel.parts:
             try:
@@ -388,56 +243,20 @@ class Session:
         self.changed.set()
         self.wake.set()
 
-    def notice_path(self, path: str) -> None:
-        """Called by the file-system observer (its thread) with a changed file: looked at even if picked (it may be a new version)."""
-        if path.startswith(self._real_root + "/"):
-            with self._touched_lock:
-                self._touched.add(journal_key(path[len(self._real_root) + 1 :]))
-
     def stop_file_found(self, stop: StopFlag) -> bool:
-        """A stop file created (or touched) since the start; one left by an earlier run was reported and is ignored."""
-        found = _signature_of(self.watch / STOP_FILE)
-        if found is None or found == self._stop_file:
-            if found is None:
-                self._stop_file = None
-            return False
-        stop.reason = STOP_FILE
-        log.info("stop file found: stopping")
-        try:
-            (self.watch / STOP_FILE).unlink()
-        except OSError as exc:
-            log.warning("cannot remove %s (%s): remove it, or the next start reports it", self.watch / STOP_FILE, exc.strerror)
-        return True
+        if (self.watch / STOP_FILE).exists():
+            stop.reason = STOP_FILE
+            log.info("stop file found: stopping")
+            return True
+        return False
 
-    def _check_folders(self) -> None:
-        """Warn once when the watched or the output folder disappears (and once when it is back)."""
-        for what, folder, present in (("watched", self.watch, self.watch.is_dir()),
-                                      ("output", self.out, self.out.is_dir() and self.journal.path.exists())):
-            key = str(folder)
-            if not present and key not in self._missing:
-                self._missing.add(key)
-                if what == "output":
-                    log.warning("the output folder %s (or its journal) was deleted: new outputs are written there again, "
-                                "but the record of this session is lost at exit; restart the daemon", folder)
-                else:
-                    log.warning("the watched folder %s is gone: waiting for it to come back", folder)
-                self._index_stale = True
-            elif present and key in self._missing:
-                self._missing.discard(key)
-                log.warning("the %s folder %s is back", what, folder)
-
-    def _candidates(self, sweep: bool = False) -> list[tuple[Path, str]]:
-        """(file, output name) pairs to look at: not picked (or, on a sweep or an observer's event, picked ones too), oldest first."""
-        with self._touched_lock:
-            touched, self._touched = self._touched, set()
+    def _candidates(self) -> list[tuple[Path, str]]:
+        """(file, output name) pairs not yet picked: the STAR's rows verbatim, or the folder's files."""
         if self.watch_star is not None:
-            rows = self._star_rows()
-            return [(path, name) for path, name in rows if sweep or (key := self.key(path)) not in self._picked or key in touched]
-        known: Container[str] = frozenset() if sweep else _Without(self._picked, touched)
-        files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve(),
-                          known=known, prefix=self._prefix))
-        newest = self.config.stream.order == "newest"
-        files.sort(key=lambda p: (_mtime_ns(p), str(p)), reverse=newest)
+            return [(path, name) for path, name in self._star_rows() if str(path) not in self._picked]
+        files = list(scan(self.watch, self.config.stream.patterns, self.config.stream.recursive, skip=self.out.resolve(), known=self._picked))
+        if self.config.stream.order == "newest":
+            files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
         return [(path, micrograph_name(path, self.config.output)) for path in files]
 
     def _star_rows(self) -> list[tuple[Path, str]]:
@@ -448,104 +267,27 @@ class Session:
             return []
 
     def write_index(self) -> None:
-        """The session's RELION index of every micrograph picked so far whose outputs are on disk (atomic; O(picked), hence rate-limited)."""
+        """The session's RELION index of every micrograph picked so far (atomic; O(picked), hence rate-limited)."""
         start = time.monotonic()
-        rows = [(e.name, e.outputs or "") for e in self.journal.picked()
-                if not unsafe_name("", e.name) and (not e.outputs or os.path.exists(e.outputs))]
-        write_index(self.out / "autopick.star", rows)
+        write_index(self.out / "autopick.star", [(e.name, e.outputs or "") for e in self.journal.picked()])
         self._index_stale, self._index_written = False, time.monotonic()
         self._index_cost_s = self._index_written - start
-
-    def write_failed(self) -> Path:
-        """``failed.txt`` in the output folder (atomic): each failed micrograph, the kind of cause and the reason, tab-separated."""
-        lines = ["# micrograph\tkind\treason"]
-        lines += [f"{shown(e.path)}\t{e.kind or 'micrograph'}\t{shown(e.reason or '')}" for e in self.journal.failed()]
-        path = self.out / FAILED_FILE
-        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
-        return path
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""
         now = time.monotonic()
-        return not self.queued and all(not self._wanted(path, now) for path, _ in self._candidates())
+        return not self.queued and all(self._wanted(path, now) is None for path, _ in self._candidates())
 
-    def _wanted(self, path: Path, now: float) -> bool:
-        """The file still needs looking at (not queued, not waiting out a retry, not done, not failed unchanged)."""
-        key = self.key(path)
+    def _wanted(self, path: Path, now: float) -> os.stat_result | None:
+        """The file's stat if it still needs picking (not queued, not waiting out a retry, not done), else None."""
+        key = str(path)
         if key in self._queued or self._retry_after.get(key, 0.0) > now:
-            return False
-        stat = _any_stat(path)
-        if stat is None:
-            return False
-        if key in self._picked:
-            return changed_since_picked(self._picked[key], stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        return self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
-class _Without:
-    """``key in picked and key not in touched``, without building a set (picked can be large)."""
-
-    def __init__(self, picked: Container[str], touched: set[str]) -> None:
-        self.picked, self.touched = picked, touched
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.picked and key not in self.touched
-
-
-def config_hash(config: EmmaeConfig) -> str:
-    """A short hash of what decides a micrograph's picks (every section but the daemon's own and the device)."""
-    data = config.model_dump(mode="json", exclude={"stream", "backend"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def unsafe_name(relative: str, name: str) -> str:
-    """Why a file's name cannot be written safely (to the journal, a STAR file, a log line), or ''."""
-    for text in (relative, name):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return "its name is not valid UTF-8; rename the file"
-        bad = sorted({c for c in text if (not c.isprintable() and c != " ") or c in UNSAFE_CHARACTERS})
-        if bad:
-            listed = ", ".join(repr(c) for c in bad)
-            return f"its name holds characters a STAR file cannot carry ({listed}); rename the file"
-    if name.lower().startswith(STAR_RESERVED):
-        return f"its name starts with a STAR keyword ({name.split('_')[0]}_); rename the file or set output.add_prefix"
-    return ""
-
-
-def shown(text: str) -> str:
-    """``text`` for a log line or a tab-separated file: control characters and undecodable bytes escaped."""
-    text = journal_key(text)
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-
-
-def _signature_of(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_ino
-
-
-def _any_stat(path: Path) -> os.stat_result | None:
-    """The file's stat, or the link's own when it cannot be followed (a loop); None if gone."""
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        try:
-            return os.lstat(path)
-        except OSError:
             return None
-
-
-def _mtime_ns(path: Path) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return stat if self.journal.wants(key, stat.st_size, stat.st_mtime_ns) else None
 
 
 def run(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool] | None = None) -> None:
