@@ -53,7 +53,8 @@ def test_box_is_lower_left_corner(tmp_path):
 def test_cbox_holds_every_candidate(tmp_path):
     write_cbox(tmp_path / "a.cbox", XY, SCORE, 50.0)
     blocks = starfile.read(tmp_path / "a.cbox", always_dict=True)
-    assert set(blocks) == {"global", "cryolo"}
+    assert set(blocks) == {"global", "cryolo", "cryolo_include"}  # CBOX 1.0; the include list is empty in 2-D
+    assert len(blocks["cryolo_include"]) == 0
     boxes = blocks["cryolo"]
     np.testing.assert_allclose(boxes["CoordinateX"] + 25, XY[:, 0])
     np.testing.assert_allclose(boxes["Confidence"], SCORE)
@@ -77,3 +78,16 @@ def test_name_relative_to_project_root(tmp_path):
 def test_flip_twice_is_identity(flip):
     once = transform_xy(XY, (512, 512), OutputConfig(flip_y=flip))
     np.testing.assert_allclose(transform_xy(once, (512, 512), OutputConfig(flip_y=flip)), XY)
+
+
+def test_cbox_keeps_boxes_inside_the_micrograph_and_reads_back(tmp_path):
+    xy = np.array([[10.0, 100.0], [100.0, 100.0], [180.0, 30.0], [100.0, 190.0]])
+    write_cbox(tmp_path / "a.cbox", xy, np.array([0.1, 0.2, 0.3, 0.4]), 40.0, particle_px=26.0, size_xy=(200.0, 210.0))
+    boxes = starfile.read(tmp_path / "a.cbox", always_dict=True)["cryolo"]
+    corners = xy - 20.0
+    inside = np.all((corners >= 0) & (corners + 40 <= [200.0, 210.0]), axis=1)
+    assert inside.tolist() == [False, True, True, True]
+    np.testing.assert_allclose(boxes["Confidence"], [0.2, 0.3, 0.4])
+    np.testing.assert_allclose(boxes["EstWidth"], 26.0)
+    np.testing.assert_allclose(boxes["EstHeight"], 26.0)
+    np.testing.assert_allclose(read_centres(tmp_path / "a.cbox"), xy[inside])

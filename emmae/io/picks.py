@@ -4,10 +4,15 @@
   (``_rlnCoordinateX _rlnCoordinateY _rlnClassNumber _rlnAutopickFigureOfMerit _rlnAnglePsi``);
 * ``autopick.star``: RELION 4/5 index (``data_coordinate_files``: ``_rlnMicrographName
   _rlnMicrographCoordinates``), names copied verbatim;
-* ``particles.star``: every pick with ``_rlnMicrographName`` (cryoSPARC's import);
-* ``micrographs.star``: each micrograph's width, height and pixel size;
-* ``<stem>.box``: EMAN boxes (lower-left corner, box size); ``<stem>.cbox``: crYOLO-style,
-  every candidate with its confidence, before any threshold.
+* ``particles.star``: every pick with ``_rlnMicrographName``, for cryoSPARC's "Import
+  Particle Stack"/coordinate import; RELION takes the coordinates through ``autopick.star``
+  (this file has no optics block and is not a RELION particles file);
+* ``micrographs.star``: each micrograph's width, height and pixel size (a summary for
+  cryoSPARC and scripts, not a RELION micrographs file: no optics block);
+* ``<stem>.box``: EMAN boxes (lower-left corner, box size); ``<stem>.cbox``: crYOLO CBOX 1.0
+  (``data_global``, ``data_cryolo``, an empty ``data_cryolo_include`` for a 2-D micrograph),
+  every candidate whose box lies inside the micrograph with its confidence, before any threshold;
+  ``_Width``/``_Height`` are the box, ``_EstWidth``/``_EstHeight`` the particle diameter.
 
 The explicit switches of :class:`~emmae.config.OutputConfig` apply, in this order:
 ``flip_y`` (``y -> ny - 1 - y`` in the picked micrograph), then ``coordinate_scale``.
@@ -93,13 +98,27 @@ def write_box(path: Path, xy: np.ndarray, box_px: float) -> None:
     write_bytes_atomic(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
 
 
-def write_cbox(path: Path, xy: np.ndarray, confidence: np.ndarray, box_px: float) -> None:
-    """crYOLO-style ``.cbox`` with every candidate (lower-left corners) and its confidence."""
-    n = len(xy)
+def write_cbox(path: Path, xy: np.ndarray, confidence: np.ndarray, box_px: float, particle_px: float | None = None,
+               size_xy: tuple[float, float] | None = None) -> None:
+    """crYOLO CBOX 1.0 with every candidate (lower-left corners) and its confidence.
+
+    ``particle_px``: the particle diameter (``_EstWidth``/``_EstHeight``; default the box);
+    ``size_xy``: the micrograph's (width, height) in the written coordinates; candidates whose
+    box reaches outside it are left out, as crYOLO writes none.
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    corner = xy - box_px / 2
+    if size_xy is not None:
+        inside = np.all((corner >= 0) & (corner + box_px <= np.asarray(size_xy, dtype=np.float64)), axis=1)
+        corner, confidence = corner[inside], confidence[inside]
+    n = len(corner)
+    est = box_px if particle_px is None else particle_px
     boxes = pd.DataFrame({
-        "CoordinateX": np.round(xy[:, 0] - box_px / 2, 2), "CoordinateY": np.round(xy[:, 1] - box_px / 2, 2),
+        "CoordinateX": np.round(corner[:, 0], 2), "CoordinateY": np.round(corner[:, 1], 2),
         "CoordinateZ": np.full(n, np.nan), "Width": np.full(n, box_px), "Height": np.full(n, box_px),
-        "Depth": np.full(n, np.nan), "EstWidth": np.full(n, box_px), "EstHeight": np.full(n, box_px),
+        "Depth": np.full(n, np.nan), "EstWidth": np.full(n, est), "EstHeight": np.full(n, est),
         "Confidence": np.round(confidence, 4), "NumBoxes": np.full(n, np.nan), "Angle": np.full(n, np.nan),
     })
-    write_star(path, {"global": {"cbox_format_version": "1.0"}, "cryolo": boxes})
+    include = pd.DataFrame({"slice_index": np.zeros(0, dtype=int)})  # 2-D: no slices
+    write_star(path, {"global": {"cbox_format_version": "1.0"}, "cryolo": boxes, "cryolo_include": include})

@@ -1,4 +1,4 @@
-"""Particle centres from coordinate files: RELION STAR, CSV (``x,y``) and EMAN BOX.
+"""Particle centres from coordinate files: RELION STAR, CSV (``x,y``), EMAN BOX and crYOLO CBOX.
 
 All return float64 ``[N, 2]`` centres (x = column, y = row, input-micrograph pixels;
 see :mod:`emmae.io.coords`).
@@ -19,7 +19,7 @@ class CoordinateFileError(ValueError):
 
 
 def read_centres(path: str | Path) -> np.ndarray:
-    """Centres from ``.star``, ``.csv`` or ``.box`` (corner + half the box size).
+    """Centres from ``.star``, ``.csv``, ``.box`` or ``.cbox`` (the last two: corner + half the box size).
 
     Raises:
         CoordinateFileError: unknown extension or missing columns.
@@ -32,6 +32,13 @@ def read_centres(path: str | Path) -> np.ndarray:
         if not frames:
             raise CoordinateFileError(f"{path}: no loop with rlnCoordinateX/rlnCoordinateY")
         return frames[0][["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=np.float64)
+    if suffix == ".cbox":
+        blocks = read_star(path)
+        boxes = blocks.get("cryolo")
+        if boxes is None or not {"CoordinateX", "CoordinateY", "Width", "Height"} <= set(boxes.columns):
+            raise CoordinateFileError(f"{path}: no data_cryolo loop with _CoordinateX/_CoordinateY/_Width/_Height")
+        corner = boxes[["CoordinateX", "CoordinateY"]].to_numpy(dtype=np.float64)
+        return corner + boxes[["Width", "Height"]].to_numpy(dtype=np.float64) / 2
     if suffix == ".csv":
         frame = pd.read_csv(path)
         if not {"x", "y"} <= set(frame.columns):
@@ -44,4 +51,4 @@ def read_centres(path: str | Path) -> np.ndarray:
         if rows.shape[1] < 4:
             raise CoordinateFileError(f"{path}: EMAN box lines need x y width height")
         return rows[:, :2] + rows[:, 2:4] / 2
-    raise CoordinateFileError(f"{path}: unknown coordinate format {suffix!r} (use .star, .csv or .box)")
+    raise CoordinateFileError(f"{path}: unknown coordinate format {suffix!r} (use .star, .csv, .box or .cbox)")
