@@ -122,8 +122,10 @@ class ModelBundle:
         return self.session.run(None, {self.session.get_inputs()[0].name: feed})[0]
 
 
-def open_bundle(path: str | Path | None = None, providers: list[str] | None = None) -> ModelBundle:
+def open_bundle(path: str | Path | None = None, providers: list[str] | None = None, threads: int | None = None) -> ModelBundle:
     """Open a bundle (the default model when ``path`` is None) with onnxruntime.
+
+    ``threads``: CPU threads of the session (default: onnxruntime's, one per core).
 
     Raises:
         BundleError: the file is missing, not an ONNX model, has no or incompatible
@@ -136,6 +138,8 @@ def open_bundle(path: str | Path | None = None, providers: list[str] | None = No
         raise BundleError(f"model bundle not found: {path}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files

@@ -2,8 +2,9 @@
 
 Providers are tried in the order TensorRT -> CUDA -> CPU among those this onnxruntime
 build offers, and the one that really runs is read back from the session (an
-unusable CUDA provider falls back to the CPU silently otherwise). All tiles of a
-micrograph go through in one run. On the GPU the tiles are bound from, and the
+unusable CUDA provider falls back to the CPU silently otherwise). The tiles of a
+micrograph go through in runs of at most ``batch_tiles`` (``model.batch_tiles``): fewer
+tiles per run hold less memory, more use a GPU better. On the GPU the tiles are bound from, and the
 latents written to, device memory (IO binding), so nothing crosses to the host.
 """
 
@@ -45,19 +46,26 @@ class Encoder:
 
     bundle: ModelBundle
     backend: Backend
+    batch_tiles: int = 256  # tiles per encoder run
+
+    def __post_init__(self) -> None:
+        if self.batch_tiles < 1:
+            raise ValueError(f"batch_tiles must be at least 1, got {self.batch_tiles}")
 
     @classmethod
-    def open(cls, path: Path | None = None, precision: str = "fp32", backend: Backend = CPU) -> Encoder:
-        """Open a bundle (default: the shipped model) on the best provider. Raises ``BundleError``."""
+    def open(cls, path: Path | None = None, precision: str = "fp32", backend: Backend = CPU, batch_tiles: int = 256,
+             threads: int | None = None) -> Encoder:
+        """Open a bundle (default: the shipped model) on the best provider; ``threads``: CPU threads of the
+        session (default: all cores). Raises ``BundleError``."""
         import onnxruntime as ort
 
         providers = choose_providers(ort.get_available_providers(), backend)
-        bundle = open_bundle(bundle_path(path, precision), providers)
+        bundle = open_bundle(bundle_path(path, precision), providers, threads)
         running = bundle.providers
         log.info("encoder %s runs on %s", bundle.path.name, running[0])
         if backend.is_gpu and running[0] == "CPUExecutionProvider":
             log.warning("onnxruntime has no usable GPU provider: the encoder runs on the CPU")
-        return cls(bundle=bundle, backend=backend)
+        return cls(bundle=bundle, backend=backend, batch_tiles=batch_tiles)
 
     @property
     def on_device(self) -> bool:
@@ -70,10 +78,13 @@ class Encoder:
         tiles = to_tiles(grid_image, info.tile_px)
         tiles = (tiles * np.float32(1 / 255) - np.float32(info.standardisation["mean"])) * np.float32(1 / info.standardisation["std"])
         tiles = xp.ascontiguousarray(tiles, dtype=np.float32)
-        latents = self._run_device(tiles) if self.on_device else self.backend.asarray(self._run_host(tiles))
-        return latent_map(latents, tuple(grid_image.shape), info.patch_px)
+        run = self._run_device if self.on_device else self._run_host
+        batches = [run(tiles[i : i + self.batch_tiles]) for i in range(0, len(tiles), self.batch_tiles)]
+        latents = batches[0] if len(batches) == 1 else xp.concatenate([self.backend.asarray(b) for b in batches])
+        return latent_map(self.backend.asarray(latents), tuple(grid_image.shape), info.patch_px)
 
     def _run_host(self, tiles: Array) -> np.ndarray:
+        """One encoder run on host memory (tiles copied from the GPU if they are there)."""
         session = self.bundle.session
         host = tiles if isinstance(tiles, np.ndarray) else tiles.get()
         return session.run(None, {session.get_inputs()[0].name: host})[0]
@@ -84,6 +95,7 @@ class Encoder:
         out = xp.empty((tiles.shape[0], (info.tile_px // info.patch_px) ** 2, info.embed_dim), dtype=np.float32)
         binding = session.io_binding()
         device_id = int(xp.cuda.Device().id)
+        tiles = xp.ascontiguousarray(tiles)
         binding.bind_input(session.get_inputs()[0].name, "cuda", device_id, np.float32, list(tiles.shape), int(tiles.data.ptr))
         binding.bind_output(session.get_outputs()[0].name, "cuda", device_id, np.float32, list(out.shape), int(out.data.ptr))
         self.backend.synchronize()
