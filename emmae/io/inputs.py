@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import os
 from pathlib import Path
 
 from emmae.io.star import read_star
@@ -24,8 +26,22 @@ def micrographs_from_star(path: str | Path, root: str | Path | None = None) -> l
     return [(base / name, str(name)) for name in blocks[0]["rlnMicrographName"]]
 
 
-def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",)) -> list[Path]:
-    """Files, folders (their ``patterns``) and globs -> sorted unique paths.
+def folder_files(folder: Path, patterns: tuple[str, ...] = ("*.mrc",), recursive: bool = False) -> list[Path]:
+    """The files in ``folder`` (and its sub-folders when ``recursive``) whose names match one of
+    ``patterns`` regardless of case (``*.mrc`` finds ``a.MRC``). Hidden names (``.x.mrc``, e.g.
+    macOS ``._`` files) and hidden sub-folders are left out."""
+    wanted = [p.lower() for p in patterns]
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found += [Path(root) / name for name in files
+                  if not name.startswith(".") and any(fnmatch.fnmatchcase(name.lower(), p) for p in wanted)]
+    return sorted(found)
+
+
+def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",), recursive: bool = False) -> list[Path]:
+    """Files, folders (their files matching ``patterns`` in any case; sub-folders too when
+    ``recursive``) and globs -> sorted unique paths.
 
     Raises:
         FileNotFoundError: an input matches nothing.
@@ -34,12 +50,13 @@ def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",)) -> 
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = [p for pattern in patterns for p in path.glob(pattern)]
+            matches = folder_files(path, patterns, recursive)
         elif path.is_file():
             matches = [path]
         else:
             matches = [Path(p) for p in glob.glob(item)]
         if not matches:
-            raise FileNotFoundError(f"no micrographs found for {item!r}")
+            hint = "" if recursive or not path.is_dir() else " (its sub-folders are searched with --recursive)"
+            raise FileNotFoundError(f"no micrographs found for {item!r}{hint}")
         found += matches
     return sorted(set(found))
