@@ -1,12 +1,8 @@
-"""``emmae-export``: turn a training checkpoint into a model bundle.
+"""emmae-export: turn a training checkpoint into a model bundle.
 
 Exports the encoder to ONNX, embeds the training micrographs listed in the
 checkpoint, fits the train-set k-means (k = 4), names the particle cluster and writes
-one bundle per precision. Example::
-
-    emmae-export runs/mae/checkpoint.pt --out model.onnx --precision fp32 fp16 int8
-    emmae-export runs/mae/checkpoint.pt --out model.onnx \\
-        --reference mic_0001.mrc --reference-coords mic_0001.star --cluster-method reference
+one bundle per precision. Exit status: 0 written, 2 bad arguments or files.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from emmae.io.coords import GridTransform
 from emmae.io.mrc import read_layout, read_micrograph
 from emmae.io.truth import read_centres
 from emmae.runtime.bundle import BundleInfo, open_bundle
+from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.runtime.tiles import latent_map, to_tiles
 from emmae.trainer.clusters import (
     ClusterChoice,
@@ -46,25 +43,33 @@ from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
 from emmae.trainer.train import load_checkpoint
 
 log = logging.getLogger("emmae.export")
+EXAMPLES = """examples:
+  emmae-export runs/mae/checkpoint.pt --out model.onnx --precision fp32 fp16 int8
+  emmae-export runs/mae/checkpoint.pt --out model.onnx --reference mic_0001.mrc --reference-coords mic_0001.star --cluster-method reference
+"""
+
 K_TRAIN = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, required=True, help="bundle path; other precisions get a -fp16/-int8 suffix")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"])
+    parser = argparse.ArgumentParser(prog="emmae-export", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="checkpoint.pt written by emmae-train")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="bundle path; other precisions get a -fp16/-int8 suffix")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"],
+                        help="one bundle per precision: fp32 (default), fp16, int8 (dynamic quantisation)")
     parser.add_argument("--reference", type=Path, help="an annotated micrograph to name the particle cluster")
     parser.add_argument("--reference-coords", type=Path, help="its particle centres (.star, .csv or .box)")
     parser.add_argument("--reference-diameter-px", type=float, help="particle diameter on the reference (default: its training diameter)")
-    parser.add_argument("--cluster-method", choices=["prior", "reference"], default="prior")
+    parser.add_argument("--cluster-method", choices=["prior", "reference"], default="prior",
+                        help="name the particle cluster from the particle diameter alone (prior, default) or from the annotated --reference")
     parser.add_argument("--cache", type=Path, help="preprocessing cache (default: beside the checkpoint)")
+    add_common_arguments(parser, device=False, threads=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args)
     try:
         for path in export_bundles(args):
             log.info("wrote %s", path)

@@ -1,11 +1,11 @@
-"""``emmae-train``: train the masked autoencoder on micrographs.
+"""emmae-train: train the masked autoencoder on micrographs.
 
-Examples::
-
-    emmae-train Micrographs/ --diameter-A 300 --out runs/mae
-    emmae-train --manifest data/EMPIAR-10028/manifest.json --epochs 100 --depth 6 --out runs/small
-    emmae-train --resume runs/mae/checkpoint.pt --out runs/mae
+Each micrograph is preprocessed once (cached under OUT/cache), cut into tiles and
+standardised with the training set's mean and std; the model trains with AdamW (warm-up
+then cosine decay) and writes checkpoint.pt and history.json to OUT. Architecture and
+schedule default to the reference's. Exit status: 0 trained, 2 bad arguments, data or device.
 """
+
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from emmae.config import add_config_arguments, config_from_args, resolve_diameter_px
-from emmae.errors import EmmaeError
+from emmae.errors import BackendError, EmmaeError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
 from emmae.io.mrc import read_micrograph
 from emmae.memory import retain_freed_memory
+from emmae.runtime.options import add_common_arguments, check_threads, setup_logging
 from emmae.trainer.data import (
     MicrographItem,
     Standardisation,
@@ -35,31 +36,64 @@ from emmae.trainer.model import MAEArchitecture
 from emmae.trainer.train import TrainSettings, load_checkpoint, train
 
 log = logging.getLogger("emmae.train")
+EXAMPLES = """examples:
+  emmae-train Micrographs/ --diameter-A 300 --out runs/mae
+  emmae-train --manifest data/EMPIAR-10028/manifest.json --epochs 100 --depth 6 --out runs/small
+  emmae-train --resume runs/mae/checkpoint.pt --out runs/mae
+"""
+
+
+FIELD_HELP = {
+    "tile_px": "tile side in pixels of the working grid",
+    "patch_px": "ViT patch side in pixels (one latent per patch)",
+    "embed_dim": "encoder width (latent length)",
+    "depth": "encoder transformer blocks",
+    "num_heads": "encoder attention heads",
+    "decoder_embed_dim": "decoder width",
+    "decoder_depth": "decoder transformer blocks",
+    "decoder_num_heads": "decoder attention heads",
+    "mlp_ratio": "MLP hidden width as a multiple of the block width",
+    "mask_ratio": "fraction of patches masked during training",
+    "pos_embed_scale": "scale of the encoder's fixed sin-cos position embedding",
+    "epochs": "passes over the training tiles",
+    "batch_size": "tiles per optimisation step",
+    "base_lr": "peak learning rate at batch 128 (scaled linearly with the batch size)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_epochs": "epochs of linear warm-up",
+    "weight_decay": "AdamW weight decay (not on biases, norms and tokens)",
+    "seed": "random seed of the masking and the tile order",
+    "checkpoint_every": "write checkpoint.pt every this many epochs (and at the end)",
+}
+SKIPPED_FIELDS = {"device"}  # given by the common --device option (auto/cpu/gpu)
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        group.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}")
+        if f.name in SKIPPED_FIELDS:
+            continue
+        explained = FIELD_HELP.get(f.name, f.name.replace("_", " "))
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"{explained} (default {f.default})")
 
 
 def _from_args(cls: type, args: argparse.Namespace, base: dict | None = None) -> object:
     values = dict(base or {})
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None})
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                   if f.name not in SKIPPED_FIELDS and getattr(args, f.name) is not None})
     return cls(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmae-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="training micrographs: files, folders or globs")
+    parser = argparse.ArgumentParser(prog="emmae-train", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="training micrographs: files, folders (their *.mrc) or globs")
     parser.add_argument("--valid", nargs="*", default=[], help="held-back micrographs for the validation loss")
     parser.add_argument("--manifest", action="append", type=Path, default=[], help="dataset manifest.json: its 'train' split trains, 'valid' validates (repeatable)")
     parser.add_argument("--diameter-px", type=float, help="particle diameter in pixels of the input micrographs")
     parser.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom (needs a pixel size)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoint, history)")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (checkpoint, history)")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint")
     parser.add_argument("--cache", type=Path, help="folder for preprocessed images (default OUT/cache)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_common_arguments(parser)
     add_config_arguments(parser)
     _add_dataclass_options(parser, MAEArchitecture, "model architecture")
     _add_dataclass_options(parser, TrainSettings, "optimisation")
@@ -77,15 +111,29 @@ def _items(paths: list[str], args: argparse.Namespace, config) -> list[Micrograp
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args)
     retain_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        check_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return _run(args)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+
+
+def torch_device(device: str | None) -> str | None:
+    """The torch device for ``--device`` (auto/cpu/gpu; None: keep the checkpoint's or the default).
+
+    Raises:
+        BackendError: ``gpu`` asked for and torch sees no usable CUDA GPU.
+    """
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise BackendError("--device gpu: torch sees no usable CUDA GPU (use --device cpu or auto)")
+        return "cuda"
+    return device
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     base_arch = checkpoint["arch"] if checkpoint else None
     base_settings = checkpoint["settings"] if checkpoint else None
     arch = _from_args(MAEArchitecture, args, base_arch)
-    settings = _from_args(TrainSettings, args, base_settings)
+    device = torch_device(args.device)
+    settings = _from_args(TrainSettings, args, (base_settings or {}) | ({"device": device} if device else {}))
     train_items = _items(args.inputs, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "train")]
     valid_items = _items(args.valid, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "valid")]
     if not train_items:

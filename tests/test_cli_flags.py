@@ -1,0 +1,103 @@
+"""The flags every command shares: --help text, --version, --device words, -v/-q, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from emmae import __version__
+from emmae.runtime import cli, evaluate
+from emmae.runtime.options import log_level, progress_bar
+from emmae.runtime.stream import daemon
+
+PARSERS = {"emmae-pick": cli.build_parser, "emmae-eval": evaluate.build_parser, "emmae-stream": daemon.build_parser}
+
+
+def _all_parsers() -> dict:
+    parsers = dict(PARSERS)
+    try:
+        from emmae.export import cli as export_cli
+        from emmae.trainer import cli as train_cli
+    except ImportError:  # the train extra (torch) is not installed
+        return parsers
+    return parsers | {"emmae-train": train_cli.build_parser, "emmae-export": export_cli.build_parser}
+
+
+@pytest.mark.parametrize("name", sorted(_all_parsers()))
+def test_help_is_plain_text_and_explains_every_option(name):
+    parser = _all_parsers()[name]()
+    text = parser.format_help()
+    assert "``" not in text and "::\n" not in text and ":class:" not in text
+    assert parser.prog == name
+    unexplained = [a.option_strings or [a.dest] for a in parser._actions if not (a.help and a.help.strip()) and a.help != argparse.SUPPRESS]
+    assert unexplained == []
+
+
+@pytest.mark.parametrize("name", sorted(_all_parsers()))
+def test_version(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _all_parsers()[name]().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"{name} {__version__}"
+
+
+@pytest.mark.parametrize("name", sorted(set(_all_parsers()) - {"emmae-eval", "emmae-export"}))
+def test_device_takes_the_same_words_everywhere(name):
+    parser = _all_parsers()[name]()
+    (action,) = [a for a in parser._actions if "--device" in a.option_strings]
+    assert list(action.choices) == ["auto", "cpu", "gpu"]
+
+
+def test_train_device_gpu_without_a_gpu_is_a_message_not_a_traceback(tmp_path, caplog):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    from emmae.trainer import cli as train_cli
+
+    assert train_cli.main(["--device", "gpu", "--out", str(tmp_path / "run"), "--epochs", "1", str(tmp_path)]) == 2
+    assert any("--device gpu" in r.getMessage() and "no usable CUDA GPU" in r.getMessage() for r in caplog.records)
+    assert train_cli.torch_device("cpu") == "cpu" and train_cli.torch_device(None) is None
+
+
+def test_verbosity_flags():
+    parser = cli.build_parser()
+    assert log_level(parser.parse_args([])) == logging.INFO
+    assert log_level(parser.parse_args(["-v"])) == logging.DEBUG
+    assert log_level(parser.parse_args(["-q"])) == logging.WARNING
+    assert log_level(parser.parse_args(["-qq"])) == logging.ERROR
+    assert parser.parse_args(["-o", "x"]).out == Path("x")
+
+
+def test_quiet_pick_logs_no_info(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    assert cli.main([str(tmp_path / "none.mrc"), "--diameter-px", "20", "-q", "-o", str(tmp_path / "o")]) == cli.EXIT_FAILED
+    assert logging.getLogger().level == logging.WARNING
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def test_log_lines_are_written_above_the_progress_bar(capsys):
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # the console handler the commands log through
+    root.addHandler(handler)
+    try:
+        with progress_bar(range(3), 3, "micrograph", enabled=True) as bar:
+            for i in bar:
+                logging.getLogger("emmae.test").warning("line %d", i)
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    for i in range(3):
+        (line,) = [segment for segment in re.split(r"[\r\n]", err) if f"line {i}" in segment]
+        assert line.strip() == f"line {i}"  # never glued to the bar's text
+    assert "3/3" in err
+
+
+def test_progress_bars_need_no_extra():
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"tqdm\b", dep) for dep in project["dependencies"])
