@@ -101,3 +101,23 @@ def test_log_lines_are_written_above_the_progress_bar(capsys):
 def test_progress_bars_need_no_extra():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert any(re.match(r"tqdm\b", dep) for dep in project["dependencies"])
+
+
+def _output_options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    (group,) = [g for g in parser._action_groups if g.title == "output"]
+    return {a.option_strings[-1]: (a.option_strings, a.choices, a.help) for a in group._group_actions}
+
+
+def test_stream_takes_the_output_options_of_pick():
+    pick, stream = _output_options(cli.build_parser()), _output_options(daemon.build_parser())
+    shared = {"--format", "--flip-y", "--scale", "--strip-prefix", "--add-prefix", "--pixel-size-A", "--project-root", "--out"}
+    assert shared <= set(pick) and shared <= set(stream)
+    assert {k: pick[k] for k in shared - {"--out"}} == {k: stream[k] for k in shared - {"--out"}}  # one definition
+    assert pick["--out"][0] == stream["--out"][0] == ["-o", "--out"]  # (defaults differ: emmae_picks, WATCH/emmae_picks)
+    argv = ["--watch", "x", "--diameter-A", "300", "--format", "star", "cbox", "--flip-y", "--scale", "2", "--strip-prefix", "/data/",
+            "--add-prefix", "J1/", "--pixel-size-A", "1.5", "--device", "cpu"]
+    config = daemon._config(daemon.build_parser().parse_args(argv))
+    assert config.output.formats == ("star", "cbox") and config.output.flip_y and config.output.coordinate_scale == 2
+    assert (config.output.strip_prefix, config.output.add_prefix) == ("/data/", "J1/")
+    assert config.preprocess.pixel_size_A == 1.5 and config.backend.device == "cpu"
+    assert config.output == cli._config(cli.build_parser().parse_args(argv[2:])).output
