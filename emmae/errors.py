@@ -68,3 +68,15 @@ class TruncatedMRCError(IncompleteMRCError):
 
 class BundleError(EmmaeError, ValueError):
     """A model bundle that is missing, corrupt or incompatible with this version."""
+
+
+class NotRegularFileError(MicrographError):
+    """Not a regular file (a FIFO, a device, a folder) or one that cannot be opened (e.g. a symlink loop)."""
+
+
+class MicrographSizeError(MicrographError):
+    """The micrograph's dimensions cannot hold particles of the given diameter, or are absurdly elongated."""
+
+
+class UnsafeNameError(MicrographError):
+    """The file's name cannot be written safely to a STAR file or the journal (control characters, quotes, '#', not UTF-8)."""

@@ -4,11 +4,18 @@
 (header valid, data block complete); :func:`read_micrograph` reads one 2-D
 micrograph (modes 0, 1, 2, 6, 12; 2-D or single-section 3-D), memory-mapped, as
 float32. Each failure raises its own :class:`~emmae.errors.MicrographError`.
+
+Only regular files are opened, and never in a way that can block (a FIFO named
+``*.mrc`` is rejected, not waited on). :func:`check_dimensions` rejects, from the
+header alone and before anything is allocated, a micrograph too small to hold a few
+particles or absurdly elongated; every allocation that follows is bounded by the
+file's real size (the data block must be on disk before it is read).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +26,11 @@ from emmae.errors import (
     CorruptMRCError,
     EmptyMRCError,
     IncompleteMRCError,
+    MicrographSizeError,
     MultiSectionError,
     NonFiniteDataError,
     NotMRCError,
+    NotRegularFileError,
     TruncatedMRCError,
     UnsupportedModeError,
 )
@@ -31,6 +40,10 @@ HEADER_BYTES = 1024
 #: MRC mode -> bytes per voxel, for the modes a micrograph can use.
 MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
 _MAX_DIM = 1 << 20
+#: A micrograph must be at least this many particle diameters across on its shorter side.
+MIN_DIAMETERS = 3.0
+#: ... and no more elongated than this (longer side / shorter side).
+MAX_ASPECT = 8.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class MrcLayout:
     nz: int
     mode: int
     extended_header_bytes: int
+    pixel_size_xy_A: tuple[float, float] | None = None  # cella / mxyz, None when absent
 
     @property
     def expected_bytes(self) -> int:
@@ -76,10 +90,10 @@ def read_layout(path: str | Path) -> MrcLayout:
         TruncatedMRCError: the file is shorter than the header.
         NotMRCError: no 'MAP ' stamp or impossible dimensions.
         UnsupportedModeError: a mode other than 0, 1, 2, 6, 12.
+        NotRegularFileError: not a regular file, or it cannot be opened.
     """
     path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(HEADER_BYTES)
+    head = _read_head(path)
     if not head:
         raise EmptyMRCError(path, "empty file (0 bytes)")
     if len(head) >= 212 and head[208:211] != b"MAP":
@@ -89,11 +103,77 @@ def read_layout(path: str | Path) -> MrcLayout:
     order = ">" if head[212] == 0x11 else "<"
     nx, ny, nz, mode = (int(v) for v in np.frombuffer(head, dtype=f"{order}i4", count=4))
     next_bytes = int(np.frombuffer(head, dtype=f"{order}i4", count=1, offset=92)[0])
+    mx, my = (int(v) for v in np.frombuffer(head, dtype=f"{order}i4", count=2, offset=28))
+    with np.errstate(all="ignore"):
+        cx, cy = (float(v) for v in np.frombuffer(head, dtype=f"{order}f4", count=2, offset=40))
+        pixel = (cx / mx, cy / my) if mx > 0 and my > 0 else (0.0, 0.0)
+    pixel_xy = pixel if all(np.isfinite(pixel)) and min(pixel) > 0 else None
     if not all(0 < n < _MAX_DIM for n in (nx, ny, nz)) or not 0 <= next_bytes < (1 << 31):
         raise NotMRCError(path, f"not a valid MRC header (nx={nx}, ny={ny}, nz={nz}, extended header {next_bytes})")
     if mode not in MODE_BYTES:
         raise UnsupportedModeError(path, f"MRC mode {mode} is not supported (use 0, 1, 2, 6 or 12)")
-    return MrcLayout(nx=nx, ny=ny, nz=nz, mode=mode, extended_header_bytes=next_bytes)
+    return MrcLayout(nx=nx, ny=ny, nz=nz, mode=mode, extended_header_bytes=next_bytes, pixel_size_xy_A=pixel_xy)
+
+
+def _read_head(path: Path) -> bytes:
+    """The first ``HEADER_BYTES`` of a regular file, opened without blocking.
+
+    Raises:
+        NotRegularFileError: a FIFO, device or folder, or a file that cannot be opened
+            (a symlink loop, no permission).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise NotRegularFileError(path, f"cannot be opened: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(path, f"not a regular file ({_kind(info.st_mode)}); only regular files are read")
+        chunks, got = [], 0
+        while got < HEADER_BYTES:
+            chunk = os.read(fd, HEADER_BYTES - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def check_dimensions(path: str | Path, layout: MrcLayout, diameter_px: float,
+                     min_diameters: float = MIN_DIAMETERS, max_aspect: float = MAX_ASPECT) -> None:
+    """Reject, from the header alone, a micrograph that cannot hold particles of ``diameter_px``.
+
+    Called before anything is allocated for the micrograph: the working grid scales the
+    micrograph's longer side to a fixed size, so a tiny or extremely elongated one would
+    otherwise blow the particle (and every filter built on it) up to enormous sizes.
+
+    Raises:
+        MicrographSizeError: the shorter side is less than ``min_diameters`` particle
+            diameters, or the longer side is more than ``max_aspect`` times the shorter.
+    """
+    short, long = sorted((layout.nx, layout.ny))
+    if long > max_aspect * short:
+        raise MicrographSizeError(
+            path, f"absurdly elongated: {layout.nx} x {layout.ny} px (aspect ratio {long / short:.0f} > {max_aspect:g})"
+        )
+    if not (diameter_px > 0 and short >= min_diameters * diameter_px):
+        raise MicrographSizeError(
+            path, f"too small for the particle diameter: {layout.nx} x {layout.ny} px is less than {min_diameters:g} "
+                  f"particle diameters ({diameter_px:.4g} px) across"
+        )
 
 
 def check_complete(path: str | Path) -> MrcLayout:
@@ -135,7 +215,7 @@ def read_micrograph(path: str | Path, *, mmap: bool = True) -> Micrograph:
     """
     path = Path(path)
     layout = read_layout(path)
-    size = os.stat(path).st_size
+    size = os.stat(path).st_size  # the data block must be on disk before anything is allocated for it
     if size < layout.expected_bytes:
         raise TruncatedMRCError(path, f"truncated: {size} of {layout.expected_bytes} bytes the header declares")
     if layout.nz != 1:
@@ -144,17 +224,17 @@ def read_micrograph(path: str | Path, *, mmap: bool = True) -> Micrograph:
     try:
         with opener(path, mode="r", permissive=False) as mrc:
             data = np.array(mrc.data.reshape(layout.ny, layout.nx), dtype=np.float32)
-            voxel = mrc.voxel_size
     except ValueError as exc:
         raise CorruptMRCError(path, f"mrcfile rejects the file: {exc}") from None
     if layout.mode in (2, 12):
         _check_finite(path, data)
-    pixel = (float(voxel.x), float(voxel.y))
-    return Micrograph(path=path, data=data, pixel_size_xy_A=pixel if min(pixel) > 0 else None)
+    return Micrograph(path=path, data=data, pixel_size_xy_A=layout.pixel_size_xy_A)  # cella / mxyz, as mrcfile's voxel size
 
 
 def _check_finite(path: Path, data: np.ndarray) -> None:
-    if np.isfinite(data.sum(dtype=np.float64)):
+    with np.errstate(invalid="ignore", over="ignore"):  # +inf and -inf sum to NaN: found below, no warning
+        total = data.sum(dtype=np.float64)
+    if np.isfinite(total):
         return
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
