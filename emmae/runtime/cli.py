@@ -307,6 +307,11 @@ def pick_all(items: list[Item], config: EmmaeConfig, encoder: Encoder, out: Path
                 stopped = exc
                 log.error("%s: stopping; %d micrographs were picked and are indexed", exc, len(done))
                 break
+            except (EmmaeError, OSError) as exc:  # e.g. the micrograph vanished before its preview was drawn
+                remove_outputs(out, item.stem)
+                failures.append((str(item.path), getattr(exc, "reason", None) or _one_line(exc)))
+                log.error("skipped %s: %s", item.path, _one_line(exc))
+                continue
             done.append((item.stem, result))
             log.info("[%d/%d] %s: %d particles in %.2f s (pixel %s, diameter %.1f px)", i, len(items), item.path.name, len(result),
                      sum(result.timings_s.values()), _pixel_text(result.pixel_size_A), result.diameter_px)
@@ -368,7 +373,11 @@ def write_outputs(out: Path, stem: str, result: Picks, config: EmmaeConfig, sour
     Raises:
         OutputError: a file could not be written.
     """
-    (out / stem).parent.mkdir(parents=True, exist_ok=True)
+    folder = (out / stem).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from None
     xy = transform_xy(result.xy, result.shape, config.output)
     scale = config.output.coordinate_scale
     box = result.diameter_px * scale * 1.5
