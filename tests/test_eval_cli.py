@@ -74,9 +74,8 @@ def test_diameters(folders, caplog):
     assert by_px["pooled"]["one-to-one"]["f1"] > _report(folders, "--diameter-px", "12")["pooled"]["one-to-one"]["f1"]
 
 
-def test_two_truth_formats_for_one_micrograph_need_a_choice(folders, caplog):
+def test_of_several_truth_formats_the_star_is_read_unless_another_is_chosen(folders):
     write_relion_coordinates(folders / "picks" / "mic_1_autopick.star", CENTRES, np.ones(len(CENTRES)))
-    write_box(folders / "truth" / "mic_1.box", CENTRES, 40)
-    assert evaluate.main(["--picks", str(folders / "picks"), "--truth", str(folders / "truth"), "--diameter-px", "40"]) == 2
-    assert any("--truth-format" in r.getMessage() for r in caplog.records)
-    assert _report(folders, "--diameter-px", "40", "--truth-format", "box")["pooled"]["one-to-one"]["f1"] == 1.0
+    write_box(folders / "truth" / "mic_1.box", CENTRES[::-1] + 45.0, 40)  # a different set in another format
+    assert _report(folders, "--diameter-px", "40")["pooled"]["one-to-one"]["f1"] == 1.0
+    assert _report(folders, "--diameter-px", "40", "--truth-format", "box")["pooled"]["one-to-one"]["f1"] == 0.0

@@ -3,8 +3,8 @@
 Pick files are matched to truth files by micrograph stem. One pick file per micrograph is
 scored, of the format chosen with --picks-format: star (default: <stem>_autopick.star, or
 <stem>.star), box (<stem>.box), cbox (<stem>.cbox: every candidate, before any threshold)
-or csv (<stem>.csv, columns x and y). Truth files are <stem>.star, .box, .csv or .cbox;
-a stem with two of them needs --truth-format.
+or csv (<stem>.csv, columns x and y). Truth files are <stem>.star, .csv, .box or .cbox;
+of a stem with several, the first in that order is read unless --truth-format chooses.
 
 When the picks folder records (in emmae-config.json) that coordinates were written with
 --flip-y or --scale, they are undone before scoring, with each micrograph's height from
@@ -33,6 +33,7 @@ from emmae.runtime.options import add_common_arguments, setup_logging
 
 log = logging.getLogger("emmae.eval")
 FORMATS = ("star", "box", "cbox", "csv")
+PREFERENCE = ("star", "csv", "box", "cbox")  # when a stem has several files: exact centres first
 INDEX_FILES = ("autopick.star", "particles.star", "micrographs.star", "failed.star")
 PICK_TAG = "_autopick"
 
@@ -47,18 +48,19 @@ class EvaluationError(ValueError):
 
 
 def coordinate_files(folder: Path, fmt: str | None = None) -> dict[str, Path]:
-    """Stem -> coordinate file in ``folder``: of format ``fmt``, or (None) of any format, one per stem.
+    """Stem -> coordinate file in ``folder``: of format ``fmt``, or (None) one per stem, the first of
+    STAR, CSV, BOX, CBOX that it has.
 
     For ``star``, ``<stem>_autopick.star`` is taken before ``<stem>.star``; the index files
     (``autopick.star``, ``particles.star``, ``micrographs.star``) are never coordinate files.
 
     Raises:
         NotADirectoryError: ``folder`` is not a folder.
-        EvaluationError: with ``fmt=None``, a stem has files of two formats.
     """
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
     found: dict[str, Path] = {}
+    several: set[str] = set()
     for path in sorted(folder.iterdir()):
         suffix = path.suffix.lower().lstrip(".")
         if suffix not in FORMATS or (fmt is not None and suffix != fmt) or path.name in INDEX_FILES or not path.is_file():
@@ -66,14 +68,19 @@ def coordinate_files(folder: Path, fmt: str | None = None) -> dict[str, Path]:
         stem = path.stem
         tagged = suffix == "star" and stem.endswith(PICK_TAG)
         stem = stem.removesuffix(PICK_TAG) if tagged else stem
-        if stem in found:
-            other = found[stem]
-            if fmt is None and other.suffix.lower() != path.suffix.lower():
-                raise EvaluationError(f"{folder}: {other.name} and {path.name} are both coordinates of {stem!r}: choose one format "
-                                      "(--truth-format)")
-            if not tagged:
+        other = found.get(stem)
+        if other is not None:
+            rank = PREFERENCE.index(other.suffix.lower().lstrip("."))
+            if rank != PREFERENCE.index(suffix):
+                several.add(stem)
+                if PREFERENCE.index(suffix) > rank:
+                    continue
+            elif not tagged:
                 continue  # <stem>_autopick.star wins over <stem>.star
         found[stem] = path
+    if several:
+        log.info("%s holds several formats for %d micrographs: reading %s (choose with --truth-format)", folder, len(several),
+                 ", ".join(sorted({p.suffix for p in found.values()})))
     return found
 
 
@@ -143,7 +150,7 @@ def evaluate(picks: Path, truth: Path, diameter_px: float | None = None, *, pick
     """Per-micrograph and pooled scores for both matching modes.
 
     Raises:
-        EvaluationError: nothing to score, ambiguous truth files, or no usable diameter.
+        EvaluationError: nothing to score, or no usable diameter.
         CoordinateFileError: a coordinate file that cannot be read.
         NotADirectoryError: a folder that is not one.
     """
@@ -200,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--picks", type=Path, required=True, metavar="DIR", help="folder of pick files (e.g. an emmae-pick output folder)")
     parser.add_argument("--truth", type=Path, required=True, metavar="DIR", help="folder of ground-truth files, one per micrograph")
     parser.add_argument("--picks-format", choices=FORMATS, default="star", help="which pick files to score (default: star)")
-    parser.add_argument("--truth-format", choices=FORMATS, help="which truth files to read (default: the one file of each stem)")
+    parser.add_argument("--truth-format", choices=FORMATS, help="which truth files to read (default: each stem's first of star, csv, box, cbox)")
     parser.add_argument("--diameter-px", type=float, metavar="PX", help="particle diameter (the metric's box size) in pixels")
     parser.add_argument("--diameter-A", type=float, metavar="A",
                         help="particle diameter in Angstrom, with --pixel-size-A or the pixel sizes in the picks folder's micrographs.star")
