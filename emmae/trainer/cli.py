@@ -10,6 +10,7 @@ schedule default to the reference's. Exit status: 0 trained, 2 bad arguments, da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from emmae.config import add_config_arguments, config_from_args, resolve_diameter_px
 from emmae.errors import BackendError, EmmaeError
@@ -160,8 +162,12 @@ def _run(args: argparse.Namespace) -> int:
         "valid": [[str(i.path), i.diameter_px] for i in valid_items],
         "preprocess": pre.model_dump(mode="json"),
     }
-    progress = _progress_bar(settings) if sys.stderr.isatty() else None
-    model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, progress)
+    show_bar = sys.stderr.isatty() and logging.getLogger().isEnabledFor(logging.INFO)
+    progress = _progress_bar(settings) if show_bar else None
+    with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():  # log lines above the bar, not on it
+        model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, progress)
+    if progress is not None:
+        progress.close()
     write_bytes_atomic(args.out / "history.json", json.dumps(state.history, indent=1).encode())
     last = state.history[-1] if state.history else {}
     log.info("done: %d epochs, train loss %.4f, valid loss %s", state.epoch, last.get("train_loss", float("nan")), last.get("valid_loss"))
@@ -179,6 +185,7 @@ def _progress_bar(settings: TrainSettings):
         bar.set_postfix(loss=f"{info['loss']:.4f}", tiles_s=f"{info['tiles/s']:.0f}", refresh=False)
         bar.refresh()
 
+    update.close = bar.close  # type: ignore[attr-defined]
     return update
 
 
