@@ -37,7 +37,7 @@ def populate(watch: Path, out: Path, n: int) -> None:
         path = watch / f"GridSquare_{i // 100:05d}" / f"FoilHole_{i:07d}_Data_fractions.mrc"
         path.parent.mkdir(exist_ok=True)
         path.touch()
-        journal.mark_picked(str(path), str(path), 300, str(out / f"{path.stem}_autopick.star"), {})
+        journal.mark_picked(str(path.relative_to(watch)), str(path), 300, str(out / f"{path.stem}_autopick.star"), {})  # keyed below the folder
     journal._db.execute("COMMIT")
     journal.close()
 

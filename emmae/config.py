@@ -112,6 +112,7 @@ class StreamConfig(_Section):
     patterns: tuple[str, ...] = ("*.mrc",)
     recursive: bool = True
     settle_s: float = Field(5.0, ge=0, le=3600)
+    stale_after_s: float = Field(180.0, gt=0, le=86400)  # an incomplete file unchanged this long is recorded as failed
     poll_interval_s: float = Field(2.0, gt=0, le=3600)
     poll: Literal["auto", "always"] = "auto"  # always: polling only, no file-system observer
     order: Literal["oldest", "newest"] = "oldest"

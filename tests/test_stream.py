@@ -121,7 +121,7 @@ def test_kill_9_then_restart_gives_one_set_of_picks(tmp_path):
     assert stars == [f"{m.stem}_autopick.star" for m in mics]
     journal = Journal(out)
     assert sorted(Path(e.path).name for e in journal.picked()) == [m.name for m in mics]
-    failed = journal.get(str(watch / "broken.mrc"))
+    failed = journal.get("broken.mrc")  # keyed relative to the watched folder
     assert failed.state == "failed" and "not an MRC file" in failed.reason
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(str(m) for m in mics)
@@ -141,10 +141,13 @@ def test_sigterm_and_stop_file_stop_cleanly(tmp_path):
     assert daemon.returncode == 0, output
     assert "SIGTERM received" in output and _no_temporary_files(out)
     starfile.read(out / "autopick.star")  # the index parses
-    (watch / "EMMAE_STOP").touch()
+    (watch / "EMMAE_STOP").touch()  # left over: reported and ignored at the next start
     again = _stream(args)
+    _wait_for(again, "left from an earlier run")
+    (watch / "EMMAE_STOP").touch()  # touched again while it runs: obeyed
     output, _ = again.communicate(timeout=60)
     assert again.returncode == 0 and "stop file found" in output
+    assert not (watch / "EMMAE_STOP").exists()  # removed once obeyed: nothing left for the next start
 
 
 @needs_model

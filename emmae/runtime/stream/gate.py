@@ -1,24 +1,36 @@
 """Discovery and the completeness gate.
 
-A file is handed on only when its size and mtime have not changed for ``settle_s``
-seconds *and* the strict MRC check passes (header valid, data block complete). Hidden
-files and the usual temporary names of copy tools are never considered.
+A file is handed on only when its size, mtime, ctime and inode have not changed for
+``settle_s`` seconds *and* the strict MRC check passes (header valid, data block
+complete). A file whose data block still ends in zeros (a writer that set the full
+size first, as ``rsync --preallocate`` and download tools do, and fills it in later)
+is handed on only once it has not changed for ``stale_after_s``. A file that is still
+incomplete after ``stale_after_s`` without any change is given up on (the caller
+records it as failed, and tries again if it changes). Only regular files are
+considered: a FIFO, a device or a symlink loop is rejected without being opened.
+The strict check reads a file's header only when the file changed since the last
+look, so thousands of unfinished files cost one ``stat`` each per scan. Hidden files
+and the usual temporary names of copy tools are never considered.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import logging
 import os
 import re
+import stat as stat_module
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from emmae.errors import IncompleteMRCError, MicrographError
-from emmae.io.mrc import check_complete
+from emmae.errors import IncompleteMRCError, MicrographError, NotRegularFileError, TruncatedMRCError
+from emmae.io.mrc import HEADER_BYTES, MODE_BYTES, MrcLayout, check_complete
 
+log = logging.getLogger("emmae.stream")
+ZERO_TAIL_BYTES = 4096  # a data block whose last bytes are all zero may still be filled in (preallocated)
 TEMPORARY = ("*~", "*.tmp", "*.part", "*.partial", "*.filepart", "*downloading*", "*.crdownload")
 
 
@@ -35,62 +47,148 @@ def is_candidate(name: str, patterns: tuple[str, ...]) -> bool:
     return _matcher(tuple(patterns))(name)
 
 
-def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset()) -> Iterator[Path]:
-    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered; paths in ``known`` left out)."""
+def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
+         prefix: str = "") -> Iterator[Path]:
+    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered; paths in ``known`` left out).
+
+    With ``prefix`` (how every path found starts, e.g. ``folder`` and a slash), ``known``
+    holds the paths without it (relative to the folder).
+    """
+    return map(Path, walk(folder, patterns, recursive, skip, known, prefix))
+
+
+def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
+         prefix: str = "") -> Iterator[str]:
+    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files)."""
     candidate = _matcher(tuple(patterns))
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
         for name in sorted(files):
             if candidate(name):
                 path = os.path.join(root, name)
-                if path not in known:
-                    yield Path(path)
+                if path[len(prefix):] not in known:
+                    yield path
         if not recursive:
             break
 
 
+def signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written, replaced or truncated: size, mtime, ctime, inode."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+def stat_regular(path: Path) -> os.stat_result | None:
+    """The file's stat (following links), None if it is gone.
+
+    Raises:
+        NotRegularFileError: a symlink loop or an unreadable path, or not a regular file.
+    """
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NotRegularFileError(path, f"cannot be examined: {exc.strerror or exc}") from None
+    if not stat_module.S_ISREG(stat.st_mode):
+        raise NotRegularFileError(path, "not a regular file (a FIFO, a device or a folder); only regular files are read")
+    return stat
+
+
 @dataclass
 class _Watch:
-    size: int
-    mtime_ns: int
-    since: float
+    signature: tuple[int, int, int, int]
+    since: float  # when it last changed
+    verdict: str = ""  # of the strict check of this version: '' (not yet), 'incomplete' or 'zeros'
+    reason: str = ""
 
 
 class Gate:
-    """Tracks files until they are stable and complete."""
+    """Tracks files until they are stable and complete (``stale_after_s``: how long an unchanging incomplete file is waited for)."""
 
-    def __init__(self, settle_s: float) -> None:
-        self.settle_s = settle_s
+    def __init__(self, settle_s: float, stale_after_s: float = float("inf"),
+                 check: Callable[[Path, MrcLayout], object] | None = None) -> None:
+        """``check(path, layout)``: more checks of a complete file's header (e.g. its size against the particle's), raising
+        :class:`MicrographError`."""
+        self.settle_s, self.stale_after_s, self._check = settle_s, stale_after_s, check
         self._watched: dict[Path, _Watch] = {}
 
-    def check(self, path: Path, now: float | None = None) -> str:
-        """``ready``, ``waiting`` or ``gone``; raises :class:`MicrographError` for a file that will never do."""
+    def check(self, path: Path, now: float | None = None, stat: os.stat_result | None = None) -> str:
+        """``ready``, ``waiting`` or ``gone``; raises :class:`MicrographError` for a file that will never do.
+
+        An incomplete file that has not changed for ``stale_after_s`` raises
+        :class:`TruncatedMRCError` (it is given up on until it changes).
+        """
         now = time.monotonic() if now is None else now
         try:
-            stat = path.stat()
-        except FileNotFoundError:
-            self._watched.pop(path, None)
-            return "gone"
-        seen = self._watched.get(path)
-        if seen is None or (seen.size, seen.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            self._watched[path] = _Watch(stat.st_size, stat.st_mtime_ns, now)
-            return "waiting" if self.settle_s > 0 else self._complete(path)
-        if now - seen.since < self.settle_s:
-            return "waiting"
-        return self._complete(path)
-
-    def _complete(self, path: Path) -> str:
-        try:
-            check_complete(path)
-        except IncompleteMRCError:
-            return "waiting"
+            if stat is None:  # else the caller's, just taken (following links)
+                stat = stat_regular(path)
+            elif not stat_module.S_ISREG(stat.st_mode):
+                raise NotRegularFileError(path, "not a regular file (a FIFO, a device or a folder); only regular files are read")
         except MicrographError:
             self._watched.pop(path, None)
             raise
+        if stat is None:
+            self._watched.pop(path, None)
+            return "gone"
+        seen = self._watched.get(path)
+        if seen is None or seen.signature != signature(stat):
+            seen = self._watched[path] = _Watch(signature(stat), now)
+            if self.settle_s > 0:
+                return "waiting"
+        elif now - seen.since < self.settle_s:
+            return "waiting"
+        if not seen.verdict:  # the strict check runs once per version of the file
+            seen.verdict, seen.reason = self._complete(path, stat)
+            if seen.verdict == "ready":
+                self._watched.pop(path, None)
+                return "ready"
+        stable_s = now - seen.since
+        if stable_s < self.stale_after_s:
+            return "waiting"
         self._watched.pop(path, None)
-        return "ready"
+        if seen.verdict == "zeros":
+            log.warning("%s: its data block ends in zeros but it has not changed for %.0f s: taken as complete", path.name, stable_s)
+            return "ready"
+        raise TruncatedMRCError(path, f"incomplete and unchanged for {stable_s:.0f} s ({seen.reason})")
+
+    def _complete(self, path: Path, stat: os.stat_result) -> tuple[str, str]:
+        """('ready' | 'incomplete' | 'zeros', reason) of the strict check."""
+        try:
+            layout = check_complete(path)
+        except IncompleteMRCError as exc:
+            return "incomplete", exc.reason
+        except MicrographError:
+            self._watched.pop(path, None)
+            raise
+        if self._check is not None:
+            try:
+                self._check(path, layout)
+            except Exception:
+                self._watched.pop(path, None)
+                raise
+        end = HEADER_BYTES + layout.extended_header_bytes + layout.nx * layout.ny * MODE_BYTES[layout.mode]
+        if _zero_tail(path, end):
+            return "zeros", "the data block still ends in zeros"
+        return "ready", ""
+
+    def forget(self, path: Path) -> None:
+        self._watched.pop(path, None)
 
     @property
     def pending(self) -> int:
         """Files still being watched (not yet stable or complete)."""
         return len(self._watched)
+
+
+def _zero_tail(path: Path, end: int) -> bool:
+    """The last ``ZERO_TAIL_BYTES`` of the data block (ending at byte ``end``) are all zero."""
+    start = max(HEADER_BYTES, end - ZERO_TAIL_BYTES)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        tail = os.pread(fd, end - start, start)
+    finally:
+        os.close(fd)
+    return len(tail) > 0 and not any(tail)

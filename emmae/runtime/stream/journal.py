@@ -1,20 +1,34 @@
 """The session journal: one SQLite database in the output folder.
 
-Every micrograph's state is one row: ``seen`` (found, not yet complete), ``processing``,
-``picked`` (with its particle count and timings) or ``failed`` (with the reason and
-the file's size and mtime, so it is retried only if the file changes). Outputs are
-written (atomically) before a micrograph is marked ``picked``; on opening, rows left
+Every micrograph's state is one row, keyed on its path relative to the watched folder
+(so two spellings of the same folder share one journal): ``seen`` (found, not yet
+complete), ``processing``, ``picked`` (with its particle count, timings and the
+file's size, mtime and inode, so a replaced file is noticed and picked again) or
+``failed`` (with the reason, the kind of cause and the file's size and mtime). A
+``micrograph`` failure is retried only if the file changes; a ``config`` failure
+(no usable diameter or pixel size) also when the configuration changes (its hash is
+stored); an ``output`` failure (full disk) after a delay. Outputs are written
+(atomically) before a micrograph is marked ``picked``; on opening, rows left
 ``processing`` by a crash go back to ``seen`` and are redone, overwriting their
 outputs, so a restart never loses or duplicates a micrograph.
+
+Journals written by earlier versions (absolute paths as keys, no kind, hash or
+inode) are migrated when opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("emmae.stream")
 
 FILENAME = "emmae-journal.sqlite"
 SCHEMA = """
@@ -31,6 +45,15 @@ CREATE TABLE IF NOT EXISTS micrographs (
     updated REAL NOT NULL
 )
 """
+VERSION = 2  # PRAGMA user_version: 1 added kind, config_hash, ino; 2 keys on the path relative to the watched folder
+COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER"}
+KINDS = ("micrograph", "config", "output", "unexpected")
+_FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino"
+
+
+def journal_key(relative: str) -> str:
+    """A path as the journal stores it: text SQLite can hold (undecodable bytes written as ``\\xNN``)."""
+    return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -43,36 +66,80 @@ class Entry:
     particles: int | None
     outputs: str | None
     reason: str | None
+    kind: str | None = None
+    config_hash: str | None = None
+    ino: int | None = None
 
 
 class Journal:
-    """The journal of one output folder (single writer: the daemon's scanning thread)."""
+    """The journal of one output folder (single writer: the daemon's scanning thread).
 
-    def __init__(self, folder: Path) -> None:
+    ``config_hash``: the hash of the current configuration; a ``config`` failure
+    recorded under another hash is wanted again. ``roots``: the spellings of the
+    watched folder under which keys of an older journal (absolute paths) are rewritten
+    relative to it.
+    """
+
+    def __init__(self, folder: Path, config_hash: str | None = None, roots: tuple[Path, ...] = ()) -> None:
         self.path = Path(folder) / FILENAME
+        self.config_hash = config_hash
         self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; explicit transactions below
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        self._migrate(roots)
         self._db.execute("UPDATE micrographs SET state = 'seen' WHERE state = 'processing'")
+
+    def _migrate(self, roots: tuple[Path, ...]) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(micrographs)")}
+        for column, kind in COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE micrographs ADD COLUMN {column} {kind}")
+        if version < 2 and roots:
+            self._rekey(roots)
+        if version < VERSION:
+            self._db.execute(f"PRAGMA user_version = {VERSION}")
+
+    def _rekey(self, roots: tuple[Path, ...]) -> None:
+        """Absolute keys of an older journal become relative to the watched folder (a duplicate keeps its newest row)."""
+        bases = [str(r) for r in roots] + [os.path.abspath(r) for r in roots] + [os.path.realpath(r) for r in roots]
+        rows = self._db.execute("SELECT path, state, updated FROM micrographs ORDER BY updated").fetchall()
+        moved = 0
+        self._db.execute("BEGIN")
+        try:
+            for path, _state, _updated in rows:
+                new = _relative(path, bases)
+                if new is None or new == path:
+                    continue
+                if self._db.execute("SELECT 1 FROM micrographs WHERE path = ?", (new,)).fetchone():
+                    self._db.execute("DELETE FROM micrographs WHERE path = ?", (new,))  # an older row of the same file
+                self._db.execute("UPDATE micrographs SET path = ? WHERE path = ?", (new, path))
+                moved += 1
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if moved:
+            log.info("journal: %d entries now keyed relative to the watched folder", moved)
 
     def close(self) -> None:
         self._db.close()
 
     def get(self, path: str) -> Entry | None:
-        row = self._db.execute(
-            "SELECT path, name, state, size, mtime_ns, particles, outputs, reason FROM micrographs WHERE path = ?", (path,)
-        ).fetchone()
+        row = self._db.execute(f"SELECT {_FIELDS} FROM micrographs WHERE path = ?", (path,)).fetchone()
         return Entry(*row) if row else None
 
-    def wants(self, path: str, size: int, mtime_ns: int) -> bool:
-        """True unless already picked, or failed and unchanged since."""
+    def wants(self, path: str, size: int, mtime_ns: int, ino: int | None = None) -> bool:
+        """True unless picked and unchanged since, or failed and neither the file nor (for a config failure) the configuration changed."""
         entry = self.get(path)
         if entry is None or entry.state in ("seen", "processing"):
             return True
         if entry.state == "failed":
+            if entry.kind in ("config", "unexpected") and entry.config_hash != self.config_hash:
+                return True
             return (entry.size, entry.mtime_ns) != (size, mtime_ns)
-        return False
+        return changed_since_picked(entry, size, mtime_ns, ino)
 
     def _upsert(self, path: str, name: str, state: str, **fields: object) -> None:
         columns = ["path", "name", "state", "updated", *fields]
@@ -95,18 +162,46 @@ class Journal:
     def mark_processing(self, path: str, name: str) -> None:
         self._upsert(path, name, "processing", reason=None)
 
-    def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float]) -> None:
-        self._upsert(path, name, "picked", particles=particles, outputs=outputs, timings=json.dumps(timings), reason=None)
+    def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
+                    size: int | None = None, mtime_ns: int | None = None, ino: int | None = None) -> None:
+        """Picked from the file of this size, mtime and inode (a later change means it was replaced)."""
+        self._upsert(path, name, "picked", particles=particles, outputs=outputs, timings=json.dumps(timings), reason=None,
+                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash)
 
-    def mark_failed(self, path: str, name: str, reason: str, size: int | None, mtime_ns: int | None) -> None:
-        self._upsert(path, name, "failed", reason=reason, size=size, mtime_ns=mtime_ns)
+    def mark_failed(self, path: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
+        """Failed for ``reason``; ``kind`` (one of ``KINDS``) says whose fault, and when it is worth trying again."""
+        self._upsert(path, name, "failed", reason=reason, size=size, mtime_ns=mtime_ns, kind=kind, config_hash=self.config_hash)
+
+    def adopt(self, files: list[tuple[str, int, int, int]]) -> None:
+        """Record the file of picked entries that have none (an older journal's), as (path, size, mtime_ns, inode): the versions that were picked."""
+        if not files:
+            return
+        with self.batch():
+            self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ? WHERE path = ?",
+                                 [(size, mtime_ns, ino, path) for path, size, mtime_ns, ino in files])
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Everything written inside is one transaction (one sync to disk), rolled back on an error; nests."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def picked(self) -> list[Entry]:
         """Every picked micrograph, in the order they were picked."""
-        rows = self._db.execute(
-            "SELECT path, name, state, size, mtime_ns, particles, outputs, reason FROM micrographs "
-            "WHERE state = 'picked' ORDER BY updated"
-        ).fetchall()
+        rows = self._db.execute(f"SELECT {_FIELDS} FROM micrographs WHERE state = 'picked' ORDER BY updated").fetchall()
+        return [Entry(*row) for row in rows]
+
+    def failed(self) -> list[Entry]:
+        """Every failed micrograph, by key."""
+        rows = self._db.execute(f"SELECT {_FIELDS} FROM micrographs WHERE state = 'failed' ORDER BY path").fetchall()
         return [Entry(*row) for row in rows]
 
     def picked_at(self) -> list[tuple[str, float]]:
@@ -115,3 +210,21 @@ class Journal:
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM micrographs GROUP BY state").fetchall())
+
+
+def changed_since_picked(entry: Entry, size: int, mtime_ns: int, ino: int | None) -> bool:
+    """A picked file's size, mtime or inode differ from those recorded (unknown for an older journal: unchanged)."""
+    if entry.size is None or entry.mtime_ns is None:
+        return False
+    return (entry.size, entry.mtime_ns) != (size, mtime_ns) or (entry.ino is not None and ino is not None and entry.ino != ino)
+
+
+def _relative(path: str, bases: list[str]) -> str | None:
+    """``path`` relative to the first of ``bases`` it lies under, or None."""
+    candidates = [path, os.path.abspath(path), os.path.realpath(path)]
+    for candidate in candidates:
+        for base in bases:
+            base = base.rstrip("/") or "/"
+            if candidate.startswith(base + "/"):
+                return candidate[len(base) + 1 :]
+    return None

@@ -11,11 +11,18 @@ bounded whatever the backlog). Results come back, in completion order, through
 
 On :meth:`Pipeline.cancel` the micrograph being encoded is finished and written; those
 not yet started come back as ``rolled_back`` so the journal can return them to ``seen``.
+
+Before a micrograph is read, its header's dimensions are checked against the particle
+diameter (:func:`check_job`: nothing is allocated for a micrograph that cannot hold
+particles); after it is read, its size, mtime, ctime and inode are compared with those
+the gate saw, and a micrograph that changed meanwhile comes back as ``changed`` (it is
+looked at again, never recorded as picked from a half-written or replaced file).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from emmae.config import EmmaeConfig
-from emmae.errors import EmmaeError
+from emmae.config import EmmaeConfig, resolve_diameter_px
+from emmae.errors import ConfigError, EmmaeError, MicrographError, MicrographSizeError
+from emmae.io.mrc import MrcLayout, check_dimensions, read_layout
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import Picks, Prepared, finish, prepare
+from emmae.runtime.stream.gate import signature
 
 log = logging.getLogger("emmae.stream")
 _END = object()
@@ -41,6 +50,56 @@ class Job:
     size: int
     mtime_ns: int
     ready_at: float  # time.time() when the gate let it through
+    ctime_ns: int = 0
+    ino: int = 0
+
+    @property
+    def signature(self) -> tuple[int, int, int, int]:
+        return self.size, self.mtime_ns, self.ctime_ns, self.ino
+
+
+class ChangedError(EmmaeError):
+    """The file changed (written to, replaced, truncated) while it was being read."""
+
+
+def check_job(job: Job, config: EmmaeConfig) -> float:
+    """The particle diameter in pixels, once the header says the micrograph can hold such particles.
+
+    Raises:
+        ConfigError: no usable diameter (no pixel size for ``diameter_A``).
+        MicrographSizeError: too small for the diameter, or absurdly elongated.
+        MicrographError: the header cannot be read.
+    """
+    return check_layout(job.path, read_layout(job.path), config)
+
+
+def check_layout(path: Path, layout: MrcLayout, config: EmmaeConfig) -> float:
+    """:func:`check_job` of a header already read."""
+    header_px = None if layout.pixel_size_xy_A is None else float((layout.pixel_size_xy_A[0] * layout.pixel_size_xy_A[1]) ** 0.5)
+    diameter_px = resolve_diameter_px(config.preprocess, header_px)
+    check_dimensions(path, layout, diameter_px)
+    return diameter_px
+
+
+def unchanged(job: Job) -> bool:
+    """The file still has the size, mtime, ctime and inode the gate saw."""
+    try:
+        return signature(os.stat(job.path)) == job.signature
+    except OSError:
+        return False
+
+
+def failure_kind(exc: BaseException) -> str:
+    """Whose fault a failure is: ``config`` (the settings), ``micrograph`` (the file) or ``unexpected``."""
+    if isinstance(exc, (ConfigError, MicrographSizeError)) and not _elongated(exc):
+        return "config"  # another diameter or pixel size may do: tried again when the configuration changes
+    if isinstance(exc, MicrographError):
+        return "micrograph"
+    return "unexpected"
+
+
+def _elongated(exc: BaseException) -> bool:
+    return isinstance(exc, MicrographSizeError) and exc.reason.startswith("absurdly elongated")
 
 
 @dataclass(frozen=True)
@@ -52,6 +111,8 @@ class Done:
     error: str | None = None
     output_error: bool = False  # the micrograph was fine; writing its outputs failed (e.g. a full disk)
     rolled_back: bool = False
+    changed: bool = False  # the file changed while it was read: looked at again, not recorded
+    kind: str = "micrograph"  # of an error: see failure_kind
     finished_at: float = 0.0
 
     @property
@@ -121,7 +182,11 @@ class Pipeline:
     # --- stages -----------------------------------------------------------------------------
 
     def _prepare(self, job: Job) -> tuple[Job, Prepared]:
-        return job, prepare(job.path, self.config, self.encoder, name=job.name)
+        check_job(job, self.config)  # before anything is allocated for it
+        prepared = prepare(job.path, self.config, self.encoder, name=job.name)
+        if not unchanged(job):
+            raise ChangedError(f"{job.path} changed while it was read")
+        return job, prepared
 
     def _pick(self, item: tuple[Job, Prepared]) -> tuple[Job, Picks]:
         job, prepared = item
@@ -148,11 +213,14 @@ class Pipeline:
                 continue
             try:
                 result = work(item)
+            except ChangedError as exc:
+                result = Done(job, error=str(exc), changed=True, finished_at=time.time())
             except EmmaeError as exc:  # a bad micrograph (MicrographError) or an unusable diameter
-                result = Done(job, error=str(exc), finished_at=time.time())
+                reason = exc.reason if isinstance(exc, MicrographError) else str(exc)
+                result = Done(job, error=reason, kind=failure_kind(exc), finished_at=time.time())
             except Exception as exc:  # noqa: BLE001 - recorded, and the daemon goes on with the next micrograph
                 log.exception("unexpected error on %s", job.path)
-                result = Done(job, error=f"unexpected error on {job.path}: {exc!r}", finished_at=time.time())
+                result = Done(job, error=f"unexpected error: {exc!r}", kind="unexpected", finished_at=time.time())
             if isinstance(result, Done):
                 self._finish(result)
             else:

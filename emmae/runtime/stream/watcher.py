@@ -52,8 +52,18 @@ def wants_observer(folder: Path, poll: str, mounts: str | None = None) -> bool:
     return True
 
 
-def start_observer(folder: Path, recursive: bool, notify: Callable[[], None], ignore: Path | None = None):
-    """A running watchdog observer that calls ``notify()`` on every event outside ``ignore``, or None without watchdog."""
+#: Events that change nothing: the daemon's own header reads would otherwise wake it again and again.
+QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+def start_observer(folder: Path, recursive: bool, notify: Callable[[], None], ignore: Path | None = None,
+                   on_path: Callable[[str], None] | None = None):
+    """A running watchdog observer, or None without watchdog.
+
+    On every event outside ``ignore`` that may change a file (not a mere open or a
+    read-only close) it calls ``on_path(path)`` for each path involved (absolute, under
+    the resolved ``folder``), then ``notify()``.
+    """
     try:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
@@ -63,8 +73,16 @@ def start_observer(folder: Path, recursive: bool, notify: Callable[[], None], ig
 
     class _Wake(FileSystemEventHandler):
         def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's event type
-            if ignore is None or not Path(os.fsdecode(event.src_path)).is_relative_to(ignore):
-                notify()
+            if event.event_type in QUIET_EVENTS:
+                return
+            paths = [os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p]
+            paths = [p for p in paths if ignore is None or not Path(p).is_relative_to(ignore)]
+            if not paths:
+                return
+            if on_path is not None:
+                for path in paths:
+                    on_path(path)
+            notify()
 
     observer = Observer()
     observer.schedule(_Wake(), str(Path(folder).resolve()), recursive=recursive)  # absolute event paths, comparable with ``ignore``
