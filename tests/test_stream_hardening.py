@@ -207,6 +207,7 @@ def test_an_older_journal_is_migrated(tmp_path):
                (str(watch / "sub" / "b.mrc"), "b.mrc"))
     db.commit()
     db.close()
+    Journal(out).close()  # opened without the watched folder first (e.g. by a tool): the keys wait for a daemon
     journal = Journal(out, "hash", roots=(watch,))
     assert [e.path for e in journal.picked()] == ["a.mrc"]
     failed = journal.get("sub/b.mrc")

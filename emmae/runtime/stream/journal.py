@@ -96,10 +96,12 @@ class Journal:
         for column, kind in COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE micrographs ADD COLUMN {column} {kind}")
-        if version < 2 and roots:
+        empty = self._db.execute("SELECT 1 FROM micrographs LIMIT 1").fetchone() is None
+        if version < 2 and roots and not empty:
             self._rekey(roots)
-        if version < VERSION:
-            self._db.execute(f"PRAGMA user_version = {VERSION}")
+        new = VERSION if roots or empty else 1  # opened without the watched folder: the keys are rewritten at a later opening
+        if version < new:
+            self._db.execute(f"PRAGMA user_version = {new}")
 
     def _rekey(self, roots: tuple[Path, ...]) -> None:
         """Absolute keys of an older journal become relative to the watched folder (a duplicate keeps its newest row)."""
@@ -220,8 +222,8 @@ def changed_since_picked(entry: Entry, size: int, mtime_ns: int, ino: int | None
 
 
 def _relative(path: str, bases: list[str]) -> str | None:
-    """``path`` relative to the first of ``bases`` it lies under, or None."""
-    candidates = [path, os.path.abspath(path), os.path.realpath(path)]
+    """``path`` (an older key: the watched folder as spelled, then the file) relative to the first of ``bases`` it lies under, or None."""
+    candidates = [path, os.path.realpath(path)] if os.path.isabs(path) else [path]
     for candidate in candidates:
         for base in bases:
             base = base.rstrip("/") or "/"
