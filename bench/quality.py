@@ -83,12 +83,16 @@ def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
 
 
 def split_items(folder: Path, split: str) -> list[tuple[Path, np.ndarray, EmmaeConfig]]:
-    """(micrograph, expert centres, config with its diameter) of one split of a real dataset, by name."""
+    """(micrograph, expert centres, config with its diameter) of one split of a real dataset, by name.
+
+    Micrographs without labels (no ``coordinates/<name>.star``) are left out.
+    """
     entries = json.loads((folder / "manifest.json").read_text())["micrographs"]
     return [
         (folder / "micrographs" / f"{name}.mrc", read_centres(folder / "coordinates" / f"{name}.star"),
          EmmaeConfig.model_validate({"preprocess": {"diameter_px": float(entry["diam_px_est"])}}))
-        for name, entry in sorted(entries.items()) if entry["split"] == split
+        for name, entry in sorted(entries.items())
+        if entry["split"] == split and (folder / "coordinates" / f"{name}.star").is_file()
     ]
 
 

@@ -75,6 +75,13 @@ class ClusterConfig(_Section):
     max_iter: int = Field(100, ge=1, le=10000)
     fit_points: int = Field(4096, ge=64)  # latents sampled to fit each level; all are assigned
     engine: Literal["emmae", "sklearn", "cuml"] = "emmae"  # k-means implementation
+    # session: one k-means fitted on latents pooled from several micrographs, the particle
+    # cluster chosen label-free once and applied to every micrograph; reference: the
+    # authors' per-micrograph hierarchy that follows the train-set particle cluster.
+    selection: Literal["session", "reference"] = "session"
+    session_micrographs: int = Field(8, ge=1, le=1000)  # micrographs whose latents fit the session
+    session_points: int = Field(4000, ge=64)  # latents sampled from each of them
+    ambiguous_below: float = Field(0.25, ge=0, le=1)  # confidence under which the choice is warned about
 
     @model_validator(mode="after")
     def _levels(self) -> ClusterConfig:
@@ -92,6 +99,16 @@ class PostprocessConfig(_Section):
     border_diameters: float = Field(1 / 1.5, ge=0, le=10)
     min_score: float = Field(0.0, ge=0)  # kept picks need at least this figure of merit (component area / particle disk)
     keep_fraction: float = Field(1.0, gt=0, le=1)  # then only this top fraction by score is kept ("keep the top N %")
+    # template: peaks of the session's particle template matched on the binned micrograph
+    # (figure of merit: a 0-1 confidence); components: the reference's area prior and
+    # connected components of the particle cluster (figure of merit: area / particle disk).
+    method: Literal["template", "components"] = "template"
+    threshold: float = Field(0.5, ge=0, le=1)  # template: candidates whose confidence reaches this are picks
+    contrast: Literal["dark", "bright"] = "dark"  # particles darker than the ice (raw contrast) or lighter
+    match_sigma_diameters: float = Field(0.035, ge=0, le=1)  # Gaussian smoothing before matching
+    template_iterations: int = Field(3, ge=0, le=20)  # template re-estimations from the best matches
+    template_top_fraction: float = Field(0.3, gt=0, le=1)  # share of the peaks that estimates the template
+    latent_gate: float = Field(0.5, ge=0, le=1)  # weight of the particle cluster's local share in the match score
 
 
 class OutputConfig(_Section):

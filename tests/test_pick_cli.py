@@ -61,7 +61,8 @@ def test_outputs_parse_and_respect_the_minimum_distance(picked, session):
 def test_flip_y_is_explicit(session, tmp_path, picked):
     _, out = picked
     flipped = tmp_path / "flipped"
-    assert cli.main([str(session / "mic_00000.mrc"), "--diameter-px", "28", "--out", str(flipped), "--flip-y"]) == cli.EXIT_OK
+    # the same micrographs, so the same session (its clusters and template are fitted on them)
+    assert cli.main([str(session), "--diameter-px", "28", "--out", str(flipped), "--flip-y"]) == cli.EXIT_OK
     a, b = read_centres(out / "mic_00000_autopick.star"), read_centres(flipped / "mic_00000_autopick.star")
     np.testing.assert_allclose(b[:, 0], a[:, 0], atol=1e-2)
     np.testing.assert_allclose(b[:, 1], 511 - a[:, 1], atol=1e-2)

@@ -64,12 +64,26 @@ from emmae.runtime.options import (
     progress_bar,
     setup_logging,
 )
-from emmae.runtime.picker import Picks, load_picks, pick_micrograph, save_picks
+from emmae.runtime.picker import (
+    Encoded,
+    Picks,
+    encode_prepared,
+    finish,
+    load_picks,
+    needs_session,
+    pick_micrograph,
+    prepare,
+    save_picks,
+    session_from,
+    session_sample_indices,
+)
+from emmae.runtime.session import Session
 
 log = logging.getLogger("emmae.pick")
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 RECORD = "emmae-config.json"
 FAILED_LIST = "failed.txt"
+SESSION_FILE = "session.json"  # the session's particle choice and its confidence
 PLACEHOLDER_PIXEL_SIZE_A = 1.0  # what many programs write when they do not know the pixel size
 
 EXAMPLES = """examples:
@@ -283,10 +297,18 @@ def pick_all(items: list[Item], config: EmmaeConfig, encoder: Encoder, out: Path
     stopped: OutputError | None = None
     warned_placeholder = False
     start = time.perf_counter()
+    try:
+        session, encoded = batch_session(items, config, encoder, out)
+    except OutputError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
     with progress_bar(items, len(items), "micrograph") as bar:
         for i, item in enumerate(bar, 1):
             try:
-                result = pick_micrograph(item.path, config, encoder, name=item.name)
+                if i - 1 in encoded:
+                    result = _finish_encoded(encoded.pop(i - 1), config, encoder, session)
+                else:
+                    result = pick_micrograph(item.path, config, encoder, name=item.name, session=session)
             except FileNotFoundError:
                 failures.append((str(item.path), "no such file"))
                 log.error("skipped %s: no such file", item.path)
@@ -333,6 +355,37 @@ def pick_all(items: list[Item], config: EmmaeConfig, encoder: Encoder, out: Path
     if stopped is not None or not done:
         return EXIT_FAILED
     return EXIT_PARTIAL if failures else EXIT_OK
+
+
+def batch_session(items: list[Item], config: EmmaeConfig, encoder: Encoder, out: Path) -> tuple[Session | None, dict[int, Encoded]]:
+    """The batch's session, fitted on ``cluster.session_micrographs`` micrographs spread over it.
+
+    Returns the session (None when the configuration needs none or no sample could be
+    read) and the encoded samples by item index, so they are not encoded twice. The
+    choice is logged and written to ``session.json`` in ``out``.
+    """
+    if not needs_session(config):
+        return None, {}
+    encoded: dict[int, Encoded] = {}
+    for index in session_sample_indices(len(items), config.cluster.session_micrographs):
+        item = items[index]
+        try:
+            encoded[index] = encode_prepared(prepare(item.path, config, encoder, name=item.name), encoder)
+        except (MicrographError, EmmaeError, OSError) as exc:
+            log.warning("session sample %s left out: %s", item.path, _one_line(exc))
+    if not encoded:
+        return None, {}
+    session = session_from(list(encoded.values()), config, encoder)
+    record = session.summary() | {"sample": [str(items[i].path) for i in sorted(encoded)]}
+    try:
+        write_bytes_atomic(out / SESSION_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    except OSError as exc:
+        raise OutputError(f"{out / SESSION_FILE}: {_one_line(exc)}") from exc
+    return session, encoded
+
+
+def _finish_encoded(encoded: Encoded, config: EmmaeConfig, encoder: Encoder, session: Session | None) -> Picks:
+    return finish(encoded.prepared, config, encoder, encoded.latents, session)
 
 
 def _pixel_text(pixel_size_A: float | None) -> str:

@@ -19,8 +19,10 @@ from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.filters import Array
+from emmae.runtime.localise import confidence, find_peaks, match, matching_image, template_from_profile
 from emmae.runtime.postprocess import Candidates, candidates, picks
 from emmae.runtime.preprocess import Preprocessed, preprocess
+from emmae.runtime.session import Session, fit_session, particle_membership, particle_share, sample_of
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class Picks:
     diameter_grid_px: float
     patch_px: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    method: str = "components"  # postprocess.method that made the candidates
+    grid_candidates: np.ndarray | None = None  # template: [N, 3] grid x, y and match value of every peak
+    session: dict | None = None  # the session's particle choice (Session.summary())
 
     def __len__(self) -> int:
         return len(self.score)
@@ -99,11 +104,13 @@ def prepare(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encod
     return Prepared(label, tuple(image.shape), pixel, diameter_px, grid, timings)
 
 
-def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: Array | None = None) -> Picks:
+def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: Array | None = None, session: Session | None = None) -> Picks:
     """Encode, cluster and post-process a prepared micrograph (the second pipeline stage).
 
     ``latents``: the micrograph's latent map if it is already encoded (``encoder.encode``
     of ``prepared.grid.image``); the encoder is then not run and no encode time is recorded.
+    ``session``: the session's clusters, particle choice and template (:mod:`emmae.runtime.session`);
+    without one, a session is fitted on this micrograph alone.
     """
     backend, grid = encoder.backend, prepared.grid
     timings = dict(prepared.timings_s)
@@ -111,35 +118,120 @@ def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: A
     if latents is None:
         with _timed(timings, "encode", backend.synchronize):
             latents = encoder.encode(grid.image)
-    valid = tuple(-(-n // patch) for n in grid.transform.valid_shape)  # latents that cover the micrograph
+    valid = valid_latents(latents, grid, patch)
     with _timed(timings, "cluster", backend.synchronize):
-        window = smoothing_window(grid.diameter_grid_px, patch)
-        region = to_host(particle_region(latents[: valid[0], : valid[1]], encoder.bundle.info.centroid_array(), encoder.bundle.info.particle_cluster, window, config.cluster))
-    with _timed(timings, "postprocess", lambda: None):
-        found = candidates(region, patch, grid.diameter_grid_px, config.postprocess)
-        kept = picks(found, grid.diameter_grid_px, grid.transform.valid_shape, config.postprocess)
-    return Picks(
-        name=prepared.label, shape=prepared.shape, pixel_size_A=prepared.pixel_size_A,
-        diameter_px=prepared.diameter_px, xy=grid.transform.grid_to_input(kept.xy), score=kept.score,
-        candidates_xy=grid.transform.grid_to_input(found.xy), candidates_score=found.score, region=region,
+        if session is None and (config.cluster.selection == "session" or config.postprocess.method == "template"):
+            session = fit_session([sample_of(grid.binned, valid, grid.diameter_grid_px, config)], config, patch)
+        if config.cluster.selection == "session":
+            member = particle_membership(valid, session)
+        else:
+            window = smoothing_window(grid.diameter_grid_px, patch)
+            member = particle_region(valid, encoder.bundle.info.centroid_array(), encoder.bundle.info.particle_cluster, window, config.cluster)
+        region = to_host(member)
+        share = particle_share(member, patch, grid.transform.valid_shape, grid.diameter_grid_px)
+    base = Picks(
+        name=prepared.label, shape=prepared.shape, pixel_size_A=prepared.pixel_size_A, diameter_px=prepared.diameter_px,
+        xy=np.zeros((0, 2)), score=np.zeros(0), candidates_xy=np.zeros((0, 2)), candidates_score=np.zeros(0), region=region,
         transform=grid.transform, diameter_grid_px=grid.diameter_grid_px, patch_px=patch, timings_s=timings,
+        method=config.postprocess.method, session=None if session is None else session.summary(),
     )
+    with _timed(timings, "postprocess", backend.synchronize):
+        if config.postprocess.method == "template":
+            base = replace(base, grid_candidates=template_candidates(grid, session, share, config))
+        result = repick(base, config)
+    return replace(result, timings_s=timings)
 
 
-def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None, pixel_size_A: float | None = None) -> Picks:
+def valid_latents(latents: Array, grid: Preprocessed, patch_px: int) -> Array:
+    """The part of a latent map ``[h, w, D]`` that covers the micrograph (not the padding)."""
+    valid = tuple(-(-n // patch_px) for n in grid.transform.valid_shape)
+    return latents[: valid[0], : valid[1]]
+
+
+def template_candidates(grid: Preprocessed, session: Session, share: Array, config: EmmaeConfig) -> np.ndarray:
+    """Every peak of the gated template match: ``[N, 3]`` grid x, y and value.
+
+    The match of the session's template on the binned micrograph is weighted by
+    ``(1 - latent_gate) + latent_gate * share`` (``share``: the particle cluster's
+    local share, ``[H, W]``); peaks are at least ``min_distance_diameters`` apart.
+    """
+    post = config.postprocess
+    diameter = grid.diameter_grid_px
+    image = matching_image(grid.binned, diameter, post.match_sigma_diameters, post.contrast)
+    profile = session.profile
+    if abs(diameter - session.diameter_grid_px) > 0.05 * session.diameter_grid_px:  # another micrograph size: rescale
+        radius = max(2, int(round(len(profile) * diameter / session.diameter_grid_px)))
+        profile = np.interp(np.linspace(0, len(profile) - 1, radius), np.arange(len(profile)), profile)
+    response = match(image, template_from_profile(profile))
+    if post.latent_gate > 0:
+        response = response * (np.float32(1 - post.latent_gate) + np.float32(post.latent_gate) * share)
+    found = find_peaks(response, post.min_distance_diameters * diameter)
+    return np.column_stack([found.xy, found.value])
+
+
+def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None,
+                    pixel_size_A: float | None = None, session: Session | None = None) -> Picks:
     """Pick one micrograph (a path, or an array ``[row, col]``) with an opened encoder: :func:`prepare` then :func:`finish`.
 
     Raises:
         MicrographError: the file cannot be read (see :mod:`emmae.io.mrc`).
         ConfigError: no usable particle diameter.
     """
-    return finish(prepare(source, config, encoder, name, pixel_size_A), config, encoder)
+    return finish(prepare(source, config, encoder, name, pixel_size_A), config, encoder, session=session)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A prepared micrograph with its latent map, kept so that a session sample is not encoded twice."""
+
+    prepared: Prepared
+    latents: Array
+
+
+def session_sample_indices(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices spread evenly over ``count`` items (all of them when there are fewer)."""
+    if count <= wanted:
+        return list(range(count))
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, wanted)})
+
+
+def needs_session(config: EmmaeConfig) -> bool:
+    return config.cluster.selection == "session" or config.postprocess.method == "template"
+
+
+def session_from(encoded: list[Encoded], config: EmmaeConfig, encoder: Encoder) -> Session:
+    """Fit the session (:func:`emmae.runtime.session.fit_session`) on already encoded micrographs.
+
+    Raises:
+        ValueError: ``encoded`` is empty.
+    """
+    patch = encoder.bundle.info.patch_px
+    samples = [sample_of(e.prepared.grid.binned, valid_latents(e.latents, e.prepared.grid, patch), e.prepared.grid.diameter_grid_px, config) for e in encoded]
+    return fit_session(samples, config, patch)
+
+
+def encode_prepared(prepared: Prepared, encoder: Encoder) -> Encoded:
+    """Run the encoder on a prepared micrograph (timed as ``encode``)."""
+    timings = dict(prepared.timings_s)
+    with _timed(timings, "encode", encoder.backend.synchronize):
+        latents = encoder.encode(prepared.grid.image)
+    return Encoded(replace(prepared, timings_s=timings), latents)
 
 
 def repick(previous: Picks, config: EmmaeConfig) -> Picks:
-    """New candidates and picks from ``previous.region`` under ``config.postprocess`` (no encoding)."""
-    found = candidates(previous.region, previous.patch_px, previous.diameter_grid_px, config.postprocess)
-    kept = picks(found, previous.diameter_grid_px, previous.transform.valid_shape, config.postprocess)
+    """New candidates and picks under ``config.postprocess`` (no encoding).
+
+    Template candidates (``previous.grid_candidates``) are re-scored and re-cut;
+    otherwise the candidates come from ``previous.region`` (the components method).
+    """
+    post = config.postprocess
+    if previous.grid_candidates is not None:
+        values = previous.grid_candidates[:, 2]
+        found = Candidates(previous.grid_candidates[:, :2], confidence(values))
+        kept = picks(found.take(np.flatnonzero(found.score >= post.threshold)), previous.diameter_grid_px, previous.transform.valid_shape, post)
+    else:
+        found = candidates(previous.region, previous.patch_px, previous.diameter_grid_px, post)
+        kept = picks(found, previous.diameter_grid_px, previous.transform.valid_shape, post)
     t = previous.transform
     return replace(
         previous, xy=t.grid_to_input(kept.xy), score=kept.score, candidates_xy=t.grid_to_input(found.xy),
@@ -152,10 +244,14 @@ def save_picks(path: Path, result: Picks) -> None:
     t = result.transform
     meta = {"name": result.name, "shape": list(result.shape), "pixel_size_A": result.pixel_size_A, "diameter_px": result.diameter_px,
             "diameter_grid_px": result.diameter_grid_px, "patch_px": result.patch_px,
-            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)]}
+            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)], "method": result.method,
+            "session": result.session}
+    arrays = {"region": result.region, "meta": np.array(json.dumps(meta))}
+    if result.grid_candidates is not None:
+        arrays["grid_candidates"] = result.grid_candidates
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, region=result.region, meta=np.array(json.dumps(meta)))
+            np.savez_compressed(handle, **arrays)
 
 
 def load_picks(path: Path, config: EmmaeConfig) -> Picks:
@@ -163,14 +259,16 @@ def load_picks(path: Path, config: EmmaeConfig) -> Picks:
     with np.load(path) as saved:
         meta = json.loads(str(saved["meta"]))
         region = saved["region"].astype(bool)
+        grid_candidates = saved["grid_candidates"] if "grid_candidates" in saved.files else None
     shapes = [tuple(s) for s in meta["transform"]]
     empty = np.zeros((0, 2))
     base = Picks(
         name=meta["name"], shape=tuple(meta["shape"]), pixel_size_A=meta["pixel_size_A"], diameter_px=meta["diameter_px"],
         xy=empty, score=np.zeros(0), candidates_xy=empty, candidates_score=np.zeros(0), region=region,
         transform=GridTransform(*shapes), diameter_grid_px=meta["diameter_grid_px"], patch_px=meta["patch_px"],
+        method=meta.get("method", "components"), grid_candidates=grid_candidates, session=meta.get("session"),
     )
     return repick(base, config)
 
 
-__all__ = ["Candidates", "Picks", "Prepared", "finish", "load_picks", "pick_micrograph", "prepare", "repick", "save_picks"]
+__all__ = ["Candidates", "Encoded", "Picks", "Prepared", "Session", "encode_prepared", "finish", "needs_session", "session_from", "session_sample_indices", "load_picks", "pick_micrograph", "prepare", "repick", "save_picks"]

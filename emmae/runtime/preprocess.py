@@ -52,12 +52,15 @@ class Preprocessed:
 
     ``image``: float32 ``[Hp, Wp]`` (grey levels 0-255, padded to whole tiles, on the
     backend's device); ``transform``: grid <-> micrograph geometry;
-    ``diameter_grid_px``: the particle diameter in grid pixels.
+    ``diameter_grid_px``: the particle diameter in grid pixels; ``binned``: float32
+    ``[H, W]`` (the valid region, not padded), the micrograph area-binned onto the grid
+    with no filter, in its own grey levels (what particle templates are matched on).
     """
 
     image: Array
     transform: GridTransform
     diameter_grid_px: float
+    binned: Array | None = None
 
 
 def preprocess(
@@ -70,8 +73,11 @@ def preprocess(
             small on the working grid.
     """
     transform, steps = plan(tuple(image.shape), config, diameter_px, backend)
-    out = run_steps(image, steps)
-    return Preprocessed(image=out, transform=transform, diameter_grid_px=diameter_px * transform.scale)
+    head = 2 if config.mode == "fast" else 1  # upload (and bin): the unfiltered image
+    start = run_steps(image, steps[:head])
+    out = run_steps(start, steps[head:])
+    binned = start if config.mode == "fast" else resize(start, transform.valid_shape, "area")
+    return Preprocessed(image=out, transform=transform, diameter_grid_px=diameter_px * transform.scale, binned=binned)
 
 
 def plan(

@@ -1,0 +1,174 @@
+"""Particle localisation by a session-learned template: centres that hold in crowded micrographs.
+
+The particle is whatever round object of the given diameter repeats across the
+session. Its rotationally averaged profile is learned without labels: start from
+the peaks of a scale-normalised Laplacian of Gaussian (a dark disk of the particle's
+diameter), average the neighbourhood of the strongest peaks over the session's
+micrographs into a radial profile, match that template on every micrograph, and
+repeat with the new peaks. Matching the profile (a shell with a light core, a disk
+with a halo) finds particles that touch each other, where a binary map's connected
+components merge them.
+
+All images here are on the working grid, ``[row, col]``; centres are ``xy [N, 2]``
+(x = column, y = row) in grid pixels. Written once for NumPy and CuPy; peak lists
+come back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from emmae.backend import backend_of, to_host
+from emmae.runtime.filters import Array
+
+TEMPLATE_RADIUS_DIAMETERS = 0.75  # the template covers the particle and its immediate surround
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Local maxima of a response: ``xy [N, 2]`` grid pixels (x = column, y = row), ``value [N]``."""
+
+    xy: np.ndarray
+    value: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def strongest(self, fraction: float) -> np.ndarray:
+        """Centres of the top ``fraction`` of the peaks by value (at least 3, or all there are)."""
+        count = min(len(self), max(3, int(np.ceil(fraction * len(self)))))
+        return self.xy[np.argsort(-self.value, kind="stable")[:count]]
+
+
+def matching_image(binned: Array, diameter_grid_px: float, sigma_diameters: float, contrast: str) -> Array:
+    """The binned micrograph smoothed and standardised, particles made dark (``contrast="bright"`` inverts)."""
+    backend = backend_of(binned)
+    image = binned.astype(np.float32)
+    sigma = sigma_diameters * diameter_grid_px
+    if sigma > 0:
+        image = backend.ndimage.gaussian_filter(image, sigma, mode="reflect")
+    image = (image - image.mean()) / max(float(image.std()), 1e-12)
+    return -image if contrast == "bright" else image
+
+
+def blob_response(image: Array, diameter_grid_px: float) -> Array:
+    """Scale-normalised LoG at the particle's scale: positive on dark disks of that diameter."""
+    backend = backend_of(image)
+    sigma = diameter_grid_px / 2 / np.sqrt(2)
+    return np.float32(sigma**2) * backend.ndimage.gaussian_laplace(image, sigma, mode="reflect")
+
+
+def find_peaks(response: Array, min_distance_px: float) -> Peaks:
+    """Positive local maxima of ``response`` over a ``min_distance_px`` square window."""
+    backend = backend_of(response)
+    size = max(3, int(min_distance_px))
+    local_max = (response == backend.ndimage.maximum_filter(response, size=size, mode="nearest")) & (response > 0)
+    rows, cols = (to_host(a) for a in backend.xp.nonzero(local_max))
+    value = to_host(response[backend.xp.asarray(rows), backend.xp.asarray(cols)]) if len(rows) else np.zeros(0)
+    return Peaks(np.stack([cols, rows], axis=1).astype(np.float64), np.asarray(value, dtype=np.float64))
+
+
+def radial_profile(image: Array, centres_xy: np.ndarray, radius_px: int) -> tuple[np.ndarray, int]:
+    """Mean radial profile ``[radius_px + 1]`` of ``image`` around the centres that fit inside it, and their count."""
+    host = to_host(image)
+    h, w = host.shape
+    xy = np.round(centres_xy).astype(int)
+    inside = (xy[:, 0] >= radius_px) & (xy[:, 1] >= radius_px) & (xy[:, 0] < w - radius_px) & (xy[:, 1] < h - radius_px)
+    xy = xy[inside]
+    if len(xy) == 0:
+        return np.zeros(radius_px + 1), 0
+    offsets = np.arange(-radius_px, radius_px + 1)
+    patches = host[xy[:, 1, None, None] + offsets[None, :, None], xy[:, 0, None, None] + offsets[None, None, :]]  # [N, 2r+1, 2r+1]
+    mean = patches.mean(axis=0)
+    ring = np.round(np.hypot(*np.meshgrid(offsets, offsets, indexing="ij"))).astype(int)
+    within = ring <= radius_px
+    profile = np.bincount(ring[within], mean[within], minlength=radius_px + 1) / np.maximum(np.bincount(ring[within], minlength=radius_px + 1), 1)
+    return profile, len(xy)
+
+
+def template_from_profile(profile: np.ndarray) -> np.ndarray:
+    """A zero-mean, unit-norm 2-D disk template ``[2r+1, 2r+1]`` from a radial profile ``[r+1]``."""
+    radius = len(profile) - 1
+    offsets = np.arange(-radius, radius + 1)
+    ring = np.hypot(*np.meshgrid(offsets, offsets, indexing="ij"))
+    within = ring <= radius
+    template = np.interp(ring, np.arange(radius + 1), profile) * within
+    template[within] -= template[within].mean()
+    norm = np.sqrt(np.sum(template**2))
+    return (template / norm if norm > 0 else template).astype(np.float32)
+
+
+def match(image: Array, template: np.ndarray) -> Array:
+    """Cross-correlation of ``image`` with a centred ``template`` (FFT, reflected borders), same shape as ``image``."""
+    backend = backend_of(image)
+    xp, fft = backend.xp, backend.fft
+    radius = template.shape[0] // 2
+    padded = xp.pad(image, radius, mode="reflect")
+    kernel = xp.zeros_like(padded)
+    kernel[: template.shape[0], : template.shape[1]] = xp.asarray(template)
+    kernel = xp.roll(kernel, (-radius, -radius), axis=(0, 1))
+    product = fft.rfft2(padded) * xp.conj(fft.rfft2(kernel))
+    out = fft.irfft2(product, s=padded.shape)
+    return out[radius:-radius, radius:-radius].astype(np.float32)
+
+
+def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int, top_fraction: float) -> np.ndarray:
+    """The session's radial particle profile, learned from ``images`` (outputs of :func:`matching_image`).
+
+    Round 0 takes the strongest blob-filter peaks; each further round matches the
+    current template and re-averages around its strongest peaks.
+    """
+    radius = max(2, int(round(TEMPLATE_RADIUS_DIAMETERS * diameter_grid_px)))
+    responses = [blob_response(image, diameter_grid_px) for image in images]
+    profile = np.zeros(radius + 1)
+    for round_ in range(iterations + 1):
+        total, count = np.zeros(radius + 1), 0
+        for image, response in zip(images, responses):
+            found = find_peaks(response, diameter_grid_px / 2)
+            part, n = radial_profile(image, found.strongest(top_fraction), radius)
+            total, count = total + part * n, count + n
+        if count == 0:
+            break
+        profile = total / count
+        if round_ < iterations:
+            template = template_from_profile(profile)
+            responses = [match(image, template) for image in images]
+    return profile
+
+
+def confidence(values: np.ndarray) -> np.ndarray:
+    """A 0-1 confidence per peak value: the posterior of the upper of two Gaussian classes split at Otsu's threshold.
+
+    0.5 falls between the classes; fewer than 4 peaks or one class empty gives 0.5 for all.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 4:
+        return np.full(len(values), 0.5)
+    cut = otsu_threshold(values)
+    low, high = values[values <= cut], values[values > cut]
+    if len(low) < 2 or len(high) < 2:
+        return np.full(len(values), 0.5)
+    prior_high = len(high) / len(values)
+    log_high = _log_normal(values, high.mean(), high.std() + 1e-12) + np.log(prior_high)
+    log_low = _log_normal(values, low.mean(), low.std() + 1e-12) + np.log(1 - prior_high)
+    posterior = 1 / (1 + np.exp(np.clip(log_low - log_high, -60, 60)))
+    posterior[values >= high.mean()] = np.maximum(posterior[values >= high.mean()], 0.5)  # the upper tail stays confident
+    posterior[values <= low.mean()] = np.minimum(posterior[values <= low.mean()], 0.5)
+    return posterior
+
+
+def _log_normal(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return -0.5 * ((x - mean) / std) ** 2 - np.log(std)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(hist)
+    mean = np.cumsum(hist * centres)
+    total, grand = weight[-1], mean[-1]
+    between = (grand * weight - mean * total) ** 2 / np.maximum(weight * (total - weight), 1e-12)
+    return float(centres[np.argmax(between)])

@@ -1,0 +1,190 @@
+"""What a session of micrographs shares: its latent clusters, the particle choice and the particle template.
+
+Built once from a sample of micrographs (the first ones of a stream, a spread of a
+batch) and applied unchanged to every micrograph, so micrographs of one session never
+flip between clusters.
+
+* **Clusters.** One k-means per level ``k`` (``cluster.levels``) on latents pooled
+  from the sample (smoothed 2 x 2, ``cluster.session_points`` from each micrograph).
+* **Particle choice, label-free.** A cluster scores ``blobness x darkness``:
+  blobness is how strongly its membership map forms disks of the particle's diameter
+  (mean of the strongest 20 % of the peaks of a scale-normalised LoG of the map);
+  darkness is how much darker than the micrograph the cluster's area is (particles are
+  dark in raw contrast; ``postprocess.contrast`` says otherwise). The best (k, cluster)
+  over all levels is the particle cluster; its confidence is ``1 - runner-up / best``
+  within its level, and a choice under ``cluster.ambiguous_below`` is warned about.
+  In crowded micrographs the gaps between particles also form disks; darkness tells
+  them apart.
+* **Template.** The radial particle profile learned over the sample
+  (:func:`emmae.runtime.localise.learn_profile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from emmae.backend import backend_of, to_host
+from emmae.config import EmmaeConfig
+from emmae.runtime.cluster import smooth_latents
+from emmae.runtime.filters import Array
+from emmae.runtime.kmeans import assign, fit
+from emmae.runtime.localise import blob_response, find_peaks, learn_profile, matching_image
+
+log = logging.getLogger(__name__)
+SESSION_WINDOW = 2  # latent smoothing before the session's clusters
+STRONGEST = 0.2  # share of the membership map's peaks that measures its blobness
+
+
+@dataclass(frozen=True)
+class SessionSample:
+    """One micrograph of the sample: its matching image ``[H, W]`` (grid), latent map ``[h, w, D]`` (valid part)."""
+
+    image: Array
+    latents: Array
+    diameter_grid_px: float
+
+
+@dataclass(frozen=True)
+class Session:
+    """The session's clusters, particle choice and template (immutable; a new choice is a new object)."""
+
+    centroids: np.ndarray  # [k, D]
+    particle_cluster: int
+    cluster_scores: tuple[float, ...]  # blobness x darkness of each cluster of the chosen level
+    level_scores: dict  # k -> scores of every level
+    confidence: float
+    ambiguous: bool
+    profile: np.ndarray  # radial particle profile in grid pixels, [r + 1]
+    diameter_grid_px: float
+    micrographs: int
+
+    @property
+    def k(self) -> int:
+        return len(self.centroids)
+
+    def summary(self) -> dict:
+        """The choice as plain JSON types, for the log and the outputs (no centroids)."""
+        return {"k": self.k, "particle_cluster": self.particle_cluster, "confidence": round(self.confidence, 4),
+                "ambiguous": self.ambiguous, "cluster_scores": [round(s, 4) for s in self.cluster_scores],
+                "micrographs": self.micrographs, "diameter_grid_px": round(self.diameter_grid_px, 3), "id": self.digest()}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["centroids"] = np.asarray(self.centroids, np.float64).tolist()
+        data["profile"] = np.asarray(self.profile, np.float64).tolist()
+        data["level_scores"] = {str(k): v for k, v in self.level_scores.items()}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Session:
+        data = json.loads(text)
+        data["centroids"] = np.asarray(data["centroids"], np.float32)
+        data["profile"] = np.asarray(data["profile"], np.float64)
+        data["cluster_scores"] = tuple(data["cluster_scores"])
+        data["level_scores"] = {int(k): v for k, v in data["level_scores"].items()}
+        return cls(**data)
+
+    def digest(self) -> str:
+        """A short content hash that names this session in logs and journals."""
+        payload = np.asarray(self.centroids, np.float32).tobytes() + np.asarray(self.profile, np.float32).tobytes()
+        return hashlib.sha256(payload + str(self.particle_cluster).encode()).hexdigest()[:12]
+
+
+def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int) -> Session:
+    """Fit the session's clusters, choose the particle cluster and learn the template from ``samples``.
+
+    Raises:
+        ValueError: no samples.
+    """
+    if not samples:
+        raise ValueError("a session needs at least one micrograph")
+    cluster, post = config.cluster, config.postprocess
+    diameter = float(np.median([s.diameter_grid_px for s in samples]))
+    smoothed = [smooth_latents(s.latents, SESSION_WINDOW) for s in samples]
+    darkness = [patch_means(s.image, patch_px, m.shape[:2]) for s, m in zip(samples, smoothed)]
+    points = _pooled(smoothed, cluster.session_points, cluster.seed)
+    best: tuple[float, int, np.ndarray, list[float]] | None = None
+    level_scores = {}
+    for k in cluster.levels:
+        level = fit(points, k, seed=cluster.seed, max_iter=cluster.max_iter, engine=cluster.engine)
+        labels = [assign(m.reshape(-1, m.shape[-1]), level.centroids).reshape(m.shape[:2]) for m in smoothed]
+        scores = [cluster_score(labels, darkness, c, diameter / patch_px) for c in range(k)]
+        level_scores[k] = [round(s, 6) for s in scores]
+        if best is None or max(scores) > best[0]:
+            best = (max(scores), int(np.argmax(scores)), to_host(level.centroids), scores)
+    top, chosen, centroids, scores = best  # type: ignore[misc]
+    runner_up = sorted(scores)[-2] if len(scores) > 1 else 0.0
+    confidence = float(1 - runner_up / top) if top > 0 else 0.0
+    profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction)
+    session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
+                      level_scores=level_scores, confidence=confidence, ambiguous=confidence < cluster.ambiguous_below,
+                      profile=profile, diameter_grid_px=diameter, micrographs=len(samples))
+    log.info("session %s from %d micrograph(s): particle cluster %d of k=%d, confidence %.2f", session.digest(), len(samples), chosen, session.k, confidence)
+    if session.ambiguous:
+        log.warning("session %s: the particle cluster is ambiguous (confidence %.2f < %.2f; scores %s)", session.digest(), confidence,
+                    cluster.ambiguous_below, [round(s, 3) for s in scores])
+    return session
+
+
+def sample_of(prepared_image_binned: Array, latents: Array, diameter_grid_px: float, config: EmmaeConfig) -> SessionSample:
+    """A :class:`SessionSample` from a micrograph's binned grid image and its (valid) latent map."""
+    image = matching_image(prepared_image_binned, diameter_grid_px, config.postprocess.match_sigma_diameters, config.postprocess.contrast)
+    return SessionSample(image=image, latents=latents, diameter_grid_px=diameter_grid_px)
+
+
+def cluster_score(labels: list[Array], darkness: list[Array], cluster: int, diameter_latents: float) -> float:
+    """``blobness x darkness`` of one cluster over the sample (0 when it is not darker than the micrograph)."""
+    blob, dark = [], []
+    for label, mean in zip(labels, darkness):
+        member = (label == cluster).astype(np.float32)
+        if not bool(member.any()):
+            continue
+        found = find_peaks(blob_response(-member, diameter_latents), diameter_latents / 2)
+        if len(found):
+            count = max(1, int(STRONGEST * len(found)))
+            blob.append(float(np.mean(np.sort(found.value)[-count:])))
+        dark.append(float(to_host(mean[label == cluster]).mean()))
+    if not blob or not dark:
+        return 0.0
+    return float(np.mean(blob) * max(0.0, -float(np.mean(dark))))
+
+
+def patch_means(image: Array, patch_px: int, shape: tuple[int, int]) -> Array:
+    """Mean of ``image`` over each ``patch_px`` square, as a ``shape`` map aligned with the latents (edges reflected)."""
+    xp = backend_of(image).xp
+    h, w = shape
+    padded = xp.pad(image, ((0, max(0, h * patch_px - image.shape[0])), (0, max(0, w * patch_px - image.shape[1]))), mode="reflect")
+    return padded[: h * patch_px, : w * patch_px].reshape(h, patch_px, w, patch_px).mean(axis=(1, 3))
+
+
+def particle_membership(latents: Array, session: Session) -> Array:
+    """Boolean ``[h, w]``: the latents (smoothed 2 x 2) that fall in the session's particle cluster."""
+    xp = backend_of(latents).xp
+    smoothed = smooth_latents(latents, SESSION_WINDOW)
+    h, w, dim = smoothed.shape
+    return (assign(smoothed.reshape(-1, dim), xp.asarray(session.centroids)) == session.particle_cluster).reshape(h, w)
+
+
+def particle_share(member: Array, patch_px: int, shape: tuple[int, int], diameter_grid_px: float) -> Array:
+    """Share of particle latents (``member [h, w]``) within a particle's area around each grid pixel: ``shape`` [H, W] in [0, 1]."""
+    backend = backend_of(member)
+    xp = backend.xp
+    grid = xp.repeat(xp.repeat(member.astype(np.float32), patch_px, axis=0), patch_px, axis=1)[: shape[0], : shape[1]]
+    size = max(1, int(round(diameter_grid_px / np.sqrt(2))))  # a square of the disk's area
+    return backend.ndimage.uniform_filter(grid, size=size, mode="reflect")
+
+
+def _pooled(maps: list[Array], per_map: int, seed: int) -> Array:
+    xp = backend_of(maps[0]).xp
+    rng = np.random.default_rng(seed)
+    parts = []
+    for latent in maps:
+        flat = latent.reshape(-1, latent.shape[-1])
+        take = np.sort(rng.choice(len(flat), min(per_map, len(flat)), replace=False))
+        parts.append(flat[xp.asarray(take)])
+    return xp.concatenate(parts)
