@@ -201,6 +201,24 @@ def test_a_picked_file_replaced_is_picked_again_and_its_old_outputs_removed(tmp_
     assert (out / "b_autopick.star").exists()
 
 
+def test_a_replacement_while_running_is_noticed_from_the_observers_event(tmp_path):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    path = micrograph(watch / "a.mrc", seed=1)
+    with session(watch, out, "preprocess.diameter_px=24") as live:
+        stat = os.stat(path)
+        live.journal.mark_picked("a.mrc", str(path), 5, str(out / "a_autopick.star"), {}, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        live._picked["a.mrc"] = live.journal.get("a.mrc")
+        live.scan()  # the first scan also checks every picked file: unchanged
+        assert ready(live) == []
+        micrograph(tmp_path / "new.mrc", seed=2)
+        os.replace(tmp_path / "new.mrc", path)
+        live.scan()  # no event, next check of picked files a minute away: not looked at yet
+        assert ready(live) == []
+        live.notice_path(os.path.realpath(path))  # what the observer reports
+        live.scan()
+        assert ready(live) == ["a.mrc"]
+
+
 # --- 6. two spellings of the watched folder ---------------------------------------------------------
 
 

@@ -77,6 +77,7 @@ OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full d
 SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
 PACE_INTERVAL_S = 60.0  # how often the backlog is compared with the last look (a growing backlog: falling behind)
 FAILED_FILE = "failed.txt"
+WRITE_TEST_BYTES = 1 << 16  # written (and removed) at the start: an output folder without room for this cannot be used
 FAILED_SHOWN = 50  # failed micrographs listed in the final summary (all are in FAILED_FILE)
 OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's outputs beside its stem
 UNSAFE_CHARACTERS = frozenset("#'\"")  # break a STAR value (a comment, a quote)
@@ -137,7 +138,7 @@ class Session:
             self._lock = lock_folder(out)
             stale = remove_stale_temporaries(out)
             self.journal = Journal(out, self.config_hash, roots=(watch,))
-            write_bytes_atomic(out / ".emmae-write-test", b"")  # a read-only or full folder fails here, not mid-run
+            write_bytes_atomic(out / ".emmae-write-test", bytes(WRITE_TEST_BYTES))  # a read-only or full folder fails here, not mid-run
             (out / ".emmae-write-test").unlink()
         except (OSError, sqlite3.Error) as exc:
             if getattr(self, "_lock", None) is not None:
@@ -214,7 +215,9 @@ class Session:
             self._sweep_at = time.monotonic() + max(SWEEP_INTERVAL_S, 20 * self._sweep_cost_s)
 
     def _scan(self, sweep: bool, now: float) -> None:
-        for path, name, stat in self._candidates(sweep):
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
+        for path, name, stat in self._candidates(sweep, touched):
             key = self.key(path)
             try:
                 self._gate_one(path, name, key, stat, now)
@@ -464,11 +467,9 @@ class Session:
                 self._missing.discard(key)
                 log.warning("the %s folder %s is back", what, folder)
 
-    def _candidates(self, sweep: bool = False) -> list[tuple[Path, str | None, os.stat_result | None]]:
-        """(file, output name or None for "from the path", stat or None) to look at: not picked (or, on a sweep or an
-        observer's event, picked ones too); a folder's files oldest first (``stream.order``)."""
-        with self._touched_lock:
-            touched, self._touched = self._touched, set()
+    def _candidates(self, sweep: bool = False, touched: Container[str] = frozenset()) -> list[tuple[Path, str | None, os.stat_result | None]]:
+        """(file, output name or None for "from the path", stat or None) to look at: not picked (or, on a sweep or when
+        ``touched`` by an observer's event, picked ones too); a folder's files oldest first (``stream.order``)."""
         if self.watch_star is not None:
             rows = self._star_rows()
             return [(path, name, None) for path, name in rows if sweep or (key := self.key(path)) not in self._picked or key in touched]
@@ -524,7 +525,7 @@ class Session:
 class _Without:
     """``key in picked and key not in touched``, without building a set (picked can be large)."""
 
-    def __init__(self, picked: Container[str], touched: set[str]) -> None:
+    def __init__(self, picked: Container[str], touched: Container[str]) -> None:
         self.picked, self.touched = picked, touched
 
     def __contains__(self, key: object) -> bool:
