@@ -8,6 +8,7 @@ line runs (in a subprocess, seeded data) where picks or exit status are the poin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -288,6 +289,35 @@ def test_an_output_folder_that_cannot_be_used_exits_2_with_one_line(tmp_path):
         assert done.returncode == 2, done.stderr
         errors = [line for line in done.stderr.splitlines() if "ERROR" in line or "Traceback" in line]
         assert len(errors) == 1 and "cannot use the output folder" in errors[0], done.stderr
+
+
+def _mounted(path: Path, options: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_full_or_read_only_output_folder_exits_2_with_one_line(tmp_path):
+    watch = tmp_path / "session"
+    micrograph(watch / "a.mrc")
+    full, read_only = tmp_path / "full", tmp_path / "ro"
+    if not (_mounted(full, "size=64k") and _mounted(read_only, "ro,size=64k")):
+        subprocess.run(["umount", str(full)], capture_output=True)
+        pytest.skip("needs root and tmpfs mounts to make a full and a read-only folder")
+    try:
+        with open(full / "filler", "wb", buffering=0) as handle:  # fill it
+            with contextlib.suppress(OSError):
+                while True:
+                    handle.write(bytes(4096))
+        for out in (full / "out", read_only / "out", read_only):
+            done = daemon(["--watch", str(watch), "--out", str(out), "--diameter-px", "24", "--once", "--progress", "plain"])
+            assert done.returncode == 2, done.stderr
+            errors = [line for line in done.stderr.splitlines() if "ERROR" in line or "Traceback" in line]
+            assert len(errors) == 1 and "cannot use the output folder" in errors[0], done.stderr
+    finally:
+        for folder in (full, read_only):
+            subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 def test_deleted_folders_are_warned_about_and_the_index_lists_only_outputs_on_disk(tmp_path, caplog):
