@@ -208,8 +208,12 @@ class Session:
         self._check_folders()
         sweep = now >= self._sweep_at
         start = time.monotonic()
-        with self.journal.batch():  # one transaction per scan, not one per file
-            self._scan(sweep, now)
+        try:
+            with self.journal.batch():  # one transaction per scan, not one per file
+                self._scan(sweep, now)
+        except sqlite3.Error:
+            self._known.clear()  # what this scan recorded was rolled back: look at everything again
+            raise
         if sweep:
             self._sweep_cost_s = time.monotonic() - start
             self._sweep_at = time.monotonic() + max(SWEEP_INTERVAL_S, 20 * self._sweep_cost_s)
@@ -253,14 +257,13 @@ class Session:
             if known[0] == "failed":
                 return  # failed, unchanged: no query, no read
         else:  # new this session, or changed: the name, the journal, the file's kind
+            if key in self._picked and not self._replaced(key, path, name, stat):
+                return  # picked, and still the version that was picked
             name = self._name(path, name)
             unsafe = unsafe_name(self.key_text(path), name)
             if unsafe:
                 raise UnsafeNameError(path, unsafe)
-            if key in self._picked:
-                if not self._replaced(key, name, stat):
-                    return
-            elif not self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
+            if key not in self._picked and not self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
                 self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns))
                 return
             stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
@@ -282,7 +285,7 @@ class Session:
         text = str(path)
         return text[len(self._prefix):] if text.startswith(self._prefix) else text
 
-    def _replaced(self, key: str, name: str, stat: os.stat_result) -> bool:
+    def _replaced(self, key: str, path: Path, name: str | None, stat: os.stat_result) -> bool:
         """A picked file that changed since (replaced, rewritten, truncated): its outputs go, and it is picked again."""
         entry = self._picked[key]
         if entry.size is None:  # picked by an older version: this is the version it picked (recorded after the scan)
@@ -294,7 +297,7 @@ class Session:
         removed = self._remove_outputs(entry)
         log.warning("%s changed since it was picked (replaced or rewritten): picking it again%s", shown(key),
                     f"; its {removed} old output files are removed" if removed else "")
-        self.journal.mark_unstarted(key, name)
+        self.journal.mark_unstarted(key, self._name(path, name))
         del self._picked[key]
         self._index_stale = True
         return True
