@@ -148,6 +148,15 @@ def test_a_file_that_stays_zero_filled_is_taken_after_stale_after_s(tmp_path):
     assert gate.check(tmp_path / "edge.mrc", now=0.0) == "waiting"
     assert gate.check(tmp_path / "edge.mrc", now=5.0) == "waiting"
     assert gate.check(tmp_path / "edge.mrc", now=31.0) == "ready"
+    watch = tmp_path / "session"
+    watch.mkdir()
+    os.replace(tmp_path / "edge.mrc", watch / "edge.mrc")
+    with session(watch, tmp_path / "out", "preprocess.diameter_px=24", "stream.stale_after_s=0.3") as live:  # the daemon's way
+        live.scan()
+        assert ready(live) == []
+        time.sleep(0.4)
+        live.scan()
+        assert ready(live) == ["edge.mrc"] and not live.journal.failed()
 
 
 def test_a_pick_of_a_file_that_changed_while_read_is_never_recorded(tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ class Gate:
             return "waiting"
         self._watched.pop(path, None)
         if seen.verdict == "zeros":
-            log.warning("%s: its data block ends in zeros but it has not changed for %.0f s: taken as complete", path.name, stable_s)
+            log.warning("%s: its data block ends in zeros but it has not changed for %.0f s: taken as complete", os.path.basename(path), stable_s)
             return "ready"
         raise TruncatedMRCError(path, f"incomplete and unchanged for {stable_s:.0f} s ({seen.reason})")
 
