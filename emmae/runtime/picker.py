@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import numpy as np
 from emmae.backend import to_host
 from emmae.config import EmmaeConfig, PreprocessConfig, resolve_diameter_px
 from emmae.io.coords import GridTransform
-from emmae.io.atomic import atomic_path
+from emmae.io.atomic import atomic_path, write_bytes_atomic
 from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
@@ -23,6 +24,8 @@ from emmae.runtime.localise import confidence, find_peaks, match, matching_image
 from emmae.runtime.postprocess import Candidates, candidates, picks
 from emmae.runtime.preprocess import Preprocessed, preprocess
 from emmae.runtime.session import Session, fit_session, particle_membership, particle_share, sample_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -271,4 +274,47 @@ def load_picks(path: Path, config: EmmaeConfig) -> Picks:
     return repick(base, config)
 
 
-__all__ = ["Candidates", "Encoded", "Picks", "Prepared", "Session", "encode_prepared", "finish", "needs_session", "session_from", "session_sample_indices", "load_picks", "pick_micrograph", "prepare", "repick", "save_picks"]
+__all__ = ["Candidates", "Encoded", "Picks", "Prepared", "Session", "encode_prepared", "finish", "needs_session", "StreamSession", "session_from", "session_sample_indices", "load_picks", "pick_micrograph", "prepare", "repick", "save_picks"]
+
+
+class StreamSession:
+    """The session of a stream: fitted on its first ``cluster.session_micrographs`` micrographs, then frozen.
+
+    Until then each micrograph is picked with a provisional session fitted on the
+    micrographs seen so far (itself included), so picking never waits; the frozen
+    session is written to ``path`` (JSON, atomic) and read back on a restart, so a
+    resumed stream keeps its choice. Used by one thread (the pipeline's pick stage).
+    """
+
+    def __init__(self, config: EmmaeConfig, encoder: Encoder, path: Path | None = None) -> None:
+        self.config, self.encoder, self.path = config, encoder, path
+        self.samples: list[Encoded] = []
+        self.frozen: Session | None = None
+        if path is not None and path.is_file():
+            try:
+                self.frozen = Session.from_json(path.read_text())
+                log.info("session %s read from %s", self.frozen.digest(), path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("%s cannot be read (%s); the session is fitted again", path, exc)
+
+    def pick(self, prepared: Prepared) -> Picks:
+        """Encode and pick ``prepared`` with the session (provisional until enough micrographs were seen)."""
+        if not needs_session(self.config):
+            return finish(prepared, self.config, self.encoder)
+        encoded = encode_prepared(prepared, self.encoder)
+        session = self.frozen
+        if session is None:
+            self.samples.append(encoded)
+            session = session_from(self.samples, self.config, self.encoder)
+            if len(self.samples) >= self.config.cluster.session_micrographs:
+                self._freeze(session)
+        return finish(encoded.prepared, self.config, self.encoder, encoded.latents, session)
+
+    def _freeze(self, session: Session) -> None:
+        self.frozen, self.samples = session, []
+        log.info("session %s fixed after %d micrographs: %s", session.digest(), session.micrographs, session.summary())
+        if self.path is not None:
+            try:
+                write_bytes_atomic(self.path, session.to_json().encode())
+            except OSError as exc:
+                log.warning("cannot save the session to %s: %s", self.path, exc)

@@ -1,0 +1,209 @@
+"""Picking data the model never saw: leave-one-dataset-out over the real dev datasets, plus synthetic sessions.
+
+    python bench/generalise.py [--data ../shared/data/real] [--topaz PATH] [--no-synthetic]
+
+For each real dataset D (``../shared/data/real/*``), the fold model never saw D: it
+was trained with the bundled default's recipe on the other datasets' train splits
+(``bench/generalise_models.py``, cached, trained here when missing). D's test split
+is then picked, all methods on the same micrographs:
+
+* ``fold model``: the picker as shipped (session-level particle choice, template
+  localisation), with the fold model; the session is fitted on the split itself
+  (``cluster.session_micrographs`` spread over it), as ``emmae-pick`` does for a batch;
+* ``fold model, reference rule``: the same model with the authors' per-micrograph
+  hierarchy and connected components (``cluster.selection=reference``,
+  ``postprocess.method=components``);
+* ``bundled default``: the shipped model (which may have seen D's train split);
+* ``LoG (Otsu)``: ``bench/quality.py``'s diameter-matched LoG with an Otsu cut;
+* ``LoG (top-N)``: the same peaks, the N strongest kept, N from a 25 % coverage
+  prior (the middle of the 5-45 % that real micrographs span): label-free;
+* ``Topaz (pretrained)`` with ``--topaz``.
+
+One-to-one F1 (the paper's metric) pooled over the split, and a paired bootstrap
+over micrographs of the fold model's F1 minus each other method's. The synthetic
+sessions vary what real data varies (diameter 16-120 grid px, 5-45 % coverage with
+touching particles, carbon edges, contamination) and are picked by the bundled model.
+Writes ``bench/results/generalise.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generalise_models import DEFAULT_DATA, Fold, ensure_model, folds  # noqa: E402
+from quality import bootstrap_difference, log_picks, pooled, split_items, topaz_picks  # noqa: E402
+
+from emmae.config import EmmaeConfig  # noqa: E402
+from emmae.io.mrc import read_micrograph  # noqa: E402
+from emmae.io.truth import read_centres  # noqa: E402
+from emmae.memory import retain_freed_memory  # noqa: E402
+from emmae.metrics import Score, score_micrograph  # noqa: E402
+from emmae.runtime.encoder import Encoder  # noqa: E402
+from emmae.runtime.picker import Encoded, encode_prepared, finish, prepare, session_from, session_sample_indices  # noqa: E402
+from emmae.runtime.postprocess import Candidates, drop_border, suppress_neighbours  # noqa: E402
+from emmae.synth import SynthParams, write_session  # noqa: E402
+
+log = logging.getLogger("bench.generalise")
+RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_RULE = {"cluster": {"selection": "reference"}, "postprocess": {"method": "components"}}
+TOP_N_COVERAGE = 0.25
+# (name, grid diameter px, coverage, carbon edge, contaminants): what real sessions vary.
+SYNTHETIC = [
+    ("small-crowded", 16.0, 0.30, False, 0),
+    ("medium-touching-carbon", 40.0, 0.45, True, 0),
+    ("large-sparse-contaminated", 80.0, 0.05, False, 6),
+    ("huge-carbon-contaminated", 120.0, 0.25, True, 3),
+]
+
+
+def log_top_n(image: np.ndarray, diameter_px: float, coverage: float = TOP_N_COVERAGE) -> np.ndarray:
+    """LoG peaks (as ``log_picks``), the N strongest kept: N = coverage x area / particle disk."""
+    sigma = diameter_px / 2 / np.sqrt(2)
+    response = sigma**2 * ndi.gaussian_laplace(image.astype(np.float32), sigma)
+    peaks = (response == ndi.maximum_filter(response, size=max(3, int(diameter_px / 2)))) & (response > 0)
+    rows, cols = np.nonzero(peaks)
+    found = Candidates(np.stack([cols, rows], axis=1).astype(np.float64), response[rows, cols].astype(np.float64))
+    found = drop_border(suppress_neighbours(found, diameter_px / 2), image.shape, diameter_px / 1.5)
+    count = int(round(coverage * image.size / (np.pi * (diameter_px / 2) ** 2)))
+    return found.xy[np.argsort(-found.score, kind="stable")[:count]]
+
+
+def pick_split(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig]], overrides: list[dict]) -> list[list[np.ndarray]]:
+    """Picks (input pixels) of every item under each configuration override, the session fitted on the split."""
+    encoded: list[Encoded] = [encode_prepared(prepare(path, config, encoder), encoder) for path, _, config in items]
+    out = []
+    for override in overrides:
+        configs = [EmmaeConfig.model_validate(_merge(config.model_dump(), override)) for _, _, config in items]
+        sample = [encoded[i] for i in session_sample_indices(len(encoded), configs[0].cluster.session_micrographs)]
+        session = session_from(sample, configs[0], encoder)
+        out.append([finish(e.prepared, c, encoder, e.latents, session).xy for e, c in zip(encoded, configs)])
+    return out
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for section, values in override.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
+def score_rows(label: str, picks: dict[str, list[np.ndarray]], items, resamples: int, lead: str) -> list[dict]:
+    """One row per method: pooled score, and the bootstrap of ``lead`` minus it."""
+    scores = {method: [score_micrograph(xy, truth, config.preprocess.diameter_px) for xy, (_, truth, config) in zip(found, items)]
+              for method, found in picks.items()}
+    rows = []
+    for method, per in scores.items():
+        row = {"dataset": label, "method": method, **pooled(per).to_dict(), "per_micrograph_f1": [round(s.f1, 4) for s in per]}
+        if method != lead:
+            row["lead_minus_this"] = bootstrap_difference(scores[lead], per, resamples)
+        rows.append(row)
+    return rows
+
+
+def real_fold(data: Path, fold: Fold, default: Encoder, args) -> list[dict]:
+    items = split_items(data / fold.held_out, "test")
+    encoder = Encoder.open(ensure_model(data, fold, args.micrograph_epochs, args.seed))
+    start = time.perf_counter()
+    fold_picks = pick_split(encoder, items, [{}, REFERENCE_RULE])
+    seconds = (time.perf_counter() - start) / len(items)
+    picks = {"fold model": fold_picks[0], "fold model, reference rule": fold_picks[1],
+             "bundled default": pick_split(default, items, [{}])[0]}
+    raw = [read_micrograph(path).data for path, _, _ in items]
+    picks["LoG (Otsu)"] = [log_picks(image, config.preprocess.diameter_px) for image, (_, _, config) in zip(raw, items)]
+    picks["LoG (top-N)"] = [log_top_n(image, config.preprocess.diameter_px) for image, (_, _, config) in zip(raw, items)]
+    if args.topaz:
+        diameter = float(np.median([config.preprocess.diameter_px for _, _, config in items]))
+        found = topaz_picks(args.topaz, [path for path, _, _ in items], diameter)
+        picks["Topaz (pretrained)"] = [found.get(path.stem, np.zeros((0, 2))) for path, _, _ in items]
+    rows = score_rows(fold.held_out, picks, items, args.resamples, "fold model")
+    for row in rows:
+        row["trained_on"] = list(fold.train_on)
+    log.info("%s: %d test micrographs, %.2f s per micrograph for both fold-model rules", fold.held_out, len(items), seconds)
+    return rows
+
+
+def synthetic_session(name: str, diameter: float, coverage: float, carbon: bool, contaminants: int, default: Encoder, args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        count = int(round(coverage * 1024 * 1024 / (np.pi * (diameter / 2) ** 2)))
+        params = SynthParams(shape=(1024, 1024), diameter_px=diameter, pixel_size_A=1.0, n_particles=count, snr=0.1,
+                             carbon_edge=carbon, n_contaminants=contaminants)
+        paths = write_session(Path(tmp), args.synthetic_micrographs, params, seed=7)
+        config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
+        items = [(p, read_centres(p.with_name(f"{p.stem}_truth.star")), config) for p in sorted(paths)]
+        picks = {"bundled default": pick_split(default, items, [{}])[0],
+                 "bundled default, reference rule": pick_split(default, items, [REFERENCE_RULE])[0]}
+        raw = [read_micrograph(path).data for path, _, _ in items]
+        picks["LoG (Otsu)"] = [log_picks(image, diameter) for image in raw]
+        picks["LoG (top-N)"] = [log_top_n(image, diameter) for image in raw]
+        rows = score_rows(f"synthetic {name}", picks, items, args.resamples, "bundled default")
+    for row in rows:
+        row["synthetic"] = {"diameter_px": diameter, "coverage": coverage, "carbon_edge": carbon, "contaminants": contaminants}
+    return rows
+
+
+def print_table(rows: list[dict], lead_key: str) -> None:
+    width = max(len(r["method"]) for r in rows)
+    print(f"{'dataset':<34} {'method':<{width}} {'F1':>6} {'prec':>6} {'recall':>6} {'picks':>6} {'truth':>6}  lead - this: F1 [95 %], wins")
+    for r in rows:
+        gap = r.get(lead_key)
+        spread = f"  {gap['f1_difference']:+.3f} [{gap['interval_95'][0]:+.3f}, {gap['interval_95'][1]:+.3f}], {gap['model_wins']:.0%}" if gap else ""
+        print(f"{r['dataset']:<34} {r['method']:<{width}} {r['f1']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['picks']:6d} {r['truths']:6d}{spread}")
+
+
+def bar_summary(rows: list[dict]) -> dict:
+    """Fold model against the best label-free baseline (LoG Otsu, LoG top-N) of each fold."""
+    per_fold = {}
+    for dataset in sorted({r["dataset"] for r in rows}):
+        mine = {r["method"]: r["f1"] for r in rows if r["dataset"] == dataset}
+        best = max(("LoG (Otsu)", "LoG (top-N)"), key=lambda m: mine[m])
+        per_fold[dataset] = {"fold_model": mine["fold model"], "best_baseline": best, "best_baseline_f1": mine[best],
+                             "difference": mine["fold model"] - mine[best]}
+    return {"folds": per_fold, "mean_fold_model": float(np.mean([f["fold_model"] for f in per_fold.values()])),
+            "mean_best_baseline": float(np.mean([f["best_baseline_f1"] for f in per_fold.values()]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--micrograph-epochs", type=int, default=240, help="fold models' training budget (see generalise_models.py)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--topaz", type=Path, help="`topaz` script of a venv with topaz-em (see bench/quality.py)")
+    parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--synthetic-micrographs", type=int, default=4)
+    parser.add_argument("--output", type=Path, default=RESULTS / "generalise.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    retain_freed_memory()
+    if not args.data.is_dir():
+        log.error("no real data at %s", args.data)
+        return 2
+    default = Encoder.open(None)
+    real = [row for fold in folds(args.data) for row in real_fold(args.data, fold, default, args)]
+    synthetic = [] if args.no_synthetic else [row for spec in SYNTHETIC for row in synthetic_session(*spec, default, args)]
+    print_table(real, "lead_minus_this")
+    summary = bar_summary(real)
+    print(f"mean F1 over folds: fold model {summary['mean_fold_model']:.3f}, best label-free baseline {summary['mean_best_baseline']:.3f}")
+    if synthetic:
+        print_table(synthetic, "lead_minus_this")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bundle": default.bundle.path.name, "split": "test", "summary": summary, "real": real, "synthetic": synthetic,
+              "micrograph_epochs": args.micrograph_epochs, "seed": args.seed}
+    args.output.write_text(json.dumps(record, indent=1) + "\n")
+    log.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Template localisation and the session's particle choice: each piece against a reference,
+then end to end on crowded and on raw-contrast, non-square synthetic micrographs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from emmae.config import EmmaeConfig
+from emmae.io.mrc import write_micrograph
+from emmae.runtime import cli
+from emmae.runtime.bundle import default_bundle_path
+from emmae.runtime.encoder import Encoder
+from emmae.runtime.localise import confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
+from emmae.runtime.picker import StreamSession, pick_micrograph, prepare
+from emmae.runtime.session import Session
+from emmae.synth import SynthParams, make_micrograph, write_session
+
+from .test_golden import matched
+
+needs_model = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
+
+
+def disks(shape: tuple[int, int], centres_xy: np.ndarray, diameter: float) -> np.ndarray:
+    rows, cols = np.indices(shape)
+    out = np.zeros(shape, np.float32)
+    for x, y in centres_xy:
+        out[np.hypot(cols - x, rows - y) <= diameter / 2] = -1.0  # dark particles
+    return out
+
+
+def test_match_is_the_correlation_with_reflected_borders(rng):
+    image = rng.normal(size=(40, 52)).astype(np.float32)
+    template = rng.normal(size=(7, 7)).astype(np.float32)
+    expected = ndi.correlate(image.astype(np.float64), template.astype(np.float64), mode="reflect")
+    # scipy's "reflect" repeats the edge sample (half-sample symmetric); numpy's "reflect" does not
+    inner = (slice(4, -4), slice(4, -4))
+    np.testing.assert_allclose(match(image, template)[inner], expected[inner], rtol=1e-4, atol=1e-4)
+
+
+def test_template_is_zero_mean_unit_norm_and_round():
+    template = template_from_profile(np.linspace(-1, 1, 11))
+    assert template.shape == (21, 21)
+    assert abs(template.sum()) < 1e-4 and np.sum(template**2) == pytest.approx(1, rel=1e-5)
+    np.testing.assert_allclose(template, template.T, atol=1e-6)
+    np.testing.assert_allclose(template, template[::-1], atol=1e-6)
+
+
+def test_radial_profile_of_a_disk_steps_at_its_radius():
+    image = disks((64, 64), np.array([[32.0, 32.0]]), 20.0)
+    profile, count = radial_profile(image, np.array([[32.0, 32.0], [2.0, 2.0]]), 15)
+    assert count == 1  # the centre too close to the edge is left out
+    assert np.all(profile[:9] == -1) and np.all(profile[11:] == 0)
+
+
+def test_confidence_is_monotonic_and_splits_two_classes(rng):
+    values = np.concatenate([rng.normal(1, 0.2, 300), rng.normal(4, 0.3, 100)])
+    score = confidence(values)
+    order = np.argsort(values)
+    assert np.all(np.diff(score[order]) >= -1e-12)
+    assert np.all((score >= 0) & (score <= 1))
+    assert np.mean(score[300:] > 0.5) > 0.97 and np.mean(score[:300] < 0.5) > 0.97
+    assert np.all(confidence(np.array([1.0, 2.0])) == 0.5)
+
+
+def test_learned_template_finds_touching_particles(rng):
+    """Touching dark disks: the learned template's peaks are the centres, not the gaps."""
+    diameter = 16.0
+    centres = np.array([[x, y] for y in np.arange(20, 236, diameter) for x in np.arange(20 + (y // diameter % 2) * 8, 236, diameter)])
+    keep = rng.random(len(centres)) < 0.7
+    centres = centres[keep]
+    image = disks((256, 256), centres, diameter - 1) + rng.normal(0, 0.3, (256, 256)).astype(np.float32)
+    image = (image - image.mean()) / image.std()
+    profile = learn_profile([image], diameter, iterations=2, top_fraction=0.3)
+    assert profile[0] < profile[-1]  # dark centre, lighter surround
+    found = find_peaks(match(image, template_from_profile(profile)), diameter / 2)
+    strongest = found.xy[np.argsort(-found.value)[: len(centres)]]
+    assert matched(centres, strongest, 0.2 * diameter) > 0.9
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return Encoder.open()
+
+
+@needs_model
+def test_crowded_micrograph_is_picked(encoder):
+    """40 % coverage, touching particles: the picks are the particles (0.2 diameters)."""
+    diameter, shape = 40.0, (768, 768)
+    count = int(0.4 * shape[0] * shape[1] / (np.pi * (diameter / 2) ** 2))
+    synth = make_micrograph(SynthParams(shape=shape, diameter_px=diameter, pixel_size_A=2.0, n_particles=count, snr=0.3), seed=3)
+    config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
+    picks = pick_micrograph(synth.image, config, encoder)
+    inner = synth.centres_xy[np.all((synth.centres_xy > diameter) & (synth.centres_xy < np.array(shape[::-1]) - diameter), axis=1)]
+    assert len(inner) > 0.8 * count * 0.6
+    assert matched(inner, picks.xy, 0.2 * diameter) >= 0.8  # recall away from the border margin
+    assert matched(picks.xy, synth.centres_xy, 0.2 * diameter) >= 0.85  # precision
+    assert np.all((picks.score >= 0) & (picks.score <= 1)) and picks.session["micrographs"] == 1
+
+
+@needs_model
+def test_raw_contrast_non_square_micrograph(encoder, tmp_path):
+    """Raw counts (not normalised), 1240 x 1200 like EMPIAR-10146's frames, through an MRC file."""
+    diameter, shape = 44.0, (600, 620)
+    synth = make_micrograph(SynthParams(shape=shape, diameter_px=diameter, pixel_size_A=1.5, n_particles=60, snr=0.2, dose_e_per_A2=20), seed=5)
+    path = tmp_path / "raw.mrc"
+    write_micrograph(path, np.round(synth.image).astype(np.float32), 1.5)
+    picks = pick_micrograph(path, EmmaeConfig.model_validate({"preprocess": {"diameter_A": 1.5 * diameter}}), encoder)
+    assert picks.shape == shape
+    inner = synth.centres_xy[np.all((synth.centres_xy > diameter) & (synth.centres_xy < np.array(shape[::-1]) - diameter), axis=1)]
+    assert matched(inner, picks.xy, 0.2 * diameter) >= 0.8
+    assert matched(picks.xy, synth.centres_xy, 0.2 * diameter) >= 0.85
+    ny, nx = shape
+    assert matched(inner, np.stack([picks.xy[:, 0], ny - 1 - picks.xy[:, 1]], axis=1), 0.2 * diameter) < 0.5  # a y flip would show
+
+
+@needs_model
+def test_one_session_choice_for_every_micrograph_of_a_batch(tmp_path):
+    folder, out = tmp_path / "mics", tmp_path / "picks"
+    write_session(folder, 3, SynthParams(shape=(512, 512), diameter_px=28.0, pixel_size_A=2.0, snr=0.3), seed=4)
+    assert cli.main([str(folder), "--diameter-px", "28", "--out", str(out), "-q"]) == cli.EXIT_OK
+    record = json.loads((out / cli.SESSION_FILE).read_text())
+    assert record["micrographs"] == 3 and 0 <= record["confidence"] <= 1 and len(record["sample"]) == 3
+    sessions = {json.loads(str(np.load(p)["meta"]))["session"]["id"] for p in out.glob("*_emmae.npz")}
+    assert sessions == {record["id"]}
+
+
+@needs_model
+def test_stream_session_freezes_after_n_and_survives_a_restart(encoder, tmp_path):
+    config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 28.0}, "cluster": {"session_micrographs": 2}})
+    images = [make_micrograph(SynthParams(shape=(384, 384), diameter_px=28.0, snr=0.3), seed=s).image for s in range(4)]
+    path = tmp_path / "session.json"
+    stream = StreamSession(config, encoder, path)
+    ids = [stream.pick(prepare(image, config, encoder, name=f"m{i}")).session["id"] for i, image in enumerate(images)]
+    assert ids[1] == ids[2] == ids[3] and path.is_file()  # frozen at the second micrograph
+    restarted = StreamSession(config, encoder, path)
+    assert restarted.frozen is not None and restarted.frozen.digest() == ids[1]
+    again = Session.from_json(restarted.frozen.to_json())
+    assert again.digest() == ids[1] and again.particle_cluster == restarted.frozen.particle_cluster
