@@ -14,7 +14,7 @@ from emmae.io.mrc import write_micrograph
 from emmae.runtime import cli
 from emmae.runtime.bundle import default_bundle_path
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.localise import confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
+from emmae.runtime.localise import blob_response, confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
 from emmae.runtime.picker import StreamSession, pick_micrograph, prepare
 from emmae.runtime.session import Session
 from emmae.synth import SynthParams, make_micrograph, write_session
@@ -39,6 +39,20 @@ def test_match_is_the_correlation_with_reflected_borders(rng):
     # scipy's "reflect" repeats the edge sample (half-sample symmetric); numpy's "reflect" does not
     inner = (slice(4, -4), slice(4, -4))
     np.testing.assert_allclose(match(image, template)[inner], expected[inner], rtol=1e-4, atol=1e-4)
+
+
+def test_blob_response_is_the_scale_normalised_laplacian_of_gaussian(rng):
+    image = ndi.gaussian_filter(rng.normal(size=(96, 128)), 2).astype(np.float32)
+    diameter = 12.0
+    sigma = diameter / 2 / np.sqrt(2)
+    expected = sigma**2 * ndi.gaussian_laplace(image.astype(np.float64), sigma, mode="reflect")
+    got = blob_response(image, diameter)
+    inner = (slice(16, -16), slice(16, -16))
+    assert np.corrcoef(got[inner].ravel(), expected[inner].ravel())[0, 1] > 0.999
+    np.testing.assert_allclose(got[inner], expected[inner], atol=0.02 * np.abs(expected).max())
+    disk = disks((64, 64), np.array([[32.0, 32.0]]), diameter)
+    peak = np.unravel_index(np.argmax(blob_response(disk, diameter)), disk.shape)
+    assert peak == (32, 32)  # a dark disk of the diameter peaks at its centre
 
 
 def test_template_is_zero_mean_unit_norm_and_round():
