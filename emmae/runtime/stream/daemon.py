@@ -50,14 +50,14 @@ from typing import TextIO
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError, UnsafeNameError
-from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
+from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries, write_bytes_atomic
 from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
 from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, plain_text
-from emmae.runtime.picker import Picks
+from emmae.runtime.picker import Picks, StreamSession
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, stat_regular, walk
 from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
@@ -76,6 +76,7 @@ JOURNAL_RETRY_S = 10.0  # after the journal could not be written
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
 SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
 PACE_INTERVAL_S = 60.0  # how often the backlog is compared with the last look (a growing backlog: falling behind)
+SESSION_FILE = "emmae-session.json"  # the stream's clusters, particle choice and template
 FAILED_FILE = "failed.txt"
 WRITE_TEST_BYTES = 1 << 16  # written (and removed) at the start: an output folder without room for this cannot be used
 FAILED_SHOWN = 50  # failed micrographs listed in the final summary (all are in FAILED_FILE)
@@ -138,8 +139,7 @@ class Session:
             self._lock = lock_folder(out)
             stale = remove_stale_temporaries(out)
             self.journal = Journal(out, self.config_hash, roots=(watch,))
-            write_bytes_atomic(out / ".emmae-write-test", bytes(WRITE_TEST_BYTES))  # a read-only or full folder fails here, not mid-run
-            (out / ".emmae-write-test").unlink()
+            _write_test(out)  # a read-only or full folder fails here, not mid-run
         except (OSError, sqlite3.Error) as exc:
             if getattr(self, "_lock", None) is not None:
                 self._lock.close()
@@ -150,7 +150,8 @@ class Session:
         self.progress = Progress()
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
-        self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set)
+        session = StreamSession(config, encoder, out / SESSION_FILE)  # fitted on the first micrographs, kept across restarts
+        self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set, session=session)
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self._ready: deque[Job] = deque()  # passed the gate, waiting for room in the pipeline
         self._queued: set[str] = set()  # keys ready or in the pipeline
@@ -544,11 +545,13 @@ def config_hash(config: EmmaeConfig) -> str:
 def unsafe_name(relative: str, name: str) -> str:
     """Why a file's name cannot be written safely (to the journal, a STAR file, a log line), or ''."""
     for text in (relative, name):
+        if text.isprintable() and not any(c in text for c in UNSAFE_CHARACTERS):
+            continue  # the common case, without a look at each character
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             return "its name is not valid UTF-8; rename the file"
-        bad = sorted({c for c in text if (not c.isprintable() and c != " ") or c in UNSAFE_CHARACTERS})
+        bad = sorted({c for c in text if not c.isprintable() or c in UNSAFE_CHARACTERS})
         if bad:
             listed = ", ".join(repr(c) for c in bad)
             return f"its name holds characters a STAR file cannot carry ({listed}); rename the file"
@@ -561,6 +564,16 @@ def shown(text: str) -> str:
     """``text`` for a log line or a tab-separated file: control characters and undecodable bytes escaped."""
     text = journal_key(text)
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _write_test(folder: Path) -> None:
+    """Write ``WRITE_TEST_BYTES`` to a temporary file in ``folder`` and remove it. Raises OSError (read-only, full)."""
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(WRITE_TEST_BYTES))
+    finally:
+        os.unlink(name)
 
 
 def _signature_of(path: Path) -> tuple[int, int] | None:
