@@ -2,9 +2,13 @@
 
     python bench/pick.py [--count 5] [--sizes 1024 4096] [--bundle model.onnx]
 
-Synthetic micrographs (``emmae.synth``) are written as MRC files and picked one by
-one with ``pick_micrograph``; the table shows the median of each stage over the
-micrographs (after one warm-up pick) and the encoder's share of the total.
+Synthetic micrographs (``emmae.synth``) are written as MRC files, read, preprocessed
+and encoded one by one, then clustered and post-processed under both rules: the
+default (``session``: the session fitted once on the warm-up micrograph, as a stream
+does, then template localisation) and the authors' (``reference``: per-micrograph
+hierarchy, connected components). The table shows the median of each stage over the
+micrographs (after the warm-up one), the encoder's share of the total and each rule's
+total over the reference rule's, measured in the same run.
 Results: ``bench/results/pick-<device>.json``.
 """
 
@@ -27,7 +31,7 @@ from emmae.errors import BackendError
 from emmae.io.picks import write_relion_coordinates
 from emmae.memory import retain_freed_memory
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.picker import encode_prepared, finish, prepare, session_from
 from emmae.synth import SynthParams, write_session
 
 log = logging.getLogger("bench.pick")
@@ -35,24 +39,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ["read", "preprocess", "encode", "cluster", "postprocess", "write"]
 
 
-def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> dict:
+RULES = {"session": {}, "reference": {"cluster": {"selection": "reference"}, "postprocess": {"method": "components"}}}
+
+
+def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> list[dict]:
     diameter = 56.0 * size / 1024
     paths = write_session(folder / str(size), count + 1, SynthParams(shape=(size, size), diameter_px=diameter), seed=size)
-    config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
-    samples: dict[str, list[float]] = {stage: [] for stage in [*STAGES, "total"]}
+    configs = {rule: EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}, **extra}) for rule, extra in RULES.items()}
+    samples: dict[str, dict[str, list[float]]] = {rule: {stage: [] for stage in [*STAGES, "total"]} for rule in RULES}
+    session = None
     for i, path in enumerate(paths):
-        result = pick_micrograph(path, config, encoder)
-        start = time.perf_counter()
-        write_relion_coordinates(folder / f"{path.stem}_autopick.star", result.xy, result.score)
-        timings = {**result.timings_s, "write": time.perf_counter() - start}
-        if i == 0:
-            continue  # warm-up
-        for stage in STAGES:
-            samples[stage].append(timings[stage])
-        samples["total"].append(sum(timings[s] for s in STAGES))
-    medians = {stage: statistics.median(v) for stage, v in samples.items()}
-    return {"size": size, "micrographs": count, "median_s": medians, "encode_share": medians["encode"] / medians["total"],
-            "cluster_plus_postprocess_s": medians["cluster"] + medians["postprocess"]}
+        encoded = encode_prepared(prepare(path, configs["session"], encoder), encoder)
+        if i == 0:  # warm-up; the stream's session is fitted on its first micrograph
+            session = session_from([encoded], configs["session"], encoder)
+            continue
+        for rule, config in configs.items():
+            result = finish(encoded.prepared, config, encoder, encoded.latents, session)
+            start = time.perf_counter()
+            write_relion_coordinates(folder / f"{path.stem}_autopick.star", result.xy, result.score)
+            timings = {**result.timings_s, "write": time.perf_counter() - start}
+            for stage in STAGES:
+                samples[rule][stage].append(timings[stage])
+            samples[rule]["total"].append(sum(timings[s] for s in STAGES))
+    rows = []
+    for rule in RULES:
+        medians = {stage: statistics.median(v) for stage, v in samples[rule].items()}
+        rows.append({"size": size, "rule": rule, "micrographs": count, "median_s": medians, "encode_share": medians["encode"] / medians["total"],
+                     "cluster_plus_postprocess_s": medians["cluster"] + medians["postprocess"]})
+    reference_total = rows[-1]["median_s"]["total"]
+    for row in rows:
+        row["total_over_reference_rule"] = row["median_s"]["total"] / reference_total
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            rows.append(bench_size(size, args.count, encoder, Path(folder)))
-    print(f"{'size':>6} " + " ".join(f"{s:>11}" for s in [*STAGES, "total"]) + f" {'encoder share':>13}")
+            rows.extend(bench_size(size, args.count, encoder, Path(folder)))
+    print(f"{'size':>6} {'rule':>9} " + " ".join(f"{s:>11}" for s in [*STAGES, "total"]) + f" {'encoder share':>13} {'/ reference':>11}")
     for r in rows:
-        print(f"{r['size']:>6} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"]) + f" {r['encode_share']:13.0%}")
+        print(f"{r['size']:>6} {r['rule']:>9} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"])
+              + f" {r['encode_share']:13.0%} {r['total_over_reference_rule']:11.2f}")
     print(f"(milliseconds, medians over {args.count} micrographs; device {backend.device_name}, encoder on {encoder.bundle.providers[0]})")
     out = RESULTS / f"pick-{'cpu' if backend is CPU else backend.device_name.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

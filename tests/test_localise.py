@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import starfile
 
 from emmae.config import EmmaeConfig
 from emmae.io.mrc import write_micrograph
@@ -140,6 +141,13 @@ def test_one_session_choice_for_every_micrograph_of_a_batch(tmp_path):
     assert record["micrographs"] == 3 and 0 <= record["confidence"] <= 1 and len(record["sample"]) == 3
     sessions = {json.loads(str(np.load(p)["meta"]))["session"]["id"] for p in out.glob("*_emmae.npz")}
     assert sessions == {record["id"]}
+    before = {p.name: starfile.read(p) for p in out.glob("*_autopick.star")}
+    assert cli.main(["--rethreshold", str(out), "--threshold", "0.9", "-q"]) == cli.EXIT_OK
+    for name, old in before.items():
+        new = starfile.read(out / name)
+        assert np.all(new["rlnAutopickFigureOfMerit"] >= 0.9) and len(new) <= len(old)
+        kept = old[old["rlnAutopickFigureOfMerit"] >= 0.9]  # the same candidates and confidences, cut higher
+        np.testing.assert_allclose(new[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(), kept[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy())
 
 
 @needs_model

@@ -152,7 +152,7 @@ def test_full_disk_is_recorded_and_retried_losing_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(daemon, "OUTPUT_RETRY_S", 0.5)
     config = validate_config({"preprocess": {"diameter_px": 24.0}, "stream": {"settle_s": 0.0, "poll_interval_s": 0.05}})
     session = Session(watch, out, config, Encoder.open())
-    stop, deadline = StopFlag(), time.monotonic() + 60
+    stop, deadline = StopFlag(), time.monotonic() + 180  # a liveness bound, generous for loaded machines
     failed_seen = False
     while len(session.journal.picked()) < len(mics):
         assert time.monotonic() < deadline, session.journal.counts()

@@ -90,7 +90,7 @@ EXAMPLES = """examples:
   emmae-pick Micrographs/*.mrc --diameter-A 300 -o picks
   emmae-pick Micrographs/ --recursive --diameter-px 56 --format star box cbox --flip-y
   emmae-pick MotionCorr/job002/corrected_micrographs.star --diameter-A 300   (names kept verbatim)
-  emmae-pick --rethreshold picks --set postprocess.area_fraction=0.06     (re-pick in seconds, no encoding)
+  emmae-pick --rethreshold picks --threshold 0.7     (re-pick in seconds, no encoding: only the more confident picks)
   emmae-pick --rethreshold picks --min-distance-A 200
 """
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
     group.add_argument("--min-distance-A", type=float, metavar="A",
                        help="no two picks closer than this (default: half the diameter); needs --diameter-A, or --diameter-px with --pixel-size-A")
+    group.add_argument("--threshold", type=float, metavar="P",
+                       help="keep candidates whose confidence (0-1, the figure of merit) reaches P (default 0.5); "
+                            "with --rethreshold, re-cuts without encoding")
     group.add_argument("--model", type=Path, metavar="FILE", help="model bundle (.onnx; default: the bundled model)")
     group.add_argument("--batch-tiles", type=int, metavar="N",
                        help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
@@ -126,6 +129,7 @@ def _switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles,
         ("backend", "device"): args.device, ("output", "preview"): args.preview or None,
+        ("postprocess", "threshold"): args.threshold,
         **output_switches(args),
     }
 

@@ -281,7 +281,8 @@ class StreamSession:
     """The session of a stream: fitted on its first ``cluster.session_micrographs`` micrographs, then frozen.
 
     Until then each micrograph is picked with a provisional session fitted on the
-    micrographs seen so far (itself included), so picking never waits; the frozen
+    micrographs seen so far (refitted when their count reaches 1, 2, 4, ...), so
+    picking never waits; the frozen
     session is written to ``path`` (JSON, atomic) and read back on a restart, so a
     resumed stream keeps its choice. Used by one thread (the pipeline's pick stage).
     """
@@ -290,6 +291,7 @@ class StreamSession:
         self.config, self.encoder, self.path = config, encoder, path
         self.samples: list[Encoded] = []
         self.frozen: Session | None = None
+        self.provisional: Session | None = None
         if path is not None and path.is_file():
             try:
                 self.frozen = Session.from_json(path.read_text())
@@ -305,9 +307,14 @@ class StreamSession:
         session = self.frozen
         if session is None:
             self.samples.append(encoded)
-            session = session_from(self.samples, self.config, self.encoder)
-            if len(self.samples) >= self.config.cluster.session_micrographs:
+            count = len(self.samples)
+            if count >= self.config.cluster.session_micrographs:
+                session = session_from(self.samples, self.config, self.encoder)
                 self._freeze(session)
+            elif self.provisional is None or count & (count - 1) == 0:  # refitted at 1, 2, 4, ... micrographs
+                self.provisional = session = session_from(self.samples, self.config, self.encoder)
+            else:
+                session = self.provisional
         return finish(encoded.prepared, self.config, self.encoder, encoded.latents, session)
 
     def _freeze(self, session: Session) -> None:

@@ -34,7 +34,7 @@ from emmae.config import EmmaeConfig, resolve_diameter_px
 from emmae.errors import ConfigError, EmmaeError, MicrographError, MicrographSizeError
 from emmae.io.mrc import MrcLayout, check_dimensions, read_layout
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import Picks, Prepared, finish, prepare
+from emmae.runtime.picker import Picks, Prepared, StreamSession, finish, prepare
 from emmae.runtime.stream.gate import signature
 
 log = logging.getLogger("emmae.stream")
@@ -127,8 +127,10 @@ Writer = Callable[[Job, Picks], None]
 class Pipeline:
     """Three worker threads and their bounded queues; see the module docstring."""
 
-    def __init__(self, config: EmmaeConfig, encoder: Encoder, write: Writer, depth: int, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: EmmaeConfig, encoder: Encoder, write: Writer, depth: int, on_done: Callable[[], None] | None = None,
+                 session: StreamSession | None = None) -> None:
         self.config, self.encoder, self.write = config, encoder, write
+        self.session = session  # the stream's session; None: each micrograph fits its own
         self._on_done = on_done or (lambda: None)
         self._inbox: queue.Queue = queue.Queue(maxsize=depth)
         self._prepared: queue.Queue = queue.Queue(maxsize=depth)
@@ -190,6 +192,8 @@ class Pipeline:
 
     def _pick(self, item: tuple[Job, Prepared]) -> tuple[Job, Picks]:
         job, prepared = item
+        if self.session is not None:
+            return job, self.session.pick(prepared)
         return job, finish(prepared, self.config, self.encoder)
 
     def _write(self, item: tuple[Job, Picks]) -> Done:
