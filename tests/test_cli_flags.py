@@ -121,3 +121,25 @@ def test_stream_takes_the_output_options_of_pick():
     assert (config.output.strip_prefix, config.output.add_prefix) == ("/data/", "J1/")
     assert config.preprocess.pixel_size_A == 1.5 and config.backend.device == "cpu"
     assert config.output == cli._config(cli.build_parser().parse_args(argv[2:])).output
+
+
+def test_stream_takes_threads_batch_tiles_and_verbosity(tmp_path, monkeypatch):
+    from emmae.synth import SynthParams, write_session
+
+    opened = {}
+    real_open = daemon.Encoder.open
+
+    def spy(*args, **kwargs):
+        opened["args"] = args
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.Encoder, "open", spy)
+    watch = tmp_path / "w"
+    write_session(watch, 1, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0), seed=1)
+    common = ["--watch", str(watch), "--diameter-px", "24", "--once", "--settle-s", "0", "--progress", "plain"]
+    assert daemon.main([*common, "--threads", "0"]) == 2
+    assert daemon.main([*common, "--threads", "1", "--batch-tiles", "64", "-q"]) == 0
+    assert opened["args"][3:] == (64, 1)  # batch_tiles, threads reach the encoder
+    assert logging.getLogger().getEffectiveLevel() == logging.WARNING
+    assert (watch / "emmae_picks" / "mic_00000_autopick.star").is_file()
+    logging.getLogger().setLevel(logging.INFO)

@@ -56,7 +56,7 @@ from emmae.io.picks import micrograph_name, write_index
 from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, plain_text
+from emmae.runtime.options import add_common_arguments, add_output_arguments, check_threads, log_level, output_switches, plain_text
 from emmae.runtime.picker import Picks, StreamSession
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, stat_regular, walk
@@ -659,13 +659,19 @@ def _loop(session: Session, stop: StopFlag, once: bool, until: Callable[[], bool
         session.wake.clear()
 
 
-def setup_logging(progress: str) -> StatusLine | None:
-    """Log to stderr; with a live display, under a status line redrawn in place (returned)."""
+def setup_logging(progress: str, level: int = logging.INFO) -> StatusLine | None:
+    """Log to stderr at ``level``; with a live display, under a status line redrawn in place (returned)."""
     live = progress == "live" or (progress == "auto" and sys.stderr.isatty())
     handler = StatusLine(sys.stderr) if live else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger().setLevel(level)
     return handler if live else None
+
+
+def open_encoder(config: EmmaeConfig, threads: int | None) -> Encoder:
+    """The configured bundle on the configured device, ``model.batch_tiles`` tiles per run."""
+    return Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device), config.model.batch_tiles, threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -679,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diameter-A", type=float, metavar="A",
                         help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
     parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
+    parser.add_argument("--batch-tiles", type=int, metavar="N",
+                        help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
     parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
     parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
     parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
@@ -691,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: WATCH/emmae_picks)")
     add_output_arguments(parser, output)
-    add_common_arguments(parser, threads=False, verbosity=False)
+    add_common_arguments(parser)
     add_config_arguments(parser)
     return parser
 
@@ -699,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> EmmaeConfig:
     return config_from_args(args, {
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
-        ("model", "bundle"): args.model and str(args.model), ("stream", "settle_s"): args.settle_s,
+        ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles, ("stream", "settle_s"): args.settle_s,
         ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
         ("stream", "stale_after_s"): args.stale_after_s,
         ("output", "preview"): args.preview or None, ("backend", "device"): args.device, **output_switches(args),
@@ -723,7 +731,7 @@ def check_diameter(config: EmmaeConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status = setup_logging(args.progress)
+    status = setup_logging(args.progress, log_level(args))
     retain_freed_memory()
     if args.demo:
         return demo(args, argv, status)
@@ -733,10 +741,11 @@ def main(argv: list[str] | None = None) -> int:
         watch = args.watch or (args.watch_star.parent if args.watch_star else None)
         if watch is None or not watch.is_dir():
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
-        encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
+        check_threads(args.threads)
+        encoder = open_encoder(config, args.threads)
         out = args.out or watch / "emmae_picks"
         session = Session(watch, out, config, encoder, args.watch_star, status)
-    except (EmmaeError, FileNotFoundError) as exc:
+    except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     try:
@@ -765,7 +774,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
     log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
     try:
         config = _config(demo_args)
-        encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device))
+        encoder = open_encoder(config, demo_args.threads)
         session = Session(watch, out, config, encoder, status=status)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
