@@ -42,13 +42,23 @@ class Peaks:
         return self.xy[np.argsort(-self.value, kind="stable")[:count]]
 
 
-def matching_image(binned: Array, diameter_grid_px: float, sigma_diameters: float, contrast: str) -> Array:
-    """The binned micrograph smoothed and standardised, particles made dark (``contrast="bright"`` inverts)."""
+def matching_image(binned: Array, diameter_grid_px: float, sigma_diameters: float, contrast: str, clip_sigma: float = 0.0) -> Array:
+    """The binned micrograph smoothed and standardised, particles made dark (``contrast="bright"`` inverts).
+
+    ``clip_sigma > 0`` clips the standardised image to that many standard deviations
+    (after a robust centring on the median), so that carbon and contamination, far darker
+    than any particle, weigh no more than a particle in the template and its matches.
+    """
     backend = backend_of(binned)
+    xp = backend.xp
     image = binned.astype(np.float32)
     sigma = sigma_diameters * diameter_grid_px
     if sigma > 0:
         image = backend.ndimage.gaussian_filter(image, sigma, mode="reflect")
+    if clip_sigma > 0:
+        centre = xp.median(image)
+        spread = 1.4826 * float(xp.median(xp.abs(image - centre)))  # the MAD: contamination does not inflate it
+        image = xp.clip((image - centre) / max(spread, 1e-12), -clip_sigma, clip_sigma)
     image = (image - image.mean()) / max(float(image.std()), 1e-12)
     return -image if contrast == "bright" else image
 

@@ -160,7 +160,7 @@ def template_candidates(grid: Preprocessed, session: Session, share: Array, conf
     """
     post = config.postprocess
     diameter = grid.diameter_grid_px
-    image = matching_image(grid.binned, diameter, post.match_sigma_diameters, post.contrast)
+    image = matching_image(grid.binned, diameter, post.match_sigma_diameters, post.contrast, post.match_clip_sigma)
     profile = session.profile
     if abs(diameter - session.diameter_grid_px) > 0.05 * session.diameter_grid_px:  # another micrograph size: rescale
         radius = max(2, int(round(len(profile) * diameter / session.diameter_grid_px)))

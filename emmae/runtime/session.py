@@ -133,7 +133,8 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
 
 def sample_of(prepared_image_binned: Array, latents: Array, diameter_grid_px: float, config: EmmaeConfig) -> SessionSample:
     """A :class:`SessionSample` from a micrograph's binned grid image and its (valid) latent map."""
-    image = matching_image(prepared_image_binned, diameter_grid_px, config.postprocess.match_sigma_diameters, config.postprocess.contrast)
+    image = matching_image(prepared_image_binned, diameter_grid_px, config.postprocess.match_sigma_diameters, config.postprocess.contrast,
+                           config.postprocess.match_clip_sigma)
     return SessionSample(image=image, latents=latents, diameter_grid_px=diameter_grid_px)
 
 
