@@ -48,22 +48,12 @@ from emmae.memory import retain_freed_memory
 from emmae.metrics import Score, score_micrograph
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.localise import otsu_threshold as otsu
 from emmae.runtime.postprocess import Candidates, drop_border, suppress_neighbours
 
 log = logging.getLogger("bench.quality")
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-
-
-def otsu(values: np.ndarray) -> float:
-    """Otsu's threshold of a 1-D sample (256 bins)."""
-    hist, edges = np.histogram(values, bins=256)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(hist)
-    mean = np.cumsum(hist * centres)
-    total, grand = weight[-1], mean[-1]
-    between = (grand * weight - mean * total) ** 2 / np.maximum(weight * (total - weight), 1e-12)
-    return float(centres[np.argmax(between)])
 
 
 def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
