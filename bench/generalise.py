@@ -37,12 +37,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generalise_models import DEFAULT_DATA, Fold, ensure_model, folds  # noqa: E402
-from quality import bootstrap_difference, log_picks, pooled, split_items, topaz_picks  # noqa: E402
+from quality import bootstrap_difference, log_peaks, log_picks, pooled, split_items, topaz_picks  # noqa: E402
 
 from emmae.config import EmmaeConfig  # noqa: E402
 from emmae.io.mrc import read_micrograph  # noqa: E402
@@ -51,7 +50,7 @@ from emmae.memory import retain_freed_memory  # noqa: E402
 from emmae.metrics import Score, score_micrograph  # noqa: E402
 from emmae.runtime.encoder import Encoder  # noqa: E402
 from emmae.runtime.picker import Encoded, encode_prepared, finish, prepare, session_from, session_sample_indices  # noqa: E402
-from emmae.runtime.postprocess import Candidates, drop_border, suppress_neighbours  # noqa: E402
+from emmae.runtime.postprocess import drop_border, suppress_neighbours  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 
 log = logging.getLogger("bench.generalise")
@@ -68,13 +67,8 @@ SYNTHETIC = [
 
 
 def log_top_n(image: np.ndarray, diameter_px: float, coverage: float = TOP_N_COVERAGE) -> np.ndarray:
-    """LoG peaks (as ``log_picks``), the N strongest kept: N = coverage x area / particle disk."""
-    sigma = diameter_px / 2 / np.sqrt(2)
-    response = sigma**2 * ndi.gaussian_laplace(image.astype(np.float32), sigma)
-    peaks = (response == ndi.maximum_filter(response, size=max(3, int(diameter_px / 2)))) & (response > 0)
-    rows, cols = np.nonzero(peaks)
-    found = Candidates(np.stack([cols, rows], axis=1).astype(np.float64), response[rows, cols].astype(np.float64))
-    found = drop_border(suppress_neighbours(found, diameter_px / 2), image.shape, diameter_px / 1.5)
+    """LoG peaks (``quality.log_peaks``), the N strongest kept: N = coverage x area / particle disk."""
+    found = drop_border(suppress_neighbours(log_peaks(image, diameter_px), diameter_px / 2), image.shape, diameter_px / 1.5)
     count = int(round(coverage * image.size / (np.pi * (diameter_px / 2) ** 2)))
     return found.xy[np.argsort(-found.score, kind="stable")[:count]]
 

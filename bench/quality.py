@@ -56,18 +56,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
-def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
-    """Dark blobs of the particle's size: maxima of the scale-normalised LoG, Otsu-thresholded."""
+def log_peaks(image: np.ndarray, diameter_px: float) -> Candidates:
+    """Maxima of the scale-normalised LoG at the particle's size (dark blob -> positive), with their responses."""
     sigma = diameter_px / 2 / np.sqrt(2)
-    response = sigma**2 * ndi.gaussian_laplace(image.astype(np.float32), sigma)  # dark blob -> positive
+    response = sigma**2 * ndi.gaussian_laplace(image.astype(np.float32), sigma)
     size = max(3, int(diameter_px / 2))
     peaks = (response == ndi.maximum_filter(response, size=size)) & (response > 0)
     rows, cols = np.nonzero(peaks)
-    values = response[rows, cols]
-    if len(values) < 2:
+    return Candidates(np.stack([cols, rows], axis=1).astype(np.float64), response[rows, cols])
+
+
+def log_picks(image: np.ndarray, diameter_px: float) -> np.ndarray:
+    """Dark blobs of the particle's size: :func:`log_peaks` above Otsu's threshold of their responses."""
+    found = log_peaks(image, diameter_px)
+    if len(found) < 2:
         return np.zeros((0, 2))
-    keep = values > otsu(values)
-    found = Candidates(np.stack([cols[keep], rows[keep]], axis=1).astype(np.float64), values[keep])
+    found = found.take(np.flatnonzero(found.score > otsu(found.score)))
     found = suppress_neighbours(found, diameter_px / 2)
     return drop_border(found, image.shape, diameter_px / 1.5).xy
 
