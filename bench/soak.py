@@ -143,12 +143,7 @@ def soak(minutes: float, seed: int, interval_s: float) -> dict:
             time.sleep(rng.uniform(2, 15))
             if rng.random() < 0.2:
                 daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    hung += 1
-                    daemon.kill()
-                    daemon.communicate()
+                hung += _hung(daemon, 60)
             else:
                 daemon.kill()
                 daemon.communicate()
@@ -156,12 +151,7 @@ def soak(minutes: float, seed: int, interval_s: float) -> dict:
         writer.join()
         final = start(watch, out, *options, "--once")
         tried += 1
-        try:
-            final.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            hung += 1
-            final.kill()
-            final.communicate()
+        hung += _hung(final, 600)
         index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]["rlnMicrographName"]
         names = [Path(n).name for n in index]
         listed = set(names)
@@ -170,6 +160,17 @@ def soak(minutes: float, seed: int, interval_s: float) -> dict:
         stale = _stale_picks(watch, out, writer.final)
     return {"minutes": minutes, "seed": seed, "micrographs": len(writer.final), "tried": tried, "lost": lost,
             "doubled": doubled + stale, "hung": hung}
+
+
+def _hung(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for ``process`` to end; one still running after ``timeout_s`` is killed and counts as hung."""
+    try:
+        process.communicate(timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return True
 
 
 def _stale_picks(watch: Path, out: Path, final: dict[str, int]) -> int:
