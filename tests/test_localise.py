@@ -92,7 +92,7 @@ def test_learned_template_finds_touching_particles(rng):
     profile = learn_profile([image], diameter, iterations=2, top_fraction=0.3)
     assert profile[0] < profile[-1]  # dark centre, lighter surround
     found = find_peaks(match(image, template_from_profile(profile)), diameter / 2)
-    strongest = found.xy[np.argsort(-found.value)[: len(centres)]]
+    strongest = found.xy[np.argsort(-found.score)[: len(centres)]]
     assert matched(centres, strongest, 0.2 * diameter) > 0.9
 
 

@@ -16,30 +16,19 @@ come back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from emmae.backend import backend_of, to_host
 from emmae.runtime.filters import Array
+from emmae.runtime.postprocess import Candidates
 
 TEMPLATE_RADIUS_DIAMETERS = 0.75  # the template covers the particle and its immediate surround
 
 
-@dataclass(frozen=True)
-class Peaks:
-    """Local maxima of a response: ``xy [N, 2]`` grid pixels (x = column, y = row), ``value [N]``."""
-
-    xy: np.ndarray
-    value: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def strongest(self, fraction: float) -> np.ndarray:
-        """Centres of the top ``fraction`` of the peaks by value (at least 3, or all there are)."""
-        count = min(len(self), max(3, int(np.ceil(fraction * len(self)))))
-        return self.xy[np.argsort(-self.value, kind="stable")[:count]]
+def strongest(found: Candidates, fraction: float) -> np.ndarray:
+    """Centres of the top ``fraction`` of the candidates by score (at least 3, or all there are)."""
+    count = min(len(found), max(3, int(np.ceil(fraction * len(found)))))
+    return found.xy[np.argsort(-found.score, kind="stable")[:count]]
 
 
 def matching_image(binned: Array, diameter_grid_px: float, sigma_diameters: float, contrast: str, clip_sigma: float = 0.0) -> Array:
@@ -83,14 +72,14 @@ def blob_response(image: Array, diameter_grid_px: float) -> Array:
     return out[pad : pad + image.shape[0], pad : pad + image.shape[1]].astype(np.float32)
 
 
-def find_peaks(response: Array, min_distance_px: float) -> Peaks:
-    """Positive local maxima of ``response`` over a ``min_distance_px`` square window."""
+def find_peaks(response: Array, min_distance_px: float) -> Candidates:
+    """Positive local maxima of ``response`` over a ``min_distance_px`` square window, scored by the response."""
     backend = backend_of(response)
     size = max(3, int(min_distance_px))
     local_max = (response == backend.ndimage.maximum_filter(response, size=size, mode="nearest")) & (response > 0)
     rows, cols = (to_host(a) for a in backend.xp.nonzero(local_max))
     value = to_host(response[backend.xp.asarray(rows), backend.xp.asarray(cols)]) if len(rows) else np.zeros(0)
-    return Peaks(np.stack([cols, rows], axis=1).astype(np.float64), np.asarray(value, dtype=np.float64))
+    return Candidates(np.stack([cols, rows], axis=1).astype(np.float64), np.asarray(value, dtype=np.float64))
 
 
 def radial_profile(image: Array, centres_xy: np.ndarray, radius_px: int) -> tuple[np.ndarray, int]:
@@ -150,7 +139,7 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
         total, count = np.zeros(radius + 1), 0
         for image, response in zip(images, responses):
             found = find_peaks(response, diameter_grid_px / 2)
-            part, n = radial_profile(image, found.strongest(top_fraction), radius)
+            part, n = radial_profile(image, strongest(found, top_fraction), radius)
             total, count = total + part * n, count + n
         if count == 0:
             break

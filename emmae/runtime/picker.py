@@ -23,7 +23,7 @@ from emmae.runtime.filters import Array
 from emmae.runtime.localise import confidence, find_peaks, match, matching_image, template_from_profile
 from emmae.runtime.postprocess import Candidates, candidates, picks
 from emmae.runtime.preprocess import Preprocessed, preprocess
-from emmae.runtime.session import Session, fit_session, particle_membership, particle_share, sample_of
+from emmae.runtime.session import Session, SessionSample, fit_session, particle_membership, particle_share, sample_of
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ class Picks:
     diameter_grid_px: float
     patch_px: int
     timings_s: dict[str, float] = field(default_factory=dict)
-    method: str = "components"  # postprocess.method that made the candidates
     grid_candidates: np.ndarray | None = None  # template: [N, 3] grid x, y and match value of every peak
     session: dict | None = None  # the session's particle choice (Session.summary())
 
@@ -123,7 +122,7 @@ def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: A
             latents = encoder.encode(grid.image)
     valid = valid_latents(latents, grid, patch)
     with _timed(timings, "cluster", backend.synchronize):
-        if session is None and (config.cluster.selection == "session" or config.postprocess.method == "template"):
+        if session is None and needs_session(config):
             session = fit_session([sample_of(grid.binned, valid, grid.diameter_grid_px, config)], config, patch)
         if config.cluster.selection == "session":
             member = particle_membership(valid, session)
@@ -136,7 +135,7 @@ def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: A
         name=prepared.label, shape=prepared.shape, pixel_size_A=prepared.pixel_size_A, diameter_px=prepared.diameter_px,
         xy=np.zeros((0, 2)), score=np.zeros(0), candidates_xy=np.zeros((0, 2)), candidates_score=np.zeros(0), region=region,
         transform=grid.transform, diameter_grid_px=grid.diameter_grid_px, patch_px=patch, timings_s=timings,
-        method=config.postprocess.method, session=None if session is None else session.summary(),
+        session=None if session is None else session.summary(),
     )
     with _timed(timings, "postprocess", backend.synchronize):
         if config.postprocess.method == "template":
@@ -169,7 +168,7 @@ def template_candidates(grid: Preprocessed, session: Session, share: Array, conf
     if post.latent_gate > 0:
         response = response * (np.float32(1 - post.latent_gate) + np.float32(post.latent_gate) * share)
     found = find_peaks(response, post.min_distance_diameters * diameter)
-    return np.column_stack([found.xy, found.value])
+    return np.column_stack([found.xy, found.score])
 
 
 def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None,
@@ -202,15 +201,19 @@ def needs_session(config: EmmaeConfig) -> bool:
     return config.cluster.selection == "session" or config.postprocess.method == "template"
 
 
+def session_sample(encoded: Encoded, config: EmmaeConfig, encoder: Encoder) -> SessionSample:
+    """What the session keeps of an encoded micrograph: its matching image and valid latents."""
+    grid = encoded.prepared.grid
+    return sample_of(grid.binned, valid_latents(encoded.latents, grid, encoder.bundle.info.patch_px), grid.diameter_grid_px, config)
+
+
 def session_from(encoded: list[Encoded], config: EmmaeConfig, encoder: Encoder) -> Session:
     """Fit the session (:func:`emmae.runtime.session.fit_session`) on already encoded micrographs.
 
     Raises:
         ValueError: ``encoded`` is empty.
     """
-    patch = encoder.bundle.info.patch_px
-    samples = [sample_of(e.prepared.grid.binned, valid_latents(e.latents, e.prepared.grid, patch), e.prepared.grid.diameter_grid_px, config) for e in encoded]
-    return fit_session(samples, config, patch)
+    return fit_session([session_sample(e, config, encoder) for e in encoded], config, encoder.bundle.info.patch_px)
 
 
 def encode_prepared(prepared: Prepared, encoder: Encoder) -> Encoded:
@@ -247,8 +250,7 @@ def save_picks(path: Path, result: Picks) -> None:
     t = result.transform
     meta = {"name": result.name, "shape": list(result.shape), "pixel_size_A": result.pixel_size_A, "diameter_px": result.diameter_px,
             "diameter_grid_px": result.diameter_grid_px, "patch_px": result.patch_px,
-            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)], "method": result.method,
-            "session": result.session}
+            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)], "session": result.session}
     arrays = {"region": result.region, "meta": np.array(json.dumps(meta))}
     if result.grid_candidates is not None:
         arrays["grid_candidates"] = result.grid_candidates
@@ -269,7 +271,7 @@ def load_picks(path: Path, config: EmmaeConfig) -> Picks:
         name=meta["name"], shape=tuple(meta["shape"]), pixel_size_A=meta["pixel_size_A"], diameter_px=meta["diameter_px"],
         xy=empty, score=np.zeros(0), candidates_xy=empty, candidates_score=np.zeros(0), region=region,
         transform=GridTransform(*shapes), diameter_grid_px=meta["diameter_grid_px"], patch_px=meta["patch_px"],
-        method=meta.get("method", "components"), grid_candidates=grid_candidates, session=meta.get("session"),
+        grid_candidates=grid_candidates, session=meta.get("session"),
     )
     return repick(base, config)
 
@@ -289,7 +291,7 @@ class StreamSession:
 
     def __init__(self, config: EmmaeConfig, encoder: Encoder, path: Path | None = None) -> None:
         self.config, self.encoder, self.path = config, encoder, path
-        self.samples: list[Encoded] = []
+        self.samples: list[SessionSample] = []
         self.frozen: Session | None = None
         self.provisional: Session | None = None
         if path is not None and path.is_file():
@@ -306,16 +308,19 @@ class StreamSession:
         encoded = encode_prepared(prepared, self.encoder)
         session = self.frozen
         if session is None:
-            self.samples.append(encoded)
+            self.samples.append(session_sample(encoded, self.config, self.encoder))
             count = len(self.samples)
             if count >= self.config.cluster.session_micrographs:
-                session = session_from(self.samples, self.config, self.encoder)
+                session = self._fit()
                 self._freeze(session)
-            elif self.provisional is None or count & (count - 1) == 0:  # refitted at 1, 2, 4, ... micrographs
-                self.provisional = session = session_from(self.samples, self.config, self.encoder)
+            elif count & (count - 1) == 0:  # refitted at 1, 2, 4, ... micrographs
+                self.provisional = session = self._fit()
             else:
                 session = self.provisional
         return finish(encoded.prepared, self.config, self.encoder, encoded.latents, session)
+
+    def _fit(self) -> Session:
+        return fit_session(self.samples, self.config, self.encoder.bundle.info.patch_px)
 
     def _freeze(self, session: Session) -> None:
         self.frozen, self.samples = session, []

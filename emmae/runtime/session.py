@@ -148,7 +148,7 @@ def cluster_score(labels: list[Array], darkness: list[Array], cluster: int, diam
         found = find_peaks(blob_response(-member, diameter_latents), diameter_latents / 2)
         if len(found):
             count = max(1, int(STRONGEST * len(found)))
-            blob.append(float(np.mean(np.sort(found.value)[-count:])))
+            blob.append(float(np.mean(np.sort(found.score)[-count:])))
         dark.append(float(to_host(mean[label == cluster]).mean()))
     if not blob or not dark:
         return 0.0
