@@ -310,7 +310,8 @@ def pick_all(items: list[Item], config: EmmaeConfig, encoder: Encoder, out: Path
         for i, item in enumerate(bar, 1):
             try:
                 if i - 1 in encoded:
-                    result = _finish_encoded(encoded.pop(i - 1), config, encoder, session)
+                    sample = encoded.pop(i - 1)  # encoded once, for the session
+                    result = finish(sample.prepared, config, encoder, sample.latents, session)
                 else:
                     result = pick_micrograph(item.path, config, encoder, name=item.name, session=session)
             except FileNotFoundError:
@@ -386,10 +387,6 @@ def batch_session(items: list[Item], config: EmmaeConfig, encoder: Encoder, out:
     except OSError as exc:
         raise OutputError(f"{out / SESSION_FILE}: {_one_line(exc)}") from exc
     return session, encoded
-
-
-def _finish_encoded(encoded: Encoded, config: EmmaeConfig, encoder: Encoder, session: Session | None) -> Picks:
-    return finish(encoded.prepared, config, encoder, encoded.latents, session)
 
 
 def _pixel_text(pixel_size_A: float | None) -> str:
