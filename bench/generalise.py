@@ -49,7 +49,7 @@ from emmae.io.truth import read_centres  # noqa: E402
 from emmae.memory import retain_freed_memory  # noqa: E402
 from emmae.metrics import Score, score_micrograph  # noqa: E402
 from emmae.runtime.encoder import Encoder  # noqa: E402
-from emmae.runtime.picker import Encoded, encode_prepared, finish, prepare, session_from, session_sample_indices  # noqa: E402
+from emmae.runtime.picker import Encoded, encode_prepared, finish, needs_session, prepare, session_from, session_sample_indices  # noqa: E402
 from emmae.runtime.postprocess import drop_border, suppress_neighbours  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 
@@ -80,7 +80,7 @@ def pick_split(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig
     for override in overrides:
         configs = [EmmaeConfig.model_validate(_merge(config.model_dump(), override)) for _, _, config in items]
         sample = [encoded[i] for i in session_sample_indices(len(encoded), configs[0].cluster.session_micrographs)]
-        session = session_from(sample, configs[0], encoder)
+        session = session_from(sample, configs[0], encoder) if needs_session(configs[0]) else None
         out.append([finish(e.prepared, c, encoder, e.latents, session).xy for e, c in zip(encoded, configs)])
     return out
 
