@@ -107,7 +107,7 @@ class PostprocessConfig(_Section):
     contrast: Literal["dark", "bright"] = "dark"  # particles darker than the ice (raw contrast) or lighter
     match_sigma_diameters: float = Field(0.035, ge=0, le=1)  # Gaussian smoothing before matching
     match_clip_sigma: float = Field(3.0, ge=0, le=100)  # clip the matched image at this many robust SDs (0: off)
-    template_iterations: int = Field(3, ge=0, le=20)  # template re-estimations from the best matches
+    template_iterations: int = Field(30, ge=0, le=100)  # most template re-estimations (stops once the profile settles)
     template_top_fraction: float = Field(0.3, gt=0, le=1)  # share of the peaks that estimates the template
     latent_gate: float = Field(0.5, ge=0, le=1)  # weight of the particle cluster's local share in the match score
 

@@ -16,12 +16,15 @@ come back to the host.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from emmae.backend import backend_of, to_host
 from emmae.runtime.filters import Array
 from emmae.runtime.postprocess import Candidates
 
+log = logging.getLogger(__name__)
 TEMPLATE_RADIUS_DIAMETERS = 0.75  # the template covers the particle and its immediate surround
 
 
@@ -126,11 +129,13 @@ def match(image: Array, template: np.ndarray) -> Array:
     return out[radius:-radius, radius:-radius].astype(np.float32)
 
 
-def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int, top_fraction: float) -> np.ndarray:
+def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int, top_fraction: float,
+                  tolerance: float = 1e-3) -> np.ndarray:
     """The session's radial particle profile, learned from ``images`` (outputs of :func:`matching_image`).
 
     Round 0 takes the strongest blob-filter peaks; each further round matches the
-    current template and re-averages around its strongest peaks.
+    current template and re-averages around its strongest peaks, until the profile
+    changes by less than ``tolerance`` (relative L2) or ``iterations`` rounds are done.
     """
     radius = max(2, int(round(TEMPLATE_RADIUS_DIAMETERS * diameter_grid_px)))
     responses = [blob_response(image, diameter_grid_px) for image in images]
@@ -143,10 +148,13 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
             total, count = total + part * n, count + n
         if count == 0:
             break
-        profile = total / count
-        if round_ < iterations:
-            template = template_from_profile(profile)
-            responses = [match(image, template) for image in images]
+        previous, profile = profile, total / count
+        change = np.linalg.norm(profile - previous) / max(np.linalg.norm(profile), 1e-12)
+        log.debug("template round %d: profile change %.2g", round_, change)
+        if round_ == iterations or change < tolerance:
+            break
+        template = template_from_profile(profile)
+        responses = [match(image, template) for image in images]
     return profile
 
 
