@@ -2,7 +2,9 @@
 
 Exports the encoder to ONNX, embeds the training micrographs listed in the
 checkpoint, fits the train-set k-means (k = 4), names the particle cluster and writes
-one bundle per precision. Exit status: 0 written, 2 bad arguments or files.
+one bundle per precision, plus the autoencoder's weights beside them
+(``<out stem>.mae.npz``, for ``emmae-train --init``). Exit status: 0 written, 2 bad
+arguments or files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from emmae.config import PreprocessConfig
 from emmae.errors import EmmaeError
 from emmae.export.bundle import write_bundle
 from emmae.export.onnx import export_fp32, export_variant
+from emmae.export.weights import Weights, weights_path, write_weights
 from emmae.io.coords import GridTransform
 from emmae.io.mrc import read_layout, read_micrograph
 from emmae.io.truth import read_centres
@@ -110,11 +113,14 @@ def export_bundles(args: argparse.Namespace) -> list[Path]:
         if reference is not None:
             log.info("particle cluster by reference: %d %s (agree: %s)", reference.cluster, np.round(reference.scores, 3).tolist(), reference.cluster == prior.cluster)
         extra = {"prior": prior.__dict__, "reference": None if reference is None else reference.__dict__}
-        written = []
+        weights = weights_path(args.out)
+        digest = write_weights(weights, Weights({k: v.detach().cpu().numpy() for k, v in mae.state_dict().items()},
+                                                dict(checkpoint["arch"]), dict(checkpoint["standardisation"])))
+        written = [weights]
         for precision in args.precision:
             path = args.out if precision == args.precision[0] else args.out.with_name(f"{args.out.stem}-{precision}{args.out.suffix}")
             graph = export_variant(mae, Path(work) / f"graph-{precision}.onnx", precision, Path(work))
-            info = _info(checkpoint, pre, centroids, choice, precision, args, extra)
+            info = _info(checkpoint, pre, centroids, choice, precision, args, extra, {"file": weights.name, "sha256": digest})
             written.append(write_bundle(graph, info, path))
         return written
 
@@ -146,7 +152,8 @@ def _reference_choice(args, bundle, centroids: np.ndarray, pre: PreprocessConfig
     return particle_cluster_by_reference(labels, mask, len(centroids))
 
 
-def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice: ClusterChoice, precision: str, args, extra: dict | None = None) -> BundleInfo:
+def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice: ClusterChoice, precision: str, args,
+          extra: dict | None = None, weights: dict | None = None) -> BundleInfo:
     history = checkpoint["history"]
     last = history[-1] if history else {}
     digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
@@ -161,6 +168,8 @@ def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "particle_cluster_choices": extra or {},
+        "weights": weights,
+        "parent": checkpoint["extra"].get("parent"),  # the bundle a fine-tuning started from (None: trained from scratch)
     }
     return BundleInfo(
         arch=dict(checkpoint["arch"]),

@@ -3,7 +3,11 @@
 Each micrograph is preprocessed once (cached under OUT/cache), cut into tiles and
 standardised with the training set's mean and std; the model trains with AdamW (warm-up
 then cosine decay) and writes checkpoint.pt and history.json to OUT. Architecture and
-schedule default to the reference's. Exit status: 0 trained, 2 bad arguments, data or device.
+schedule default to the reference's. With --init BUNDLE, the training continues from
+a bundle's weights instead (fine-tuning): its architecture and preprocessing, a short
+schedule at a small learning rate (5 epochs, base lr 1e-4, 1 warm-up epoch unless
+given), the new micrographs' own standardisation. Exit status: 0 trained, 2 bad
+arguments, data or device.
 """
 
 
@@ -15,12 +19,13 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from emmae.config import add_config_arguments, config_from_args, resolve_diameter_px
+from emmae.config import PreprocessConfig, add_config_arguments, config_from_args, resolve_diameter_px
 from emmae.errors import BackendError, EmmaeError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
@@ -34,6 +39,7 @@ from emmae.trainer.data import (
     items_from_manifest,
     load_tiles,
 )
+from emmae.trainer.finetune import FINETUNE_SETTINGS, open_parent
 from emmae.trainer.model import MAEArchitecture
 from emmae.trainer.train import TrainSettings, load_checkpoint, train
 
@@ -42,6 +48,7 @@ EXAMPLES = """examples:
   emmae-train Micrographs/ --diameter-A 300 --out runs/mae
   emmae-train --manifest data/EMPIAR-10028/manifest.json --epochs 100 --depth 6 --out runs/small
   emmae-train --resume runs/mae/checkpoint.pt --out runs/mae
+  emmae-train --init model.onnx Session/*.mrc --diameter-px 180 --budget-s 600 --out runs/adapted
 """
 
 
@@ -65,6 +72,7 @@ FIELD_HELP = {
     "weight_decay": "AdamW weight decay (not on biases, norms and tokens)",
     "seed": "random seed of the masking and the tile order",
     "checkpoint_every": "write checkpoint.pt every this many epochs (and at the end)",
+    "budget_s": "stop training after this many seconds; the epochs are fitted to it after the first (0: no limit)",
 }
 SKIPPED_FIELDS = {"device"}  # given by the common --device option (auto/cpu/gpu)
 
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom (needs a pixel size)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (checkpoint, history)")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    parser.add_argument("--init", type=Path, metavar="BUNDLE", help="fine-tune: start from this model bundle's weights (its .mae.npz beside it)")
     parser.add_argument("--cache", type=Path, help="folder for preprocessed images (default OUT/cache)")
     add_common_arguments(parser)
     add_config_arguments(parser)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         check_threads(args.threads)
         if args.threads:
             torch.set_num_threads(args.threads)
-        return _run(args)
+        return run_training(args)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -138,11 +147,15 @@ def torch_device(device: str | None) -> str | None:
     return device
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace, progress: Callable[[int, int, dict], None] | None = None) -> int:
+    """Train as ``args`` (parsed by :func:`build_parser`) say; ``progress(step, total, info)`` replaces the progress bar."""
     config = config_from_args(args)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    base_arch = checkpoint["arch"] if checkpoint else None
-    base_settings = checkpoint["settings"] if checkpoint else None
+    parent = open_parent(args.init) if args.init and not checkpoint else None
+    base_arch = checkpoint["arch"] if checkpoint else parent.weights.arch if parent else None
+    base_settings = checkpoint["settings"] if checkpoint else FINETUNE_SETTINGS if parent else None
+    if parent and any(getattr(args, f.name) is not None for f in dataclasses.fields(MAEArchitecture)):
+        raise ValueError("--init keeps the bundle's architecture: leave out the architecture options")
     arch = _from_args(MAEArchitecture, args, base_arch)
     device = torch_device(args.device)
     settings = _from_args(TrainSettings, args, (base_settings or {}) | ({"device": device} if device else {}))
@@ -151,6 +164,10 @@ def _run(args: argparse.Namespace) -> int:
     if not train_items:
         raise ValueError("no training micrographs: give files/folders or --manifest")
     pre = config.preprocess.model_copy(update={"tile_px": arch.tile_px})
+    if parent:
+        pre = parent.preprocess(config.preprocess)
+    elif checkpoint:
+        pre = PreprocessConfig(**{**checkpoint["extra"]["preprocess"], "diameter_px": pre.diameter_px, "diameter_A": pre.diameter_A})
     cache = args.cache or args.out / "cache"
     train_tiles = load_tiles(train_items, pre, cache)
     valid_tiles = load_tiles(valid_items, pre, cache) if valid_items else None
@@ -161,13 +178,17 @@ def _run(args: argparse.Namespace) -> int:
         "train": [[str(i.path), i.diameter_px] for i in train_items],
         "valid": [[str(i.path), i.diameter_px] for i in valid_items],
         "preprocess": pre.model_dump(mode="json"),
+        "parent": parent.provenance() if parent else (checkpoint["extra"].get("parent") if checkpoint else None),
     }
-    show_bar = sys.stderr.isatty() and logging.getLogger().isEnabledFor(logging.INFO)
-    progress = _progress_bar(settings) if show_bar else None
+    show_bar = progress is None and sys.stderr.isatty() and logging.getLogger().isEnabledFor(logging.INFO)
+    bar = _progress_bar(settings) if show_bar else None
+    initial = parent.weights.state if parent else None
+    if parent:
+        log.info("fine-tuning %s on %d micrographs: %d epochs, base lr %g", parent.path.name, len(train_items), settings.epochs, settings.base_lr)
     with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():  # log lines above the bar, not on it
-        model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, progress)
-    if progress is not None:
-        progress.close()
+        model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, bar or progress, initial)
+    if bar is not None:
+        bar.close()
     write_bytes_atomic(args.out / "history.json", json.dumps(state.history, indent=1).encode())
     last = state.history[-1] if state.history else {}
     log.info("done: %d epochs, train loss %.4f, valid loss %s", state.epoch, last.get("train_loss", float("nan")), last.get("valid_loss"))

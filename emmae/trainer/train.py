@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class TrainSettings:
     weight_decay: float = 1e-5
     seed: int = 0
     checkpoint_every: int = 10
+    budget_s: float = 0.0  # stop training after this many seconds (0: no limit); the epochs are fitted to it after the first
     device: str = "auto"  # "cpu", "cuda" or "auto"
 
 
@@ -120,14 +121,21 @@ def train(
     resume: Path | None = None,
     extra: dict | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    initial: dict[str, np.ndarray] | None = None,
 ) -> tuple[MaskedAutoencoder, TrainState]:
     """Train (or resume) an MAE on standardised tiles; checkpoints go to ``out_dir``.
 
-    ``progress(step, total_steps, info)`` is called after every batch.
+    ``progress(step, total_steps, info)`` is called after every batch. ``initial``:
+    parameters to start from (fine-tuning; ignored when resuming). With
+    ``settings.budget_s``, the epochs are cut to what fits the budget once the first
+    has been timed, and an epoch that overruns it stops early.
     """
     torch.manual_seed(settings.seed)
     device = pick_device(settings.device)
-    model = MaskedAutoencoder(arch).to(device)
+    model = MaskedAutoencoder(arch)
+    if initial is not None and resume is None:
+        model.load_state_dict({name: torch.from_numpy(np.asarray(value)) for name, value in initial.items()})
+    model = model.to(device)
     optimizer = make_optimizer(model, settings)
     state = TrainState()
     if resume is not None:
@@ -143,9 +151,16 @@ def train(
     total_steps = steps_per_epoch * settings.epochs
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra or {})
+    deadline = time.perf_counter() + settings.budget_s if settings.budget_s > 0 else math.inf
+    first = state.epoch
     while state.epoch < settings.epochs:
-        record = _run_epoch(model, optimizer, data, settings, state.epoch, device, progress, total_steps)
+        record = _run_epoch(model, optimizer, data, settings, state.epoch, device, progress, total_steps, deadline)
         state.epoch += 1
+        if state.epoch == first + 1 and settings.budget_s > 0:
+            settings = _fit_budget(settings, state.epoch, record["seconds"], deadline)
+            total_steps = steps_per_epoch * settings.epochs
+        if record.get("cut"):
+            settings = replace(settings, epochs=state.epoch)
         if valid is not None:
             record["valid_loss"] = validation_loss(model, valid, settings.batch_size, settings.seed)
         state.history.append(record)
@@ -155,9 +170,19 @@ def train(
     return model, state
 
 
+def _fit_budget(settings: TrainSettings, epochs_done: int, epoch_s: float, deadline: float) -> TrainSettings:
+    """The settings with as many epochs as fit before ``deadline`` at ``epoch_s`` each (never more than asked)."""
+    more = int(max(deadline - time.perf_counter(), 0.0) / max(epoch_s, 1e-9))
+    epochs = min(settings.epochs, epochs_done + more)
+    if epochs < settings.epochs:
+        log.info("time budget %.0f s: %d epochs of %.0f s fit (instead of %d)", settings.budget_s, epochs, epoch_s, settings.epochs)
+    return replace(settings, epochs=epochs)
+
+
 def _run_epoch(
     model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, data: torch.Tensor, settings: TrainSettings,
     epoch: int, device: torch.device, progress: Callable[[int, int, dict], None] | None, total_steps: int,
+    deadline: float = math.inf,
 ) -> dict:
     model.train()
     generator = torch.Generator().manual_seed(settings.seed * 100003 + epoch)
@@ -179,5 +204,9 @@ def _run_epoch(
             seconds = time.perf_counter() - start
             tiles_per_s = min((step + 1) * settings.batch_size, len(data)) / max(seconds, 1e-9)
             progress(epoch * steps + step + 1, total_steps, {"loss": losses[-1], "lr": lr, "tiles/s": tiles_per_s})
+        if time.perf_counter() > deadline and step + 1 < steps:
+            log.info("time budget %.0f s spent after step %d of %d of epoch %d: training stops", settings.budget_s, step + 1, steps, epoch + 1)
+            break
     seconds = time.perf_counter() - start
-    return {"train_loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "tiles_per_s": len(data) / seconds}
+    record = {"train_loss": float(np.mean(losses)), "lr": lr, "seconds": seconds, "tiles_per_s": min(len(losses) * settings.batch_size, len(data)) / seconds}
+    return record | ({"cut": 1.0} if len(losses) < steps else {})
