@@ -68,9 +68,11 @@ def model_path(fold: Fold, micrograph_epochs: int = 240, seed: int = 0) -> Path:
 def ensure_model(data: Path, fold: Fold, micrograph_epochs: int = 240, seed: int = 0, threads: int | None = None) -> Path:
     """The fold's exported fp32 bundle, trained and exported unless cached."""
     bundle = model_path(fold, micrograph_epochs, seed)
-    if bundle.is_file():
-        return bundle
     out = bundle.parent
+    if bundle.is_file():
+        if not bundle.with_suffix(".mae.npz").is_file() and (out / "checkpoint.pt").is_file():  # exported before bundles carried weights
+            export(out, bundle)
+        return bundle
     n = train_count(data, fold)
     epochs = max(5, round(micrograph_epochs / n))
     warmup = max(1, round(5 * 8 / n))
@@ -84,8 +86,14 @@ def ensure_model(data: Path, fold: Fold, micrograph_epochs: int = 240, seed: int
         train += ["--threads", str(threads)]
     log.info("%s: training on %d micrographs of %s for %d epochs", fold.name, n, ", ".join(fold.train_on), epochs)
     subprocess.run(train, check=True)
-    subprocess.run([python, "-m", "emmae.export.cli", str(out / "checkpoint.pt"), "--out", str(bundle), "--precision", "fp32", "--cluster-method", "prior"], check=True)
+    export(out, bundle)
     return bundle
+
+
+def export(out: Path, bundle: Path, precisions: tuple[str, ...] = ("fp32",)) -> None:
+    """Export ``out/checkpoint.pt`` to ``bundle`` (and its weights beside it)."""
+    subprocess.run([sys.executable, "-m", "emmae.export.cli", str(out / "checkpoint.pt"), "--out", str(bundle), "--precision", *precisions,
+                    "--cluster-method", "prior"], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,3 +70,24 @@ def run_python(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+TINY_ARCH = ["--embed-dim", "32", "--depth", "1", "--num-heads", "1", "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model (256-px grid) trained one epoch on a synthetic session, exported with its fine-tuning weights; needs torch."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from emmae.export import cli as export_cli
+    from emmae.synth import SynthParams, write_session
+    from emmae.trainer import cli as train_cli
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    write_session(root / "first", 2, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=2.0), seed=1)
+    args = [str(root / "first"), "--diameter-px", "24", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "1",
+            "--out", str(root / "run"), "--set", "preprocess.grid_px=256", *TINY_ARCH]
+    assert train_cli.main(args) == 0
+    assert export_cli.main([str(root / "run" / "checkpoint.pt"), "--out", str(root / "parent.onnx")]) == 0
+    return root / "parent.onnx"

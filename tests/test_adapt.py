@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from emmae.errors import BundleError  # noqa: E402
-from emmae.export import cli as export_cli  # noqa: E402
 from emmae.export.weights import Weights, bundle_weights, read_weights, weights_path, write_weights  # noqa: E402
 from emmae.runtime.bundle import open_bundle  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
@@ -22,19 +21,9 @@ from emmae.trainer import adapt as adapt_cli  # noqa: E402
 from emmae.trainer import cli as train_cli  # noqa: E402
 from tests.conftest import WITHOUT_TORCH  # noqa: E402
 
-TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "1", "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2"]
-GRID = ["--set", "preprocess.grid_px=256"]
-
-
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory):
-    """A tiny model trained on one synthetic session and exported with its weights."""
-    root = tmp_path_factory.mktemp("parent")
-    write_session(root / "first", 2, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=2.0), seed=1)
-    args = [str(root / "first"), "--diameter-px", "24", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "1", "--out", str(root / "run"), *GRID, *TINY]
-    assert train_cli.main(args) == 0
-    assert export_cli.main([str(root / "run" / "checkpoint.pt"), "--out", str(root / "parent.onnx")]) == 0
-    return root / "parent.onnx"
+def parent(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

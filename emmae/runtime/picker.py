@@ -319,6 +319,16 @@ class StreamSession:
                 session = self.provisional
         return finish(encoded.prepared, self.config, self.encoder, encoded.latents, session)
 
+    def learn(self, prepared: Prepared) -> None:
+        """Fit the session on ``prepared`` too, without picking it (a session fitted ahead, e.g. for an adapted model)."""
+        if self.frozen is not None or not needs_session(self.config):
+            return
+        self.samples.append(session_sample(encode_prepared(prepared, self.encoder), self.config, self.encoder))
+        if len(self.samples) >= self.config.cluster.session_micrographs:
+            self._freeze(self._fit())
+        else:
+            self.provisional = self._fit()
+
     def _fit(self) -> Session:
         return fit_session(self.samples, self.config, self.encoder.bundle.info.patch_px)
 

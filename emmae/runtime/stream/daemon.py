@@ -22,6 +22,11 @@ behind it are rolled back; one left from an earlier run is reported and ignored)
 ``--once`` picks the backlog and exits. Restarting resumes from the journal. Outputs
 mirror the micrographs' sub-folders. One daemon per output folder (``emmae.lock``).
 On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
+With ``--adapt N`` the model is fine-tuned on the first N picked micrographs in a separate
+process (emmae-adapt; needs torch) while picking goes on; then, between two micrographs,
+the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
+fits its session on those micrographs and picks again what the old model picked
+(``--adapt-then mark``: only records it). The journal names the model of every pick.
 Exit status: 0 stopped cleanly; 2 bad arguments (no diameter), configuration, model, or an
 output folder that cannot be used (busy, read-only, full, not a folder).
 """
@@ -55,9 +60,10 @@ from emmae.io.inputs import micrographs_from_star
 from emmae.io.picks import micrograph_name, write_index
 from emmae.memory import retain_freed_memory
 from emmae.runtime.cli import write_outputs
-from emmae.runtime.encoder import Encoder
+from emmae.runtime.encoder import Encoder, bundle_path
 from emmae.runtime.options import add_common_arguments, add_output_arguments, check_threads, log_level, output_switches, plain_text
-from emmae.runtime.picker import Picks, StreamSession
+from emmae.runtime.picker import Picks, StreamSession, prepare
+from emmae.runtime.stream.adapter import Adapter, check_can_adapt, model_id
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.gate import Gate, stat_regular, walk
 from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
@@ -128,7 +134,7 @@ class Session:
     """
 
     def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder, watch_star: Path | None = None,
-                 status: StatusLine | None = None) -> None:
+                 status: StatusLine | None = None, threads: int | None = None, client: object | None = None) -> None:
         self.watch, self.out, self.config, self.watch_star, self.status = watch, out, config, watch_star, status
         self._prefix = str(watch).rstrip("/") + "/"  # scanned paths start with it: their key is what follows
         self._abs_prefix = os.path.abspath(watch).rstrip("/") + "/"
@@ -150,8 +156,24 @@ class Session:
         self.progress = Progress()
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
-        session = StreamSession(config, encoder, out / SESSION_FILE)  # fitted on the first micrographs, kept across restarts
-        self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set, session=session)
+        self.threads = threads
+        self.adapter = Adapter(out, config, self.journal, encoder.bundle.path, threads) if config.stream.adapt_after else None
+        self._switching = False  # the adapted model is ready: the pipeline drains, then the model is switched
+        adapted = self.adapter.done_bundle() if self.adapter else None
+        if adapted is not None:  # adapted by an earlier run: keep the adapted model
+            encoder = self._open_encoder(adapted, encoder)
+            self._repick_old(model_id(adapted))
+        self.encoder = encoder
+        bundle = encoder.bundle.path if encoder is not None else bundle_path(config.model.bundle, config.model.precision) if client else None
+        self.model = model_id(bundle) if bundle is not None else None  # recorded with every pick
+        session_file = self.adapter.folder / SESSION_FILE if adapted is not None else out / SESSION_FILE
+        if client is not None:  # a Dask cluster picks; this process discovers, gates and records
+            from emmae.runtime.distributed import ClusterPipeline
+
+            self.pipeline = ClusterPipeline(config, client, out, self.output_stem, config.stream.queue_depth, self.wake.set, session_file)
+        else:
+            session = StreamSession(config, encoder, session_file)  # fitted on the first micrographs, kept across restarts
+            self.pipeline = Pipeline(config, encoder, self._write_outputs, config.stream.queue_depth, on_done=self.wake.set, session=session)
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self._ready: deque[Job] = deque()  # passed the gate, waiting for room in the pipeline
         self._queued: set[str] = set()  # keys ready or in the pipeline
@@ -174,10 +196,11 @@ class Session:
                         STOP_FILE, self.watch)
 
     def step(self, stop: StopFlag) -> int:
-        """Record finished micrographs, scan when due, feed the pipeline. Returns how many were picked."""
+        """Record finished micrographs, scan when due, look after the adaptation, feed the pipeline. Returns how many were picked."""
         picked = self.collect()
         if stop or self.stop_file_found(stop):
             return picked
+        self.adapt()
         now = time.monotonic()
         spread_s = min(self._scan_cost_s / SCAN_SHARE, MAX_SCAN_INTERVAL_S)  # a huge folder is scanned less often: scans cost ~SCAN_SHARE of a core
         due = now - self._last_scan >= max(self.config.stream.poll_interval_s, spread_s)
@@ -317,8 +340,8 @@ class Session:
         return removed
 
     def feed(self) -> None:
-        """Move ready micrographs into the pipeline while it has room (back-pressure)."""
-        while self._ready and self.pipeline.has_room():
+        """Move ready micrographs into the pipeline while it has room (back-pressure); none while the model is switched."""
+        while self._ready and self.pipeline.has_room() and not self._switching:
             job = self._ready[0]
             self.journal.mark_processing(self.key(job.path), job.name)
             self.pipeline.submit(self._ready.popleft())
@@ -343,6 +366,8 @@ class Session:
         if stop:
             self.pipeline.cancel()
         self.collect(self.pipeline.close())
+        if self.adapter is not None:
+            self.adapter.stop()  # resumed at the next start
 
     def release(self) -> None:
         """Close the journal and free the output folder for another daemon."""
@@ -373,8 +398,9 @@ class Session:
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
         outputs = str(self.out / f"{self.output_stem(job)}_autopick.star")
-        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino)
-        self._picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino)
+        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, self.model)
+        self._picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino,
+                                  self.model)
         if key in self._failed_keys:
             self._failed_keys.discard(key)
             self.progress.failed = len(self._failed_keys)
@@ -396,7 +422,8 @@ class Session:
         log.error("failed %s: %s%s", shown(key), reason, retry)
 
     def summary(self) -> str:
-        return self.progress.summary(self.queued, self.gate.pending)
+        adapting = self.adapter.status() if self.adapter is not None else ""
+        return self.progress.summary(self.queued, self.gate.pending) + (f" | {adapting}" if adapting else "")
 
     def check_pace(self, now: float) -> bool:
         """Warn (at most once per ``PACE_INTERVAL_S``) when the micrographs waiting to be picked keep piling up."""
@@ -427,6 +454,55 @@ class Session:
         stem = self.output_stem(job)
         (self.out / stem).parent.mkdir(parents=True, exist_ok=True)
         write_outputs(self.out, stem, result, self.config, job.path)
+
+    def adapt(self) -> None:
+        """Start the adaptation when N micrographs are picked; once its model is ready and the pipeline drained, switch to it."""
+        if self.adapter is None:
+            return
+        if self.adapter.poll() == "ready":
+            self._switching = True
+        elif not self._switching and self.adapter.due(len(self._picked)):
+            first = [self._path_of(entry.path) for entry in self.journal.picked()[: self.config.stream.adapt_after]]
+            self.adapter.start([str(path) for path in first])
+        if self._switching and self.pipeline.in_flight == 0:
+            self._switch()
+
+    def _switch(self) -> None:
+        """Pick with the adapted model from now on: its own session (fitted on the adaptation's micrographs), and re-pick (or only mark) the old model's picks."""
+        bundle = self.adapter.bundle
+        encoder = self._open_encoder(bundle, self.encoder)
+        session = StreamSession(self.config, encoder, self.adapter.folder / SESSION_FILE)
+        record = self.adapter.record
+        for path in (record.micrographs if record else [])[: self.config.cluster.session_micrographs]:
+            try:
+                session.learn(prepare(Path(path), self.config, encoder))
+            except (EmmaeError, OSError) as exc:
+                log.warning("%s left out of the adapted model's session: %s", shown(path), exc)
+        self.pipeline.close()
+        self.pipeline = Pipeline(self.config, encoder, self._write_outputs, self.config.stream.queue_depth, on_done=self.wake.set, session=session)
+        self.encoder, self.model = encoder, model_id(bundle)
+        with self.journal.batch():
+            self.adapter.finish(self.model)
+            again = self._repick_old(self.model)
+        for key in again:
+            entry = self._picked.pop(key, None)
+            if entry is not None:
+                self.progress.unpicked(entry.particles or 0)
+        self._switching, self._last_scan, self._index_stale = False, -float("inf"), True
+        log.info("switched to the adapted model %s%s", self.model,
+                 f"; the {len(again)} micrographs the old model picked are picked again" if again else "")
+
+    def _repick_old(self, model: str) -> list[str]:
+        """With ``adapt_then = repick``: what another model picked goes back to the queue (its outputs are overwritten later). Returns their keys."""
+        if self.config.stream.adapt_then != "repick":
+            return []
+        return self.journal.unpick_other_models(model)
+
+    def _open_encoder(self, bundle: Path, like: Encoder) -> Encoder:
+        return Encoder.open(bundle, "fp32", like.backend, like.batch_tiles, self.threads)
+
+    def _path_of(self, key: str) -> Path:
+        return Path(key) if os.path.isabs(key) else self.watch / key
 
     def notice_change(self) -> None:
         """Called by the file-system observer (its thread): scan soon."""
@@ -511,6 +587,8 @@ class Session:
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or ready, and no file in the folder still waiting (for ``--once``)."""
         now = time.monotonic()
+        if self.adapter is not None and (self._switching or self.adapter.busy() or self.adapter.due(len(self._picked))):
+            return False  # the adaptation (and the re-picks it brings) are part of the backlog
         return not self.queued and all(not self._wanted(path, now) for path, _, _ in self._candidates())
 
     def _wanted(self, path: Path, now: float) -> bool:
@@ -696,6 +774,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
                         help="live: a status line redrawn under the log; plain: log lines only; auto (default): live on a terminal")
     parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="pick on the Dask cluster of this scheduler (needs the dask extra; the watched and output folders must be shared "
+                             "with its workers); this process keeps discovery, the completeness gate and the journal")
+    adapt = parser.add_argument_group("adaptation (needs the train extra: torch)")
+    adapt.add_argument("--adapt", type=int, metavar="N",
+                       help="once N micrographs are picked, fine-tune the model on them in a separate process (no labels), then pick with it")
+    adapt.add_argument("--adapt-then", choices=("repick", "mark"),
+                       help="what the old model picked: picked again with the adapted model (repick, default) or left, marked in the journal")
+    adapt.add_argument("--adapt-epochs", type=int, metavar="N", help="most fine-tuning epochs (default 5)")
+    adapt.add_argument("--adapt-budget-s", type=float, metavar="S", help="fine-tuning time budget in seconds (default 600)")
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: WATCH/emmae_picks)")
     add_output_arguments(parser, output)
@@ -709,9 +797,29 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
         ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
         ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles, ("stream", "settle_s"): args.settle_s,
         ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
-        ("stream", "stale_after_s"): args.stale_after_s,
+        ("stream", "stale_after_s"): args.stale_after_s, ("stream", "adapt_after"): args.adapt,
+        ("stream", "adapt_then"): args.adapt_then, ("stream", "adapt_epochs"): args.adapt_epochs, ("stream", "adapt_budget_s"): args.adapt_budget_s,
         ("output", "preview"): args.preview or None, ("backend", "device"): args.device, **output_switches(args),
     })
+
+
+def connect_cluster(scheduler: str | None, config: EmmaeConfig) -> object | None:
+    """The Dask client of ``--scheduler`` with the encoder plugin registered (None without one).
+
+    Raises:
+        ConfigError: dask.distributed is missing, or combined with ``--adapt``.
+    """
+    if scheduler is None:
+        return None
+    if config.stream.adapt_after:
+        raise ConfigError("--adapt and --scheduler cannot be combined: adapt in a single-process stream, or with emmae-adapt beforehand")
+    try:
+        from emmae.runtime import distributed
+    except ImportError:
+        raise ConfigError("--scheduler needs dask.distributed, which is not installed: pip install 'cryo-emmae[dask]'") from None
+    client = distributed.connect(scheduler, None)
+    distributed.register(client, config)
+    return client
 
 
 def check_diameter(config: EmmaeConfig) -> None:
@@ -738,13 +846,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         check_diameter(config)  # before any micrograph is touched
+        if config.stream.adapt_after:
+            check_can_adapt()
         watch = args.watch or (args.watch_star.parent if args.watch_star else None)
         if watch is None or not watch.is_dir():
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         check_threads(args.threads)
-        encoder = open_encoder(config, args.threads)
+        client = connect_cluster(args.scheduler, config)
+        encoder = open_encoder(config, args.threads) if client is None else None
         out = args.out or watch / "emmae_picks"
-        session = Session(watch, out, config, encoder, args.watch_star, status)
+        session = Session(watch, out, config, encoder, args.watch_star, status, args.threads, client)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -761,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         run(session, stop, args.once)
     finally:
         session.release()
+        if client is not None:
+            client.close()
     return 0
 
 

@@ -12,8 +12,12 @@ stored); an ``output`` failure (full disk) after a delay. Outputs are written
 ``processing`` by a crash go back to ``seen`` and are redone, overwriting their
 outputs, so a restart never loses or duplicates a micrograph.
 
-Journals written by earlier versions (absolute paths as keys, no kind, hash or
-inode) are migrated when opened.
+Each picked row names the model that picked it (``model``: the bundle's file name and
+the start of its SHA-256). A stream that adapts its model (``emmae-stream --adapt``)
+keeps the adaptation's state in a one-row ``adaptation`` table.
+
+Journals written by earlier versions (absolute paths as keys, no kind, hash, inode
+or model) are migrated when opened.
 """
 
 from __future__ import annotations
@@ -45,10 +49,22 @@ CREATE TABLE IF NOT EXISTS micrographs (
     updated REAL NOT NULL
 )
 """
+ADAPTATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adaptation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL CHECK (state IN ('running', 'done', 'failed')),
+    micrographs TEXT NOT NULL,
+    bundle TEXT,
+    model TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    updated REAL NOT NULL
+)
+"""
 VERSION = 2  # PRAGMA user_version: 1 added kind, config_hash, ino; 2 keys on the path relative to the watched folder
-COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER"}
+COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER", "model": "TEXT"}
 KINDS = ("micrograph", "config", "output", "unexpected")
-_FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino"
+_FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino, model"
 
 
 def journal_key(relative: str) -> str:
@@ -69,6 +85,19 @@ class Entry:
     kind: str | None = None
     config_hash: str | None = None
     ino: int | None = None
+    model: str | None = None  # of a picked entry: the model that picked it
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """The stream's fine-tuning: ``running`` (on ``micrographs``), ``done`` (``bundle``, identified as ``model``) or ``failed``."""
+
+    state: str
+    micrographs: list[str]
+    bundle: str | None
+    model: str | None
+    attempts: int
+    reason: str | None
 
 
 class Journal:
@@ -87,6 +116,7 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        self._db.execute(ADAPTATION_SCHEMA)
         self._migrate(roots)
         self._db.execute("UPDATE micrographs SET state = 'seen' WHERE state = 'processing'")
 
@@ -165,10 +195,10 @@ class Journal:
         self._upsert(path, name, "processing", reason=None)
 
     def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
-                    size: int | None = None, mtime_ns: int | None = None, ino: int | None = None) -> None:
-        """Picked from the file of this size, mtime and inode (a later change means it was replaced)."""
+                    size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None) -> None:
+        """Picked by ``model`` from the file of this size, mtime and inode (a later change means it was replaced)."""
         self._upsert(path, name, "picked", particles=particles, outputs=outputs, timings=json.dumps(timings), reason=None,
-                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash)
+                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash, model=model)
 
     def mark_failed(self, path: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
         """Failed for ``reason``; ``kind`` (one of ``KINDS``) says whose fault, and when it is worth trying again."""
@@ -209,6 +239,25 @@ class Journal:
     def picked_at(self) -> list[tuple[str, float]]:
         """(path, wall-clock time it was recorded as picked) of every picked micrograph."""
         return self._db.execute("SELECT path, updated FROM micrographs WHERE state = 'picked'").fetchall()
+
+    def unpick_other_models(self, model: str) -> list[str]:
+        """Send every micrograph picked by another model than ``model`` back to ``seen`` (to be picked again); returns their keys."""
+        rows = self._db.execute("SELECT path FROM micrographs WHERE state = 'picked' AND model IS NOT ?", (model,)).fetchall()
+        self._db.execute("UPDATE micrographs SET state = 'seen' WHERE state = 'picked' AND model IS NOT ?", (model,))
+        return [row[0] for row in rows]
+
+    def adaptation(self) -> Adaptation | None:
+        row = self._db.execute("SELECT state, micrographs, bundle, model, attempts, reason FROM adaptation WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return Adaptation(row[0], json.loads(row[1]), row[2], row[3], int(row[4]), row[5])
+
+    def set_adaptation(self, state: str, micrographs: list[str], bundle: str | None = None, model: str | None = None,
+                       attempts: int = 0, reason: str | None = None) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO adaptation (id, state, micrographs, bundle, model, attempts, reason, updated) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+            (state, json.dumps(micrographs), bundle, model, attempts, reason, time.time()),
+        )
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM micrographs GROUP BY state").fetchall())

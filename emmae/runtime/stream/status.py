@@ -29,6 +29,11 @@ class Progress:
         self.particles += particles
         self.last_latency_s = latency_s
 
+    def unpicked(self, particles: int) -> None:
+        """A micrograph counted as picked goes back to be picked again (by an adapted model)."""
+        self.count -= 1
+        self.particles -= particles
+
     def rate_per_hour(self) -> float:
         span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
         return (len(self.times) - 1) / span * 3600 if span > 0 else 0.0
