@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_CPU)"
-	$(PY) -m pip install --quiet -e ".[cpu,train,dev]"
+	$(PY) -m pip install --quiet -e ".[cpu,train,dask,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

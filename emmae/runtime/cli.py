@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rethreshold", type=Path, metavar="DIR",
                        help="re-pick an earlier output folder DIR from its saved particle maps, without encoding: the run's recorded "
                             "options are kept and the options given now (--set, --min-distance-A, output options) change them")
+    cluster = parser.add_argument_group("cluster (needs the dask extra)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="pick on the Dask cluster of this scheduler (e.g. tcp://head:8786); the output folder must be shared with its workers")
+    cluster.add_argument("--workers", type=int, metavar="N", help="pick on a local Dask cluster of N worker processes")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: emmae_picks)")
     out.add_argument("--preview", action="store_true", help="also write <stem>_preview.png, the micrograph with its picks circled")
@@ -179,12 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         items = collect_inputs(args.inputs, config, args.recursive)
         out = args.out or Path("emmae_picks")
         prepare_output_folder(out)
+        if args.scheduler is not None or args.workers is not None:
+            return pick_on_cluster(items, config, out, command, args)
         encoder = Encoder.open(config.model.bundle, config.model.precision, get_backend(config.backend.device),
                                batch_tiles=config.model.batch_tiles, threads=args.threads)
     except (EmmaeError, OSError, ValueError) as exc:
         log.error("%s", _one_line(exc))
         return EXIT_FAILED
     return pick_all(items, config, encoder, out, command)
+
+
+def pick_on_cluster(items: list[Item], config: EmmaeConfig, out: Path, command: list[str], args: argparse.Namespace) -> int:
+    """``--scheduler``/``--workers``: the same picks by a Dask cluster's workers. Raises ConfigError without dask."""
+    try:
+        from emmae.runtime import distributed
+    except ImportError:
+        raise ConfigError("--scheduler/--workers need dask.distributed, which is not installed: pip install 'cryo-emmae[dask]'") from None
+    client = distributed.connect(args.scheduler, args.workers, args.threads)
+    try:
+        return distributed.pick_all_on_cluster(items, config, client, out, command)
+    finally:
+        distributed.close(client)
 
 
 def _one_line(exc: BaseException) -> str:
