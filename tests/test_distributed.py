@@ -31,7 +31,7 @@ def _picks(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_two_local_workers_give_the_single_process_outputs(tmp_path):
-    mics = write_session(tmp_path / "session", 4, PARAMS, seed=11)
+    mics = write_session(tmp_path / "session", 10, PARAMS, seed=11)  # more than the 8 session samples
     assert cli.main([str(tmp_path / "session"), "--out", str(tmp_path / "one"), *COMMON]) == 0
     assert cli.main([str(tmp_path / "session"), "--out", str(tmp_path / "two"), "--workers", "2", *COMMON]) == 0
     one, two = _picks(tmp_path / "one"), _picks(tmp_path / "two")

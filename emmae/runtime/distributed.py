@@ -37,7 +37,8 @@ from emmae.backend import get_backend
 from emmae.config import EmmaeConfig
 from emmae.errors import ConfigError, EmmaeError, MicrographError
 from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import Picks, encode_prepared, finish, prepare, session_sample
+from emmae.runtime.options import limit_cpu_threads
+from emmae.runtime.picker import Encoded, Picks, encode_prepared, finish, prepare, session_sample
 from emmae.runtime.session import Session, SessionSample, fit_session
 
 log = logging.getLogger("emmae.distributed")
@@ -81,15 +82,17 @@ class EncoderPlugin(WorkerPlugin):
         self.config_json = config_json
         self.encoder: Encoder | None = None
         self.config: EmmaeConfig | None = None
+        self.encoded: dict[str, Encoded] = {}  # session samples encoded here, kept until their pick (path -> encoding)
 
     def setup(self, worker: Any) -> None:
         self.config = EmmaeConfig.model_validate_json(self.config_json)
         threads = int(os.environ.get("EMMAE_ENCODER_THREADS", "0")) or None
+        limit_cpu_threads(threads)
         model = self.config.model
         self.encoder = Encoder.open(model.bundle, model.precision, get_backend(self.config.backend.device), model.batch_tiles, threads)
 
     def teardown(self, worker: Any) -> None:
-        self.encoder = None
+        self.encoder, self.encoded = None, {}
 
 
 def register(client: Any, config: EmmaeConfig) -> None:
@@ -102,9 +105,10 @@ def _plugin() -> EncoderPlugin:
 
 
 def sample_task(path: str, name: str) -> tuple[SessionSample, int]:
-    """On a worker: a micrograph's session sample and the model's patch size."""
+    """On a worker: a micrograph's session sample and the model's patch size (its encoding is kept for its pick)."""
     plugin = _plugin()
     encoded = encode_prepared(prepare(Path(path), plugin.config, plugin.encoder, name=name), plugin.encoder)
+    plugin.encoded[path] = encoded
     return session_sample(encoded, plugin.config, plugin.encoder), plugin.encoder.bundle.info.patch_px
 
 
@@ -114,15 +118,18 @@ def pick_task(path: str, name: str, stem: str, out: str, session_json: str | Non
 
     plugin = _plugin()
     session = Session.from_json(session_json) if session_json else None
-    result = finish(prepare(Path(path), plugin.config, plugin.encoder, name=name), plugin.config, plugin.encoder, session=session)
+    encoded = plugin.encoded.pop(path, None)  # a session sample encoded here: not encoded twice
+    if encoded is None:
+        encoded = encode_prepared(prepare(Path(path), plugin.config, plugin.encoder, name=name), plugin.encoder)
+    result = finish(encoded.prepared, plugin.config, plugin.encoder, encoded.latents, session)
     write_outputs(Path(out), stem, result, plugin.config, Path(path))
     return result
 
 
-def fit_on_cluster(client: Any, samples: list[tuple[str, str]], config: EmmaeConfig) -> tuple[Session | None, list[str]]:
-    """The session fitted on the client from the workers' samples of ``samples`` (path, name); and the paths used."""
+def fit_on_cluster(client: Any, samples: list[tuple[str, str]], config: EmmaeConfig) -> tuple[Session | None, dict[str, str]]:
+    """The session fitted on the client from the workers' samples of ``samples`` (path, name); and the worker of each sample used."""
     futures = [client.submit(sample_task, path, name, pure=False) for path, name in samples]
-    found, used = [], []
+    found, used = [], {}
     for (path, _), future in zip(samples, futures):
         try:
             sample, patch = future.result()
@@ -130,9 +137,10 @@ def fit_on_cluster(client: Any, samples: list[tuple[str, str]], config: EmmaeCon
             log.warning("session sample %s left out: %s", path, exc)
             continue
         found.append(sample)
-        used.append(path)
+        used[path] = next(iter(client.who_has(future).get(future.key, ())), None)
+    del futures  # the samples can go; the encodings stay on their workers until picked
     if not found:
-        return None, []
+        return None, {}
     return fit_session(found, config, patch), used
 
 
@@ -342,16 +350,20 @@ def pick_all_on_cluster(items: list, config: EmmaeConfig, client: Any, out: Path
         log.error("%s", exc)
         return EXIT_FAILED
     register(client, config)
-    session = None
+    session, placed = None, {}
     if needs_session(config):
         chosen = [items[i] for i in session_sample_indices(len(items), config.cluster.session_micrographs)]
-        session, used = fit_on_cluster(client, [(str(item.path), item.name) for item in chosen], config)
+        session, placed = fit_on_cluster(client, [(str(item.path), item.name) for item in chosen], config)
         if session is not None:
-            record = session.summary() | {"sample": used}
+            record = session.summary() | {"sample": list(placed)}
             write_bytes_atomic(out / SESSION_FILE, (json.dumps(record, indent=1) + "\n").encode())
     session_json = session.to_json() if session else None
-    futures = {client.submit(pick_task, str(item.path), item.name, item.stem, str(out), session_json, pure=False): index
-               for index, item in enumerate(items)}
+    futures = {}
+    for index, item in enumerate(items):  # a session sample goes to the worker that holds its encoding (any other if it died)
+        where = placed.get(str(item.path))
+        placement = {"workers": [where], "allow_other_workers": True} if where else {}
+        future = client.submit(pick_task, str(item.path), item.name, item.stem, str(out), session_json, pure=False, **placement)
+        futures[future] = index
     done: dict[int, Picks] = {}
     failures: list[tuple[int, str, str]] = []
     with progress_bar(as_completed(futures), len(futures), "micrograph") as bar:
