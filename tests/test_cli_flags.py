@@ -15,8 +15,10 @@ from emmae import __version__
 from emmae.runtime import cli, evaluate
 from emmae.runtime.options import log_level, progress_bar
 from emmae.runtime.stream import daemon
+from emmae.trainer import adapt  # torch-free until it runs
 
-PARSERS = {"emmae-pick": cli.build_parser, "emmae-eval": evaluate.build_parser, "emmae-stream": daemon.build_parser}
+PARSERS = {"emmae-pick": cli.build_parser, "emmae-eval": evaluate.build_parser, "emmae-stream": daemon.build_parser,
+           "emmae-adapt": adapt.build_parser}
 
 
 def _all_parsers() -> dict:

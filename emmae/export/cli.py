@@ -3,7 +3,7 @@
 Exports the encoder to ONNX, embeds the training micrographs listed in the
 checkpoint, fits the train-set k-means (k = 4), names the particle cluster and writes
 one bundle per precision, plus the autoencoder's weights beside them
-(``<out stem>.mae.npz``, for ``emmae-train --init``). Exit status: 0 written, 2 bad
+(<out stem>.mae.npz, for emmae-train --init). Exit status: 0 written, 2 bad
 arguments or files.
 """
 
