@@ -43,6 +43,7 @@ from emmae.runtime.session import Session, SessionSample, fit_session
 
 log = logging.getLogger("emmae.distributed")
 PLUGIN_NAME = "emmae-encoder"
+WORKERS_TTL_S = 5.0  # the stream asks the scheduler how many workers it has at most this often
 INSTALL = "pip install 'cryo-emmae[dask]' (dask.distributed; add dask-jobqueue for SLURM/PBS, dask-cuda for one worker per GPU)"
 
 
@@ -170,10 +171,16 @@ class ClusterPipeline:
         self._lock = threading.Lock()
         self._cancelled = False
         self.in_flight = 0
+        self._workers, self._workers_at = 1, -float("inf")
         self.session = _StreamSession(config, session_path)
 
     def capacity(self) -> int:
-        return self.depth * max(1, len(self.client.scheduler_info().get("workers", {})))
+        """``depth`` micrographs per worker; the worker count is asked of the scheduler at most every ``WORKERS_TTL_S``."""
+        now = time.monotonic()
+        if now - self._workers_at > WORKERS_TTL_S:
+            self._workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+            self._workers_at = now
+        return self.depth * self._workers
 
     def has_room(self) -> bool:
         return not self._cancelled and self.in_flight < self.capacity()
