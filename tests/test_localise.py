@@ -162,3 +162,30 @@ def test_stream_session_freezes_after_n_and_survives_a_restart(encoder, tmp_path
     assert restarted.frozen is not None and restarted.frozen.digest() == ids[1]
     again = Session.from_json(restarted.frozen.to_json())
     assert again.digest() == ids[1] and again.particle_cluster == restarted.frozen.particle_cluster
+
+
+def test_stream_picks_again_what_provisional_sessions_picked(tmp_path, caplog):
+    import logging
+    import sqlite3
+
+    from emmae.runtime.stream import daemon
+    from emmae.synth import write_session
+
+    watch, out = tmp_path / "session", tmp_path / "out"
+    mics = write_session(watch, 4, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0, snr=0.3), seed=8)
+    args = ["--watch", str(watch), "--out", str(out), "--diameter-px", "24", "--settle-s", "0", "--poll-interval-s", "0.1",
+            "--progress", "plain", "--once", "--set", "cluster.session_micrographs=2"]
+    with caplog.at_level(logging.INFO, logger="emmae.stream"):
+        assert daemon.main(args) == 0
+    again = [r.getMessage() for r in caplog.records if "picked with a provisional session" in r.getMessage()]
+    assert len(again) == 1 and "the 1 micrographs" in again[0]  # the first, picked before the session was fixed
+    frozen = json.loads((out / "emmae-session.json").read_text())
+    rows = sqlite3.connect(out / "emmae-journal.sqlite").execute("SELECT path, state, session FROM micrographs").fetchall()
+    assert sorted(r[0] for r in rows) == [m.name for m in mics]
+    assert {(r[1], r[2]) for r in rows} == {("picked", Session.from_json(json.dumps(frozen)).digest())}
+    picks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("picked ")]
+    assert len(picks) == len(mics) + 1 and "4 picked, 0 failed" in picks[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="emmae.stream"):  # a restart has nothing left to do
+        assert daemon.main(args) == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("picked ")]

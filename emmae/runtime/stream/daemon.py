@@ -159,6 +159,7 @@ class Session:
         self.threads = threads
         self.adapter = Adapter(out, config, self.journal, encoder.bundle.path, threads) if config.stream.adapt_after else None
         self._switching = False  # the adapted model is ready: the pipeline drains, then the model is switched
+        self._repicked_for: str | None = None  # the fixed session whose provisional picks were sent back
         adapted = self.adapter.done_bundle() if self.adapter else None
         if adapted is not None:  # adapted by an earlier run: keep the adapted model
             encoder = self._open_encoder(adapted, encoder)
@@ -351,6 +352,7 @@ class Session:
         results = self.pipeline.collect() if results is None else results
         self._queued.difference_update(self.key(done.job.path) for done in results)  # rescanned if recording fails
         picked = sum(self._record(done) for done in results)
+        self._repick_provisional()
         self._index_stale |= picked > 0
         interval = max(INDEX_INTERVAL_S, 10 * self._index_cost_s)  # the index costs at most ~10 % of this thread
         if self._index_stale and time.monotonic() - self._index_written >= interval:
@@ -398,7 +400,8 @@ class Session:
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
         outputs = str(self.out / f"{self.output_stem(job)}_autopick.star")
-        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, self.model)
+        session = (result.session or {}).get("id")
+        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, self.model, session)
         self._picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino,
                                   self.model)
         if key in self._failed_keys:
@@ -454,6 +457,22 @@ class Session:
         stem = self.output_stem(job)
         (self.out / stem).parent.mkdir(parents=True, exist_ok=True)
         write_outputs(self.out, stem, result, self.config, job.path)
+
+    def _repick_provisional(self) -> None:
+        """Once the stream's session is fixed, what provisional sessions picked goes back to be picked with it (once per fixed session)."""
+        frozen = getattr(self.pipeline.session, "frozen", None)
+        if frozen is None or not self.config.stream.repick_provisional or frozen.digest() == self._repicked_for:
+            return
+        self._repicked_for = frozen.digest()
+        again = self.journal.unpick_other_sessions(self._repicked_for, self.model)
+        for key in again:
+            entry = self._picked.pop(key, None)
+            if entry is not None:
+                self.progress.unpicked(entry.particles or 0)
+        if again:
+            self._last_scan = -float("inf")
+            log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it",
+                     self._repicked_for, len(again))
 
     def adapt(self) -> None:
         """Start the adaptation when N micrographs are picked; once its model is ready and the pipeline drained, switch to it."""

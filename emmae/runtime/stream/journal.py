@@ -13,7 +13,8 @@ stored); an ``output`` failure (full disk) after a delay. Outputs are written
 outputs, so a restart never loses or duplicates a micrograph.
 
 Each picked row names the model that picked it (``model``: the bundle's file name and
-the start of its SHA-256). A stream that adapts its model (``emmae-stream --adapt``)
+the start of its SHA-256) and the session it was picked with (``session``: its id), so
+what provisional sessions picked is picked again once the stream's session is fixed. A stream that adapts its model (``emmae-stream --adapt``)
 keeps the adaptation's state in a one-row ``adaptation`` table.
 
 Journals written by earlier versions (absolute paths as keys, no kind, hash, inode
@@ -62,7 +63,7 @@ CREATE TABLE IF NOT EXISTS adaptation (
 )
 """
 VERSION = 2  # PRAGMA user_version: 1 added kind, config_hash, ino; 2 keys on the path relative to the watched folder
-COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER", "model": "TEXT"}
+COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER", "model": "TEXT", "session": "TEXT"}
 KINDS = ("micrograph", "config", "output", "unexpected")
 _FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino, model"
 
@@ -195,10 +196,11 @@ class Journal:
         self._upsert(path, name, "processing", reason=None)
 
     def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
-                    size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None) -> None:
-        """Picked by ``model`` from the file of this size, mtime and inode (a later change means it was replaced)."""
+                    size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None,
+                    session: str | None = None) -> None:
+        """Picked by ``model`` with ``session`` (its id) from the file of this size, mtime and inode (a later change means it was replaced)."""
         self._upsert(path, name, "picked", particles=particles, outputs=outputs, timings=json.dumps(timings), reason=None,
-                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash, model=model)
+                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash, model=model, session=session)
 
     def mark_failed(self, path: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
         """Failed for ``reason``; ``kind`` (one of ``KINDS``) says whose fault, and when it is worth trying again."""
@@ -244,6 +246,13 @@ class Journal:
         """Send every micrograph picked by another model than ``model`` back to ``seen`` (to be picked again); returns their keys."""
         rows = self._db.execute("SELECT path FROM micrographs WHERE state = 'picked' AND model IS NOT ?", (model,)).fetchall()
         self._db.execute("UPDATE micrographs SET state = 'seen' WHERE state = 'picked' AND model IS NOT ?", (model,))
+        return [row[0] for row in rows]
+
+    def unpick_other_sessions(self, session: str, model: str | None) -> list[str]:
+        """Send what ``model`` picked with another (provisional) session than ``session`` back to ``seen``; returns their keys."""
+        where = "state = 'picked' AND session IS NOT NULL AND session != ? AND model IS ?"
+        rows = self._db.execute(f"SELECT path FROM micrographs WHERE {where}", (session, model)).fetchall()
+        self._db.execute(f"UPDATE micrographs SET state = 'seen' WHERE {where}", (session, model))
         return [row[0] for row in rows]
 
     def adaptation(self) -> Adaptation | None:
