@@ -74,7 +74,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
     finally:
         dist.close(client)
     assert killed.is_set()
-    assert status == cli.EXIT_OK
+    assert status == cli.EXIT_OK, (out / "failed.txt").read_text() if (out / "failed.txt").exists() else status
     assert sorted(_picks(out)) == sorted(f"{m.stem}_autopick.star" for m in mics)
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(str(m) for m in mics)  # each exactly once

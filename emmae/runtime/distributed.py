@@ -344,7 +344,7 @@ def pick_all_on_cluster(items: list, config: EmmaeConfig, client: Any, out: Path
 
     from emmae.config import config_record
     from emmae.errors import OutputError
-    from emmae.io.atomic import write_bytes_atomic
+    from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
     from emmae.runtime.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, SESSION_FILE, write_failed_list, write_record, write_session_files
     from emmae.runtime.options import progress_bar
     from emmae.runtime.picker import needs_session, session_sample_indices
@@ -386,6 +386,9 @@ def pick_all_on_cluster(items: list, config: EmmaeConfig, client: Any, out: Path
                 continue
             log.info("[%d/%d] %s: %d particles in %.2f s", len(done), len(items), item.path.name, len(done[index]),
                      sum(done[index].timings_s.values()))
+    left = remove_stale_temporaries(out)  # every task is over: these were being written by a worker that died
+    if left:
+        log.info("removed %d temporary files left by workers that died", len(left))
     ordered = [(items[i].stem, done[i]) for i in sorted(done)]
     try:
         write_session_files(out, ordered, config)
