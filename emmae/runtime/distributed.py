@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,13 @@ from distributed import Client, LocalCluster, WorkerPlugin, get_worker, wait
 
 from emmae.backend import get_backend
 from emmae.config import EmmaeConfig
-from emmae.errors import ConfigError, EmmaeError, MicrographError
+from emmae.errors import ConfigError, EmmaeError
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.options import limit_cpu_threads
-from emmae.runtime.picker import Encoded, Picks, encode_prepared, finish, prepare, session_sample
+from emmae.runtime.bundle import open_bundle
+from emmae.runtime.encoder import bundle_path
+from emmae.runtime.picker import Encoded, Picks, StreamSession, encode_prepared, finish, prepare, session_sample
+from emmae.runtime.stream.pipeline import ChangedError, Done, Job, check_job, failed, unchanged, unwritten
 from emmae.runtime.session import Session, SessionSample, fit_session
 
 log = logging.getLogger("emmae.distributed")
@@ -145,13 +147,6 @@ def fit_on_cluster(client: Any, samples: list[tuple[str, str]], config: EmmaeCon
     return fit_session(found, config, patch), used
 
 
-@dataclass
-class _Flight:
-    job: Any
-    future: Any
-    started: float
-
-
 class ClusterPipeline:
     """The daemon's pipeline on a Dask cluster, with the interface of :class:`emmae.runtime.stream.pipeline.Pipeline`.
 
@@ -167,12 +162,13 @@ class ClusterPipeline:
         self.config, self.client, self.out, self.stem, self.depth = config, client, out, stem, depth
         self._on_done = on_done or (lambda: None)
         self._results: queue.Queue = queue.Queue()
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, tuple[Job, Any]] = {}  # task key -> (job, future), until the future is done
         self._lock = threading.Lock()
         self._cancelled = False
         self.in_flight = 0
         self._workers, self._workers_at = 1, -float("inf")
-        self.session = _StreamSession(config, session_path)
+        patch_px = open_bundle(bundle_path(config.model.bundle, config.model.precision)).info.patch_px
+        self.session = StreamSession(config, None, session_path, patch_px)  # fitted here from the workers' samples
 
     def capacity(self) -> int:
         """``depth`` micrographs per worker; the worker count is asked of the scheduler at most every ``WORKERS_TTL_S``."""
@@ -188,12 +184,12 @@ class ClusterPipeline:
     def submit(self, job: Any) -> bool:
         if not self.has_room():
             return False
-        session_json, want_sample = self.session.current()
+        session = self.session.frozen or self.session.provisional
         key = f"emmae-pick-{uuid.uuid4().hex}"
-        future = self.client.submit(stream_task, str(job.path), job.name, self.stem(job), str(self.out), job.signature, session_json,
-                                    want_sample, key=key, pure=False)
+        future = self.client.submit(stream_task, job, self.stem(job), str(self.out), session.to_json() if session else None,
+                                    self.session.frozen is None, key=key, pure=False)
         with self._lock:
-            self._flights[key] = _Flight(job, future, time.time())
+            self._flights[key] = (job, future)
         future.add_done_callback(self._finished)
         self.in_flight += 1
         return True
@@ -202,55 +198,45 @@ class ClusterPipeline:
         with self._lock:
             flight = self._flights.pop(future.key, None)
         if flight is not None:
-            self._results.put((flight.job, future))
+            self._results.put(flight)
             self._on_done()
 
-    def collect(self) -> list:
-        from emmae.runtime.stream.pipeline import Done
-
+    def collect(self) -> list[Done]:
         results = []
         while True:
             try:
                 job, future = self._results.get_nowait()
             except queue.Empty:
                 break
-            results.append(self._done(job, future, Done))
+            results.append(self._done(job, future))
         self.in_flight -= len(results)
         return results
 
-    def _done(self, job: Any, future: Any, done_type: type) -> Any:
-        from emmae.runtime.stream.pipeline import ChangedError, failure_kind
-
-        now = time.time()
+    def _done(self, job: Job, future: Any) -> Done:
         if future.cancelled():
-            return done_type(job, rolled_back=True, finished_at=now)
+            return Done(job, rolled_back=True, finished_at=time.time())
         try:
             picks, sample = future.result()
-        except ChangedError as exc:
-            return done_type(job, error=str(exc), changed=True, finished_at=now)
-        except EmmaeError as exc:
-            reason = exc.reason if isinstance(exc, MicrographError) else str(exc)
-            return done_type(job, error=reason, kind=failure_kind(exc), finished_at=now)
-        except OSError as exc:
-            return done_type(job, error=f"cannot write the outputs of {job.path}: {exc}", output_error=True, finished_at=now)
+        except _Unwritten as exc:
+            return unwritten(job, exc)
         except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths: recorded, the daemon goes on
-            return done_type(job, error=f"unexpected error: {exc!r}", kind="unexpected", finished_at=now)
+            return failed(job, exc)
         if sample is not None:
             self.session.add(sample)
-        return done_type(job, picks=picks, finished_at=now)
+        return Done(job, picks=picks, finished_at=time.time())
 
     def cancel(self) -> None:
         """Cancel the tasks not yet finished (they come back rolled back)."""
         self._cancelled = True
         with self._lock:
-            futures = [f.future for f in self._flights.values()]
+            futures = [future for _, future in self._flights.values()]
         if futures:
             self.client.cancel(futures)
 
     def close(self) -> list:
         """Wait for the tasks in flight (or their cancellation); return the last results."""
         with self._lock:
-            futures = [f.future for f in self._flights.values()]
+            futures = [future for _, future in self._flights.values()]
         if futures:
             wait(futures)
         deadline = time.monotonic() + 30
@@ -259,80 +245,31 @@ class ClusterPipeline:
         return self.collect()
 
 
-def stream_task(path: str, name: str, stem: str, out: str, signature: tuple, session_json: str | None,
-                want_sample: bool) -> tuple[Picks, SessionSample | None]:
-    """On a worker: one micrograph of a stream, checked, picked and written; with its session sample when asked."""
+class _Unwritten(OSError):
+    """A stream task's outputs could not be written (a full disk, ...): the daemon retries it later."""
+
+
+def stream_task(job: Job, stem: str, out: str, session_json: str | None, want_sample: bool) -> tuple[Picks, SessionSample | None]:
+    """On a worker: one micrograph of a stream, checked, picked and written as the threaded pipeline does; with its session sample when asked."""
     from emmae.runtime.cli import write_outputs
-    from emmae.runtime.stream.gate import signature as signature_of
-    from emmae.runtime.stream.pipeline import ChangedError, check_layout
-    from emmae.io.mrc import read_layout
 
     plugin = _plugin()
     config, encoder = plugin.config, plugin.encoder
-    check_layout(Path(path), read_layout(Path(path)), config)
-    prepared = prepare(Path(path), config, encoder, name=name)
-    try:
-        unchanged = tuple(signature_of(os.stat(path))) == tuple(signature)
-    except OSError:
-        unchanged = False
-    if not unchanged:
-        raise ChangedError(f"{path} changed while it was read")
+    check_job(job, config)
+    prepared = prepare(job.path, config, encoder, name=job.name)
+    if not unchanged(job):
+        raise ChangedError(f"{job.path} changed while it was read")
     encoded = encode_prepared(prepared, encoder)
     sample = session_sample(encoded, config, encoder) if want_sample else None
     session = Session.from_json(session_json) if session_json else None
     if session is None and sample is not None:
         session = fit_session([sample], config, encoder.bundle.info.patch_px)  # the very first: its own session
     result = finish(encoded.prepared, config, encoder, encoded.latents, session)
-    (Path(out) / stem).parent.mkdir(parents=True, exist_ok=True)
-    write_outputs(Path(out), stem, result, config, Path(path))
+    try:
+        write_outputs(Path(out), stem, result, config, job.path)
+    except OSError as exc:
+        raise _Unwritten(str(exc)) from exc
     return result, sample
-
-
-class _StreamSession:
-    """The stream's session on the client: provisional fits from the workers' samples, then fixed and saved."""
-
-    def __init__(self, config: EmmaeConfig, path: Path | None) -> None:
-        self.config, self.path = config, path
-        self.samples: list[SessionSample] = []
-        self.frozen: Session | None = None
-        self.provisional: Session | None = None
-        self.patch_px: int | None = None
-        if path is not None and path.is_file():
-            try:
-                self.frozen = Session.from_json(path.read_text())
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("%s cannot be read (%s); the session is fitted again", path, exc)
-
-    def current(self) -> tuple[str | None, bool]:
-        """The session to pick with (JSON, or None) and whether a sample is wanted back."""
-        session = self.frozen or self.provisional
-        return (session.to_json() if session else None), self.frozen is None
-
-    def add(self, sample: SessionSample) -> None:
-        from emmae.io.atomic import write_bytes_atomic
-
-        if self.frozen is not None:
-            return
-        self.samples.append(sample)
-        count, patch = len(self.samples), self._patch()
-        if count >= self.config.cluster.session_micrographs:
-            self.frozen, self.samples = fit_session(self.samples, self.config, patch), []
-            log.info("session %s fixed after %d micrographs: %s", self.frozen.digest(), count, self.frozen.summary())
-            if self.path is not None:
-                try:
-                    write_bytes_atomic(self.path, self.frozen.to_json().encode())
-                except OSError as exc:
-                    log.warning("cannot save the session to %s: %s", self.path, exc)
-        elif count & (count - 1) == 0:
-            self.provisional = fit_session(self.samples, self.config, patch)
-
-    def _patch(self) -> int:
-        if self.patch_px is None:
-            from emmae.runtime.bundle import open_bundle
-            from emmae.runtime.encoder import bundle_path
-
-            self.patch_px = open_bundle(bundle_path(self.config.model.bundle, self.config.model.precision)).info.patch_px
-        return self.patch_px
 
 
 def pick_all_on_cluster(items: list, config: EmmaeConfig, client: Any, out: Path, argv: list[str]) -> int:

@@ -289,8 +289,9 @@ class StreamSession:
     resumed stream keeps its choice. Used by one thread (the pipeline's pick stage).
     """
 
-    def __init__(self, config: EmmaeConfig, encoder: Encoder, path: Path | None = None) -> None:
+    def __init__(self, config: EmmaeConfig, encoder: Encoder | None, path: Path | None = None, patch_px: int | None = None) -> None:
         self.config, self.encoder, self.path = config, encoder, path
+        self.patch_px = patch_px if patch_px is not None else encoder.bundle.info.patch_px if encoder is not None else None
         self.samples: list[SessionSample] = []
         self.frozen: Session | None = None
         self.provisional: Session | None = None
@@ -306,31 +307,33 @@ class StreamSession:
         if not needs_session(self.config):
             return finish(prepared, self.config, self.encoder)
         encoded = encode_prepared(prepared, self.encoder)
-        session = self.frozen
-        if session is None:
-            self.samples.append(session_sample(encoded, self.config, self.encoder))
-            count = len(self.samples)
-            if count >= self.config.cluster.session_micrographs:
-                session = self._fit()
-                self._freeze(session)
-            elif count & (count - 1) == 0:  # refitted at 1, 2, 4, ... micrographs
-                self.provisional = session = self._fit()
-            else:
-                session = self.provisional
+        session = self.frozen if self.frozen is not None else self.add(session_sample(encoded, self.config, self.encoder))
         return finish(encoded.prepared, self.config, self.encoder, encoded.latents, session)
 
     def learn(self, prepared: Prepared) -> None:
         """Fit the session on ``prepared`` too, without picking it (a session fitted ahead, e.g. for an adapted model)."""
         if self.frozen is not None or not needs_session(self.config):
             return
-        self.samples.append(session_sample(encode_prepared(prepared, self.encoder), self.config, self.encoder))
-        if len(self.samples) >= self.config.cluster.session_micrographs:
+        self.add(session_sample(encode_prepared(prepared, self.encoder), self.config, self.encoder), refit=True)
+
+    def add(self, sample: SessionSample, refit: bool = False) -> Session | None:
+        """Count ``sample`` in; returns the session to pick with now.
+
+        Fixed (and saved) once ``cluster.session_micrographs`` samples are in; until
+        then refitted when their count reaches 1, 2, 4, ... (at every sample with ``refit``).
+        """
+        if self.frozen is not None:
+            return self.frozen
+        self.samples.append(sample)
+        count = len(self.samples)
+        if count >= self.config.cluster.session_micrographs:
             self._freeze(self._fit())
-        else:
+        elif refit or count & (count - 1) == 0:
             self.provisional = self._fit()
+        return self.frozen or self.provisional
 
     def _fit(self) -> Session:
-        return fit_session(self.samples, self.config, self.encoder.bundle.info.patch_px)
+        return fit_session(self.samples, self.config, self.patch_px)
 
     def _freeze(self, session: Session) -> None:
         self.frozen, self.samples = session, []

@@ -121,6 +121,21 @@ class Done:
         return self.finished_at - self.job.ready_at
 
 
+def failed(job: Job, exc: BaseException) -> Done:
+    """What became of ``job`` when reading or picking it raised ``exc``."""
+    if isinstance(exc, ChangedError):
+        return Done(job, error=str(exc), changed=True, finished_at=time.time())
+    if isinstance(exc, EmmaeError):
+        reason = exc.reason if isinstance(exc, MicrographError) else str(exc)
+        return Done(job, error=reason, kind=failure_kind(exc), finished_at=time.time())
+    return Done(job, error=f"unexpected error: {exc!r}", kind="unexpected", finished_at=time.time())
+
+
+def unwritten(job: Job, exc: OSError) -> Done:
+    """What became of ``job`` when writing its outputs raised ``exc`` (e.g. a full disk: retried later)."""
+    return Done(job, error=f"cannot write the outputs of {job.path}: {exc}", output_error=True, finished_at=time.time())
+
+
 Writer = Callable[[Job, Picks], None]
 
 
@@ -201,7 +216,7 @@ class Pipeline:
         try:
             self.write(job, picks)
         except OSError as exc:
-            return Done(job, error=f"cannot write the outputs of {job.path}: {exc}", output_error=True, finished_at=time.time())
+            return unwritten(job, exc)
         return Done(job, picks=picks, finished_at=time.time())
 
     def _run_stage(self, work: Callable, inbox: queue.Queue, outbox: queue.Queue | None, cancellable: bool) -> None:
@@ -217,14 +232,11 @@ class Pipeline:
                 continue
             try:
                 result = work(item)
-            except ChangedError as exc:
-                result = Done(job, error=str(exc), changed=True, finished_at=time.time())
-            except EmmaeError as exc:  # a bad micrograph (MicrographError) or an unusable diameter
-                reason = exc.reason if isinstance(exc, MicrographError) else str(exc)
-                result = Done(job, error=reason, kind=failure_kind(exc), finished_at=time.time())
+            except EmmaeError as exc:  # a bad micrograph (MicrographError), an unusable diameter, a file that changed
+                result = failed(job, exc)
             except Exception as exc:  # noqa: BLE001 - recorded, and the daemon goes on with the next micrograph
                 log.exception("unexpected error on %s", job.path)
-                result = Done(job, error=f"unexpected error: {exc!r}", kind="unexpected", finished_at=time.time())
+                result = failed(job, exc)
             if isinstance(result, Done):
                 self._finish(result)
             else:
