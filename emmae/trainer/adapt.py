@@ -74,14 +74,6 @@ class ProgressFile:
         write_bytes_atomic(self.path, json.dumps(record).encode())
 
 
-def read_progress(path: Path) -> dict | None:
-    """The last progress record, or None when there is none (yet)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def exit_with_parent(pid: int) -> None:
     """Stop this process (status 3) as soon as process ``pid``, its parent, is gone: a killed daemon leaves no adaptation behind."""
 

@@ -36,6 +36,14 @@ MAX_ATTEMPTS = 3
 STOP_WAIT_S = 10.0
 
 
+def read_progress(path: Path) -> dict | None:
+    """The last record of an adaptation's progress file (``emmae-adapt --progress-file``), or None when there is none (yet)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def model_id(bundle: Path) -> str:
     """How the journal names a model: the bundle's file name and the start of its SHA-256."""
     return f"{bundle.name}:{hashlib.sha256(bundle.read_bytes()).hexdigest()[:12]}"
@@ -117,10 +125,7 @@ class Adapter:
         """For the status line: the adaptation's stage and progress, or ''."""
         if not self.busy():
             return ""
-        try:
-            progress = json.loads(self.progress_file.read_text())
-        except (OSError, ValueError):
-            progress = {}
+        progress = read_progress(self.progress_file) or {}
         if progress.get("stage") == "train" and progress.get("total"):
             return f"adapting {100 * progress['step'] / progress['total']:.0f} %"
         return f"adapting ({progress.get('stage', 'starting')})"

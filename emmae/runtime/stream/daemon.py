@@ -465,10 +465,7 @@ class Session:
             return
         self._repicked_for = frozen.digest()
         again = self.journal.unpick_other_sessions(self._repicked_for, self.model)
-        for key in again:
-            entry = self._picked.pop(key, None)
-            if entry is not None:
-                self.progress.unpicked(entry.particles or 0)
+        self._forget_picked(again)
         if again:
             self._last_scan = -float("inf")
             log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it",
@@ -503,13 +500,17 @@ class Session:
         with self.journal.batch():
             self.adapter.finish(self.model)
             again = self._repick_old(self.model)
-        for key in again:
-            entry = self._picked.pop(key, None)
-            if entry is not None:
-                self.progress.unpicked(entry.particles or 0)
+        self._forget_picked(again)
         self._switching, self._last_scan, self._index_stale = False, -float("inf"), True
         log.info("switched to the adapted model %s%s", self.model,
                  f"; the {len(again)} micrographs the old model picked are picked again" if again else "")
+
+    def _forget_picked(self, keys: list[str]) -> None:
+        """``keys``, sent back to ``seen`` in the journal, are no longer counted as picked (the next scan queues them)."""
+        for key in keys:
+            entry = self._picked.pop(key, None)
+            if entry is not None:
+                self.progress.unpicked(entry.particles or 0)
 
     def _repick_old(self, model: str) -> list[str]:
         """With ``adapt_then = repick``: what another model picked goes back to the queue (its outputs are overwritten later). Returns their keys."""

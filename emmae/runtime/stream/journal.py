@@ -244,15 +244,16 @@ class Journal:
 
     def unpick_other_models(self, model: str) -> list[str]:
         """Send every micrograph picked by another model than ``model`` back to ``seen`` (to be picked again); returns their keys."""
-        rows = self._db.execute("SELECT path FROM micrographs WHERE state = 'picked' AND model IS NOT ?", (model,)).fetchall()
-        self._db.execute("UPDATE micrographs SET state = 'seen' WHERE state = 'picked' AND model IS NOT ?", (model,))
-        return [row[0] for row in rows]
+        return self._unpick("model IS NOT ?", (model,))
 
     def unpick_other_sessions(self, session: str, model: str | None) -> list[str]:
         """Send what ``model`` picked with another (provisional) session than ``session`` back to ``seen``; returns their keys."""
-        where = "state = 'picked' AND session IS NOT NULL AND session != ? AND model IS ?"
-        rows = self._db.execute(f"SELECT path FROM micrographs WHERE {where}", (session, model)).fetchall()
-        self._db.execute(f"UPDATE micrographs SET state = 'seen' WHERE {where}", (session, model))
+        return self._unpick("session IS NOT NULL AND session != ? AND model IS ?", (session, model))
+
+    def _unpick(self, condition: str, values: tuple) -> list[str]:
+        where = f"state = 'picked' AND {condition}"
+        rows = self._db.execute(f"SELECT path FROM micrographs WHERE {where}", values).fetchall()
+        self._db.execute(f"UPDATE micrographs SET state = 'seen' WHERE {where}", values)
         return [row[0] for row in rows]
 
     def adaptation(self) -> Adaptation | None:
