@@ -54,6 +54,7 @@ from emmae.io.mrc import read_micrograph  # noqa: E402
 from emmae.io.truth import read_centres  # noqa: E402
 from emmae.memory import retain_freed_memory  # noqa: E402
 from emmae.metrics import Score, score_micrograph  # noqa: E402
+from emmae.runtime.bundle import open_bundle  # noqa: E402
 from emmae.runtime.encoder import Encoder  # noqa: E402
 from emmae.runtime.picker import Encoded, encode_prepared, finish, needs_session, prepare, session_from, session_sample_indices  # noqa: E402
 from emmae.runtime.postprocess import drop_border, suppress_neighbours  # noqa: E402
@@ -154,11 +155,9 @@ def adapt(parent: Path, micrographs: list, folder: Path, args) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
-    import onnxruntime as ort  # the provenance, read without torch
-
-    meta = json.loads(ort.InferenceSession(str(bundle), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map["emmae"])
-    record = {"seconds": seconds, "micrographs": len(micrographs), "epochs": meta["provenance"]["epochs"],
-              "final_train_loss": meta["provenance"]["final_train_loss"], "budget_s": args.adapt_budget_s}
+    provenance = open_bundle(bundle).info.provenance
+    record = {"seconds": seconds, "micrographs": len(micrographs), "epochs": provenance["epochs"],
+              "final_train_loss": provenance["final_train_loss"], "budget_s": args.adapt_budget_s}
     timing.write_text(json.dumps(record) + "\n")
     return {"bundle": bundle, **record}
 
