@@ -8,8 +8,11 @@ was trained with the bundled default's recipe on the other datasets' train split
 is then picked, all methods on the same micrographs:
 
 * ``fold model``: the picker as shipped (session-level particle choice, template
-  localisation), with the fold model; the session is fitted on the split itself
-  (``cluster.session_micrographs`` spread over it), as ``emmae-pick`` does for a batch;
+  localisation, latent vetting), with the fold model; the session is fitted on the
+  split itself (``cluster.session_micrographs`` spread over it), as ``emmae-pick``
+  does for a batch;
+* ``fold model, latents unused``: the same picker with the latents out of every
+  decision (no latent vetting, no cluster weighting): template only;
 * ``fold model, reference rule``: the same model with the authors' per-micrograph
   hierarchy and connected components (``cluster.selection=reference``,
   ``postprocess.method=components``);
@@ -24,9 +27,21 @@ is then picked, all methods on the same micrographs:
   (EMPIAR-10146's, 1240 x 1200, label-free) on this machine.
 
 One-to-one F1 (the paper's metric) pooled over the split, and a paired bootstrap
-over micrographs of the fold model's F1 minus each other method's. The synthetic
-sessions vary what real data varies (diameter 16-120 grid px, 5-45 % coverage with
-touching particles, carbon edges, contamination) and are picked by the bundled model.
+over micrographs of the fold model's F1 minus each other method's. For the fold
+model with and without latents, a precision-recall sweep of the figure of merit
+(thresholds 0.05-0.95, re-cut from the candidates as ``--rethreshold`` does): the
+average precision, the picks at 0.9 over those at 0.1, whether precision rises with
+the threshold, and the F1 at the default threshold against the best.
+
+Junk sessions (``JUNK_SESSIONS``, bundled model) hold what facility sessions hold
+beside the particles, never in the truth: faint particles among dark round
+contaminants 0.5-3 diameters wide at 3-10x their contrast, carbon edges and a
+carbon-only micrograph, aggregates (clumps of overlapping particles), empty and
+crystalline-ice micrographs mixed in, faint particles alone. Each reports F1 and the
+share of picks on junk (within ``JUNK_REACH_DIAMETERS`` of it) for the shipped
+picker, the same picker with the latents unused, the reference rule and LoG. The
+synthetic sessions vary what real data varies (diameter 16-120 grid px, 5-45 %
+coverage with touching particles, carbon edges, contamination).
 Writes ``bench/results/generalise.json``.
 """
 
@@ -43,6 +58,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,9 +72,9 @@ from emmae.memory import retain_freed_memory  # noqa: E402
 from emmae.metrics import Score, score_micrograph  # noqa: E402
 from emmae.runtime.bundle import open_bundle  # noqa: E402
 from emmae.runtime.encoder import Encoder  # noqa: E402
-from emmae.runtime.picker import Encoded, encode_prepared, finish, needs_session, prepare, session_from, session_sample_indices  # noqa: E402
+from emmae.runtime.picker import Encoded, Picks, encode_prepared, finish, needs_session, prepare, repick, session_from, session_sample_indices  # noqa: E402
 from emmae.runtime.postprocess import drop_border, suppress_neighbours  # noqa: E402
-from emmae.synth import SynthParams, write_session  # noqa: E402
+from emmae.synth import SynthParams, make_micrograph, write_micrograph_with_truth, write_session  # noqa: E402
 from emmae.trainer.data import items_from_manifest  # noqa: E402 - torch-free
 
 log = logging.getLogger("bench.generalise")
@@ -72,6 +88,22 @@ SYNTHETIC = [
     ("large-sparse-contaminated", 80.0, 0.05, False, 6),
     ("huge-carbon-contaminated", 120.0, 0.25, True, 3),
 ]
+# Junk sessions: what facility sessions hold beside the particles. Each is a list of
+# (micrographs, SynthParams fields) mixed into one session; junk is never in the truth.
+_FAINT_60 = {"diameter_px": 60.0, "n_particles": 110, "snr": 0.015}
+_MEDIUM_40 = {"diameter_px": 40.0, "n_particles": 180, "snr": 0.1}
+JUNK_SESSIONS = {
+    "dark-contaminants": [(6, {**_FAINT_60, "n_contaminants": 10, "contaminant_contrast": (3.0, 10.0), "contaminant_width_diameters": (0.5, 3.0)})],
+    "carbon-edge-and-carbon-only": [(4, {**_MEDIUM_40, "n_particles": 120, "carbon_edge": True}), (1, {**_MEDIUM_40, "n_particles": 0, "carbon_edge": True,
+                                                                                                   "carbon_fraction": (1.0, 1.0)}), (1, _MEDIUM_40)],
+    "aggregates": [(6, {**_MEDIUM_40, "n_aggregates": 6})],
+    "empty-and-crystalline-ice": [(4, _MEDIUM_40), (1, {**_MEDIUM_40, "n_particles": 0}),
+                                  (1, {**_MEDIUM_40, "n_particles": 0, "n_contaminants": 14, "contaminant_contrast": (2.0, 4.0)})],
+    "faint": [(6, {"diameter_px": 50.0, "n_particles": 150, "snr": 0.02})],
+}
+LATENTS_UNUSED = {"postprocess": {"latent_gate": 0.0, "latent_vetting": False}}  # the same picker, template only
+SWEEP = np.round(np.arange(0.05, 1.0, 0.05), 3)  # figure-of-merit thresholds of the precision-recall sweep
+JUNK_REACH_DIAMETERS = 0.25  # a pick this close to junk (or on it) lands on junk
 
 
 def log_top_n(image: np.ndarray, diameter_px: float, coverage: float = TOP_N_COVERAGE) -> np.ndarray:
@@ -83,14 +115,45 @@ def log_top_n(image: np.ndarray, diameter_px: float, coverage: float = TOP_N_COV
 
 def pick_split(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig]], overrides: list[dict]) -> list[list[np.ndarray]]:
     """Picks (input pixels) of every item under each configuration override, the session fitted on the split."""
+    return [[result.xy for result in results] for results in pick_split_results(encoder, items, overrides)]
+
+
+def pick_split_results(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig]], overrides: list[dict]) -> list[list[Picks]]:
+    """:func:`pick_split`, with every micrograph's whole :class:`Picks` (its candidates, for re-thresholding)."""
     encoded: list[Encoded] = [encode_prepared(prepare(path, config, encoder), encoder) for path, _, config in items]
     out = []
     for override in overrides:
         configs = [EmmaeConfig.model_validate(_merge(config.model_dump(), override)) for _, _, config in items]
         sample = [encoded[i] for i in session_sample_indices(len(encoded), configs[0].cluster.session_micrographs)]
         session = session_from(sample, configs[0], encoder) if needs_session(configs[0]) else None
-        out.append([finish(e.prepared, c, encoder, e.latents, session).xy for e, c in zip(encoded, configs)])
+        out.append([finish(e.prepared, c, encoder, e.latents, session) for e, c in zip(encoded, configs)])
     return out
+
+
+def threshold_sweep(results: list[Picks], items: list[tuple[Path, np.ndarray, EmmaeConfig]]) -> dict:
+    """Precision and recall of the picks at every figure-of-merit threshold of ``SWEEP``, and the average precision.
+
+    The picks are re-cut from each micrograph's candidates (``repick``), as
+    ``emmae-pick --rethreshold --threshold T`` does. AP: the area under the
+    precision-recall steps, recall rising as the threshold falls.
+    """
+    rows = []
+    for threshold in SWEEP:
+        scores = [score_micrograph(repick(result, config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"threshold": float(threshold)})})).xy,
+                                   truth, config.preprocess.diameter_px) for result, (_, truth, config) in zip(results, items)]
+        total = pooled(scores)
+        rows.append({"threshold": round(float(threshold), 3), "picks": total.picks, "precision": total.precision, "recall": total.recall, "f1": total.f1})
+    ap, recall = 0.0, 0.0
+    for row in sorted(rows, key=lambda r: r["recall"]):
+        ap += (row["recall"] - recall) * row["precision"]
+        recall = row["recall"]
+    at = {row["threshold"]: row for row in rows}
+    default = EmmaeConfig().postprocess.threshold
+    best = max(rows, key=lambda r: r["f1"])
+    precisions = [row["precision"] for row in rows if row["picks"]]
+    return {"average_precision": ap, "sweep": rows, "picks_0.9_over_0.1": at[0.9]["picks"] / max(1, at[0.1]["picks"]),
+            "precision_rises": bool(np.all(np.diff(precisions) >= -0.01)), "default_threshold": default,
+            "default_f1": at[round(default, 3)]["f1"], "best_threshold": best["threshold"], "best_f1": best["f1"]}
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -118,10 +181,10 @@ def real_fold(data: Path, fold: Fold, default: Encoder, args) -> list[dict]:
     model = ensure_model(data, fold, args.micrograph_epochs, args.seed)
     encoder = Encoder.open(model)
     start = time.perf_counter()
-    fold_picks = pick_split(encoder, items, [{}, REFERENCE_RULE])
+    shipped, unused, reference = pick_split_results(encoder, items, [{}, LATENTS_UNUSED, REFERENCE_RULE])
     seconds = (time.perf_counter() - start) / len(items)
-    picks = {"fold model": fold_picks[0], "fold model, reference rule": fold_picks[1],
-             "bundled default": pick_split(default, items, [{}])[0]}
+    picks = {"fold model": [r.xy for r in shipped], "fold model, latents unused": [r.xy for r in unused],
+             "fold model, reference rule": [r.xy for r in reference], "bundled default": pick_split(default, items, [{}])[0]}
     raw = [read_micrograph(path).data for path, _, _ in items]
     picks["LoG (Otsu)"] = [log_picks(image, config.preprocess.diameter_px) for image, (_, _, config) in zip(raw, items)]
     picks["LoG (top-N)"] = [log_top_n(image, config.preprocess.diameter_px) for image, (_, _, config) in zip(raw, items)]
@@ -135,8 +198,11 @@ def real_fold(data: Path, fold: Fold, default: Encoder, args) -> list[dict]:
         adapted = adapt(model, unlabelled, model.parent / f"adapted-e{args.adapt_epochs}", args)
         picks["fold model, adapted"] = pick_split(Encoder.open(adapted["bundle"]), items, [{}])[0]
     rows = score_rows(fold.held_out, picks, items, args.resamples, "fold model")
+    sweeps = {"fold model": threshold_sweep(shipped, items), "fold model, latents unused": threshold_sweep(unused, items)}
     for row in rows:
         row["trained_on"] = list(fold.train_on)
+        if row["method"] in sweeps:
+            row["figure_of_merit"] = sweeps[row["method"]]
         if adapted and row["method"] == "fold model, adapted":
             row["adaptation"] = {k: v for k, v in adapted.items() if k != "bundle"}
     log.info("%s: %d test micrographs, %.2f s per micrograph for both fold-model rules", fold.held_out, len(items), seconds)
@@ -187,6 +253,49 @@ def synthetic_session(name: str, diameter: float, coverage: float, carbon: bool,
     return rows
 
 
+def write_junk_session(folder: Path, spec: list[tuple[int, dict]], seed: int = 11) -> list[tuple[Path, np.ndarray, np.ndarray | None, EmmaeConfig]]:
+    """The micrographs of one junk session: (path, truth centres, junk mask or None, config), in acquisition order (kinds interleaved)."""
+    order = [(kind, i) for kind, (count, _) in enumerate(spec) for i in range(count)]
+    order.sort(key=lambda ki: (ki[1], ki[0]))  # the odd micrographs are spread through the session, not last
+    items = []
+    for n, (kind, i) in enumerate(order):
+        fields = spec[kind][1]
+        synth = make_micrograph(SynthParams(shape=(1024, 1024), pixel_size_A=1.0, **fields), seed=seed * 1000 + n)
+        path, _ = write_micrograph_with_truth(folder, f"mic_{n:03d}", synth)
+        config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": fields["diameter_px"]}})
+        items.append((path, synth.centres_xy, synth.junk, config))
+    return items
+
+
+def on_junk(picks_xy: np.ndarray, junk: np.ndarray | None, diameter_px: float) -> int:
+    """How many picks lie on the junk mask or within ``JUNK_REACH_DIAMETERS`` of it."""
+    if junk is None or len(picks_xy) == 0:
+        return 0
+    distance = ndi.distance_transform_edt(~junk)
+    rows = np.clip(np.round(picks_xy[:, 1]).astype(int), 0, junk.shape[0] - 1)
+    cols = np.clip(np.round(picks_xy[:, 0]).astype(int), 0, junk.shape[1] - 1)
+    return int(np.sum(distance[rows, cols] <= JUNK_REACH_DIAMETERS * diameter_px))
+
+
+def junk_session(name: str, spec: list[tuple[int, dict]], default: Encoder, args) -> list[dict]:
+    """One junk session picked by the shipped picker, the same picker with the latents unused, the reference rule and LoG."""
+    with tempfile.TemporaryDirectory() as tmp:
+        junk_items = write_junk_session(Path(tmp), spec)
+        items = [(path, truth, config) for path, truth, _, config in junk_items]
+        shipped, unused, reference = pick_split(default, items, [{}, LATENTS_UNUSED, REFERENCE_RULE])
+        picks = {"shipped": shipped, "latents unused": unused, "reference rule": reference}
+        raw = [read_micrograph(path).data for path, _, _ in items]
+        picks["LoG (top-N)"] = [log_top_n(image, config.preprocess.diameter_px) for image, (_, _, config) in zip(raw, items)]
+        rows = score_rows(f"junk {name}", picks, items, args.resamples, "shipped")
+    for row in rows:
+        found = picks[row["method"]]
+        junk = sum(on_junk(xy, mask, config.preprocess.diameter_px) for xy, (_, _, mask, config) in zip(found, junk_items))
+        row["picks_on_junk"] = junk
+        row["junk_share"] = junk / max(1, row["picks"])
+        row["session"] = [{"micrographs": count, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}} for count, fields in spec]
+    return rows
+
+
 def print_table(rows: list[dict], lead_key: str) -> None:
     width = max(len(r["method"]) for r in rows)
     print(f"{'dataset':<34} {'method':<{width}} {'F1':>6} {'prec':>6} {'recall':>6} {'picks':>6} {'truth':>6}  lead - this: F1 [95 %], wins")
@@ -206,8 +315,18 @@ def bar_summary(rows: list[dict]) -> dict:
                              "difference": mine["fold model"] - mine[best]}
         if "fold model, adapted" in mine:
             per_fold[dataset] |= {"adapted": mine["fold model, adapted"], "adapted_gain": mine["fold model, adapted"] - mine["fold model"]}
-    return {"folds": per_fold, "mean_fold_model": float(np.mean([f["fold_model"] for f in per_fold.values()])),
-            "mean_best_baseline": float(np.mean([f["best_baseline_f1"] for f in per_fold.values()]))}
+        if "fold model, latents unused" in mine:
+            unused = next(r for r in rows if r["dataset"] == dataset and r["method"] == "fold model, latents unused")
+            merit = next(r for r in rows if r["dataset"] == dataset and r["method"] == "fold model")["figure_of_merit"]
+            per_fold[dataset] |= {"latents_unused": mine["fold model, latents unused"], "latent_gain": unused["lead_minus_this"],
+                                  "average_precision": merit["average_precision"], "picks_0.9_over_0.1": merit["picks_0.9_over_0.1"],
+                                  "precision_rises": merit["precision_rises"], "default_f1": merit["default_f1"], "best_f1": merit["best_f1"],
+                                  "best_threshold": merit["best_threshold"]}
+    summary = {"folds": per_fold, "mean_fold_model": float(np.mean([f["fold_model"] for f in per_fold.values()])),
+               "mean_best_baseline": float(np.mean([f["best_baseline_f1"] for f in per_fold.values()]))}
+    if all("latents_unused" in f for f in per_fold.values()):
+        summary["mean_latents_unused"] = float(np.mean([f["latents_unused"] for f in per_fold.values()]))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     real = [row for fold in folds(args.data) for row in real_fold(args.data, fold, default, args)]
     print_table(real, "lead_minus_this")
     summary = bar_summary(real)
-    print(f"mean F1 over folds: fold model {summary['mean_fold_model']:.3f}, best label-free baseline {summary['mean_best_baseline']:.3f}")
+    print(f"mean F1 over folds: fold model {summary['mean_fold_model']:.3f}, latents unused {summary.get('mean_latents_unused', float('nan')):.3f}, "
+          f"best label-free baseline {summary['mean_best_baseline']:.3f}")
+    for dataset, fold in summary["folds"].items():
+        print(f"{dataset}: AP {fold['average_precision']:.3f}; picks at 0.9 / at 0.1 {fold['picks_0.9_over_0.1']:.2f}; precision rises "
+              f"{fold['precision_rises']}; F1 at the default threshold {fold['default_f1']:.3f}, best {fold['best_f1']:.3f} at {fold['best_threshold']}")
     record = {"bundle": default.bundle.path.name, "split": "test", "summary": summary, "real": real, "synthetic": [],
               "micrograph_epochs": args.micrograph_epochs, "seed": args.seed}
     if args.adapt:
@@ -245,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=1) + "\n")  # the real folds first: the synthetic part comes after
     if not args.no_synthetic:
+        record["junk"] = [row for name, spec in JUNK_SESSIONS.items() for row in junk_session(name, spec, default, args)]
+        print_table(record["junk"], "lead_minus_this")
+        for row in record["junk"]:
+            print(f"{row['dataset']:<34} {row['method']:<16} picks on junk {row['picks_on_junk']:5d} ({row['junk_share']:.1%})")
+        args.output.write_text(json.dumps(record, indent=1) + "\n")
         record["synthetic"] = [row for spec in SYNTHETIC for row in synthetic_session(*spec, default, args)]
         print_table(record["synthetic"], "lead_minus_this")
         args.output.write_text(json.dumps(record, indent=1) + "\n")

@@ -96,6 +96,8 @@ class PostprocessConfig(_Section):
     area_fraction: float = Field(0.04, gt=0, lt=1)
     threshold_levels: int = Field(30, ge=2, le=1000)
     min_distance_diameters: float = Field(0.5, ge=0, le=10)
+    clump_diameters: float = Field(0.8, ge=0, le=10)  # picks closer than this overlap; clump_size of them linked are an aggregate
+    clump_size: int = Field(0, ge=0, le=1000)  # 0: aggregates are not dropped
     border_diameters: float = Field(1 / 1.5, ge=0, le=10)
     min_score: float = Field(0.0, ge=0)  # kept picks need at least this figure of merit (component area / particle disk)
     keep_fraction: float = Field(1.0, gt=0, le=1)  # then only this top fraction by score is kept ("keep the top N %")
@@ -109,7 +111,12 @@ class PostprocessConfig(_Section):
     match_clip_sigma: float = Field(3.0, ge=0, le=100)  # clip the matched image at this many robust SDs (0: off)
     template_iterations: int = Field(30, ge=0, le=100)  # most template re-estimations (stops once the profile settles)
     template_top_fraction: float = Field(0.3, gt=0, le=1)  # share of the peaks that estimates the template
-    latent_gate: float = Field(0.5, ge=0, le=1)  # weight of the particle cluster's local share in the match score
+    latent_gate: float = Field(0.0, ge=0, le=1)  # weight of the particle cluster's local share in the match score
+    # latents vet the template's candidates: one whose latent descriptor lies beyond latent_limit
+    # (squared Mahalanobis distance in the session population's 8 principal axes) is not a pick,
+    # and atypical blobs never shape the session's template (emmae.runtime.vetting)
+    latent_vetting: bool = True
+    latent_limit: float = Field(40.0, gt=0, le=1e6)
 
 
 class OutputConfig(_Section):

@@ -84,7 +84,13 @@ class SynthParams:
     dose_e_per_A2: float = 40
     ice_gradient: float = 0.2
     carbon_edge: bool = False
+    carbon_fraction: tuple[float, float] = (0.15, 0.4)  # share of the image the carbon film covers (drawn in this range)
     n_contaminants: int = 0
+    contaminant_width_diameters: tuple[float, float] = (1.0, 4.0)  # contaminant width, in particle diameters
+    # None: ice chunks (opaque, with phase density); (lo, hi): dark round objects that darken the image
+    # lo..hi times as much as the particles do on average (no phase density)
+    contaminant_contrast: tuple[float, float] | None = None
+    n_aggregates: int = 0  # clumps of 5-10 overlapping particles: junk, not in the truth
     border_px: float | None = None
     dtype: str = "float32"
 
@@ -113,6 +119,7 @@ class SynthMicrograph:
     image: np.ndarray  # float32 (or params.dtype) [ny, nx], expected counts plus noise
     centres_xy: np.ndarray  # float64 [N, 2], x = column, y = row
     params: SynthParams
+    junk: np.ndarray | None = None  # bool [ny, nx]: carbon, contaminants and aggregates (None: no junk)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -129,6 +136,12 @@ def _validate(p: SynthParams) -> None:
     _require(math.isfinite(p.pixel_size_A) and p.pixel_size_A > 0, "pixel_size_A", f"must be > 0, got {p.pixel_size_A}")
     _require(p.n_particles is None or p.n_particles >= 0, "n_particles", f"must be >= 0 or None, got {p.n_particles}")
     _require(p.n_contaminants >= 0, "n_contaminants", f"must be >= 0, got {p.n_contaminants}")
+    _require(p.n_aggregates >= 0, "n_aggregates", f"must be >= 0, got {p.n_aggregates}")
+    for name in ("carbon_fraction", "contaminant_width_diameters", "contaminant_contrast"):
+        pair = getattr(p, name)
+        ok = pair is None and name == "contaminant_contrast" or (len(pair) == 2 and 0 < pair[0] <= pair[1] and math.isfinite(pair[1]))
+        _require(ok, name, f"must be a range (lo, hi) with 0 < lo <= hi, got {pair}")
+    _require(p.carbon_fraction[1] <= 1, "carbon_fraction", f"must lie in (0, 1], got {p.carbon_fraction}")
     _require(p.snr > 0, "snr", f"must be positive, got {p.snr}")
     _require(p.defocus_um >= 0, "defocus_um", f"must be >= 0 (underfocus), got {p.defocus_um}")
     _require(p.voltage_kV > 0, "voltage_kV", f"must be positive, got {p.voltage_kV}")
@@ -147,11 +160,13 @@ def _validate(p: SynthParams) -> None:
 
 @dataclass(frozen=True)
 class _Features:
-    """Carbon film (``x cos + y sin > offset``) and contaminants; none hold particles."""
+    """Carbon film (``x cos + y sin > offset``), contaminants and aggregates; none hold particles."""
 
     carbon: tuple[float, float, float] | None  # (cos, sin, offset_px)
     edge_px: float  # soft-edge width of carbon and contaminants
-    blobs: np.ndarray  # float64 [M, 9]: x, y, radius, 3 harmonic amplitudes, 3 phases
+    blobs: np.ndarray  # float64 [M, 10]: x, y, radius, 3 harmonic amplitudes, 3 phases, relative darkness
+    aggregates: list[np.ndarray]  # each [m, 2]: the member particles' centres of one clump
+    member_radius: float  # an aggregate member's radius
 
     def blob_reach(self) -> np.ndarray:  # [M] outermost radius of each contaminant
         return self.blobs[:, 2] * (1 + self.blobs[:, 3:6].sum(axis=1)) + self.edge_px / 2
@@ -164,6 +179,8 @@ class _Features:
             out |= xy[:, 0] * c + xy[:, 1] * s > offset - radius_px - self.edge_px / 2
         for (bx, by), reach in zip(self.blobs[:, :2], self.blob_reach(), strict=True):
             out |= np.hypot(xy[:, 0] - bx, xy[:, 1] - by) < reach + radius_px
+        for members in self.aggregates:
+            out |= KDTree(members).query(xy)[0] < self.member_radius + radius_px
         return out
 
 
@@ -173,7 +190,29 @@ def _draw_features(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarra
     carbon = _draw_carbon(p, rng, fixed_xy, edge) if p.carbon_edge else None
     blobs = [_draw_blob(p, rng, fixed_xy, edge) for _ in range(p.n_contaminants)]
     blobs = [b for b in blobs if b is not None]
-    return _Features(carbon, edge, np.array(blobs, dtype=np.float64).reshape(-1, 9))
+    features = _Features(carbon, edge, np.array(blobs, dtype=np.float64).reshape(-1, 10), [], p.radius_px)
+    for _ in range(p.n_aggregates):
+        members = _draw_aggregate(p, rng, fixed_xy, features)
+        if members is not None:
+            features.aggregates.append(members)
+    return features
+
+
+def _draw_aggregate(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, features: _Features) -> np.ndarray | None:
+    """[m, 2] centres of 5-10 overlapping particles (0.5-0.8 diameters apart) clear of everything drawn so far, or None."""
+    ny, nx = p.shape
+    for _ in range(FEATURE_TRIES):
+        count = int(rng.integers(5, 11))
+        steps = rng.uniform(0.5, 0.8, count - 1) * p.diameter_px
+        angles = rng.uniform(0, 2 * np.pi, count - 1)
+        walk = np.cumsum(np.stack([steps * np.cos(angles), steps * np.sin(angles)], axis=1), axis=0)
+        members = rng.uniform((2 * p.diameter_px,) * 2, (nx - 2 * p.diameter_px, ny - 2 * p.diameter_px)) + np.vstack([[0, 0], walk])
+        inside = (members >= p.radius_px).all() and (members[:, 0] < nx - p.radius_px).all() and (members[:, 1] < ny - p.radius_px).all()
+        clear = not features.excluded(members, p.radius_px).any() and (len(fixed_xy) == 0 or KDTree(members).query(fixed_xy)[0].min() > p.diameter_px)
+        if inside and clear:
+            return members
+    log.warning("no room for an aggregate clear of the given centres; one fewer")
+    return None
 
 
 def _draw_carbon(
@@ -183,7 +222,7 @@ def _draw_carbon(
     ny, nx = p.shape
     grid = np.stack(np.meshgrid(np.linspace(0, nx - 1, 64), np.linspace(0, ny - 1, 64)), axis=-1).reshape(-1, 2)
     for _ in range(FEATURE_TRIES):
-        theta, frac = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.4)
+        theta, frac = rng.uniform(0, 2 * np.pi), rng.uniform(*p.carbon_fraction)
         c, s = math.cos(theta), math.sin(theta)
         proj = grid @ (c, s)
         clear = float((fixed_xy @ (c, s)).max(initial=-np.inf)) + p.radius_px + edge / 2
@@ -195,11 +234,13 @@ def _draw_carbon(
 
 
 def _draw_blob(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, edge: float) -> np.ndarray | None:
-    """[9] one contaminant 1-4 diameters across (see :class:`_Features`), or None."""
+    """[10] one contaminant ``contaminant_width_diameters`` across (see :class:`_Features`), or None."""
     ny, nx = p.shape
+    lo, hi = p.contaminant_width_diameters
     for _ in range(FEATURE_TRIES):
-        centre, radius = rng.uniform((0, 0), (nx, ny)), rng.uniform(0.5, 2.0) * p.diameter_px
-        blob = np.r_[centre, radius, rng.uniform(0, 0.12, 3), rng.uniform(0, 2 * np.pi, 3)]
+        centre, radius = rng.uniform((0, 0), (nx, ny)), rng.uniform(lo / 2, hi / 2) * p.diameter_px
+        darkness = 0.0 if p.contaminant_contrast is None else rng.uniform(*p.contaminant_contrast)
+        blob = np.r_[centre, radius, rng.uniform(0, 0.12, 3), rng.uniform(0, 2 * np.pi, 3), darkness]
         reach = blob[2] * (1 + blob[3:6].sum()) + edge / 2
         if not np.any(np.hypot(*(fixed_xy - blob[:2]).T) < reach + p.radius_px):
             return blob
@@ -349,8 +390,13 @@ def _blob_patches(f: _Features) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tuple[np.ndarray, np.ndarray] | None:
-    """(phase density, opacity) [ny, nx] float32 of carbon and contaminants, or None without any."""
-    if f.carbon is None and len(f.blobs) == 0:
+    """(phase density, opacity) [ny, nx] float32 of carbon, ice-chunk contaminants and aggregates, or None without any.
+
+    Dark round objects (``contaminant_contrast``) are not here: their opacity needs the
+    particles' contrast (:func:`_dark_objects`).
+    """
+    chunks = [(patch, corner) for (patch, corner), blob in zip(_blob_patches(f), f.blobs, strict=True) if blob[9] == 0]
+    if f.carbon is None and not chunks and not f.aggregates:
         return None
     if f.carbon is None:
         density, opacity = np.zeros(p.shape, np.float32), np.zeros(p.shape, np.float32)
@@ -361,12 +407,51 @@ def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tup
         density += np.float32(CARBON_DENSITY)
         density *= opacity
         opacity *= np.float32(CARBON_OPACITY)
-    for patch, corner in _blob_patches(f):
+    for patch, corner in chunks:
         _add_patches(density, CONTAMINANT_DENSITY * patch[None], corner[None])
         _add_patches(opacity, CONTAMINANT_OPACITY * patch[None], corner[None])
-    if len(f.blobs):
+    for members in f.aggregates:
+        density += _render_particles(p, rng, members)
+    if chunks:
         np.minimum(opacity, 0.95, out=opacity)
     return density, opacity
+
+
+def _dark_objects(p: SynthParams, f: _Features, contrast: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
+    """Opacity [ny, nx] of the dark round objects: each darkens ``blob[9]`` times the particles' mean darkening, or None."""
+    dark = [(patch, corner, blob[9]) for (patch, corner), blob in zip(_blob_patches(f), f.blobs, strict=True) if blob[9] > 0]
+    if not dark:
+        return None
+    if len(xy):  # the particles' mean darkening over their central disks
+        offsets = np.arange(-int(p.radius_px / 2), int(p.radius_px / 2) + 1)
+        dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
+        disk = np.hypot(dx, dy) <= p.radius_px / 2
+        rows = np.clip(np.round(xy[:, 1, None]).astype(int) + dy[disk][None], 0, p.shape[0] - 1)
+        cols = np.clip(np.round(xy[:, 0, None]).astype(int) + dx[disk][None], 0, p.shape[1] - 1)
+        darkening = max(float(-contrast[rows, cols].mean()), 1e-4)
+    else:
+        darkening = min(math.sqrt(p.snr / p.counts_per_px), MAX_RMS_CONTRAST)
+    opacity = np.zeros(p.shape, np.float32)
+    for patch, corner, factor in dark:
+        _add_patches(opacity, np.float32(min(factor * darkening, 0.95)) * patch[None], corner[None])
+    return np.minimum(opacity, 0.95, out=opacity)
+
+
+def _junk_mask(p: SynthParams, f: _Features) -> np.ndarray | None:
+    """Bool [ny, nx]: carbon, contaminants (their soft edges half-way) and aggregate members' disks; None without junk."""
+    if f.carbon is None and len(f.blobs) == 0 and not f.aggregates:
+        return None
+    mask = _carbon_mask(p, f) >= 0.5 if f.carbon is not None else np.zeros(p.shape, bool)
+    for patch, corner in _blob_patches(f):
+        part = np.zeros(p.shape, np.float32)
+        _add_patches(part, patch[None], corner[None])
+        mask |= part >= 0.5
+    if f.aggregates:
+        rows, cols = np.mgrid[0 : p.shape[0], 0 : p.shape[1]]
+        members = np.concatenate(f.aggregates)
+        near = KDTree(members).query(np.stack([cols.ravel(), rows.ravel()], axis=1), distance_upper_bound=f.member_radius)[0]
+        mask |= np.isfinite(near).reshape(p.shape)
+    return mask
 
 
 # --------------------------------------------------------------------------- optics
@@ -514,15 +599,18 @@ def make_micrograph(params: SynthParams, seed: int, centres_xy: np.ndarray | Non
     expected = _background(params, rng)
     if maps is not None:
         expected *= np.subtract(1, maps[1], out=maps[1])  # transmission
+    dark = _dark_objects(params, features, contrast, xy)
+    if dark is not None:
+        expected *= np.subtract(1, dark, out=dark)
     contrast += 1
     expected *= contrast
     image = _expose(expected, rng, noise_scale)
     log.debug("synthetic micrograph %s: %d particles, seed %d", params.shape, len(xy), seed)
-    return SynthMicrograph(image=image.astype(params.dtype, copy=False), centres_xy=xy, params=params)
+    return SynthMicrograph(image=image.astype(params.dtype, copy=False), centres_xy=xy, params=params, junk=_junk_mask(params, features))
 
 
 def write_micrograph_with_truth(folder: str | Path, name: str, synth: SynthMicrograph) -> tuple[Path, Path]:
-    """Write ``<name>_truth.star`` (rlnCoordinateX/Y), then ``<name>.mrc`` with the pixel size.
+    """Write ``<name>_truth.star`` (rlnCoordinateX/Y), ``<name>_junk.npy`` (the junk mask, when there is junk), then ``<name>.mrc``.
 
     The truth is written first, so a watcher that sees the micrograph finds its truth.
 
@@ -537,6 +625,11 @@ def write_micrograph_with_truth(folder: str | Path, name: str, synth: SynthMicro
     mrc, star = folder / f"{name}.mrc", folder / f"{name}_truth.star"
     truth = pd.DataFrame({"rlnCoordinateX": synth.centres_xy[:, 0], "rlnCoordinateY": synth.centres_xy[:, 1]})
     write_star(star, truth)
+    if synth.junk is not None:
+        try:
+            np.save(folder / f"{name}_junk.npy", synth.junk)
+        except OSError as exc:
+            raise OutputError(f"cannot write {folder / f'{name}_junk.npy'}: {exc.strerror}") from exc
     write_micrograph(mrc, synth.image, synth.params.pixel_size_A)
     return mrc, star
 

@@ -17,8 +17,10 @@ come back to the host.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from emmae.backend import backend_of, to_host
 from emmae.runtime.filters import Array
@@ -130,20 +132,23 @@ def match(image: Array, template: np.ndarray) -> Array:
 
 
 def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int, top_fraction: float,
-                  tolerance: float = 1e-3) -> np.ndarray:
+                  tolerance: float = 1e-3, avoid: list[np.ndarray] | None = None) -> np.ndarray:
     """The session's radial particle profile, learned from ``images`` (outputs of :func:`matching_image`).
 
     Round 0 takes the strongest blob-filter peaks; each further round matches the
     current template and re-averages around its strongest peaks, until the profile
     changes by less than ``tolerance`` (relative L2) or ``iterations`` rounds are done.
+    ``avoid``: per image, centres ``[M, 2]`` (grid x, y) of what is not a particle
+    (atypical peaks); no peak within one diameter of them enters the profile.
     """
     radius = max(2, int(round(TEMPLATE_RADIUS_DIAMETERS * diameter_grid_px)))
     responses = [blob_response(image, diameter_grid_px) for image in images]
+    avoid = avoid if avoid is not None else [np.zeros((0, 2))] * len(images)
     profile = np.zeros(radius + 1)
     for round_ in range(iterations + 1):
         total, count = np.zeros(radius + 1), 0
-        for image, response in zip(images, responses):
-            found = find_peaks(response, diameter_grid_px / 2)
+        for image, response, away in zip(images, responses, avoid):
+            found = far_from(find_peaks(response, diameter_grid_px / 2), away, diameter_grid_px)
             part, n = radial_profile(image, strongest(found, top_fraction), radius)
             total, count = total + part * n, count + n
         if count == 0:
@@ -156,6 +161,59 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
         template = template_from_profile(profile)
         responses = [match(image, template) for image in images]
     return profile
+
+
+def far_from(found: Candidates, centres_xy: np.ndarray, distance_px: float) -> Candidates:
+    """The candidates farther than ``distance_px`` from every one of ``centres_xy [M, 2]``."""
+    if len(found) == 0 or len(centres_xy) == 0:
+        return found
+    nearest, _ = cKDTree(np.asarray(centres_xy, np.float64)).query(found.xy)
+    return found.take(np.flatnonzero(nearest > distance_px))
+
+
+def match_peaks(image: Array, profile: np.ndarray, profile_diameter_grid_px: float, diameter_grid_px: float, min_distance_px: float,
+                weight: Array | None = None) -> Candidates:
+    """Peaks of the template of ``profile`` matched on ``image`` (a :func:`matching_image`), scored by the match value.
+
+    A profile learned at another particle size in grid pixels is rescaled first;
+    ``weight`` (``[H, W]``), when given, multiplies the match before the peaks are found.
+    """
+    if abs(diameter_grid_px - profile_diameter_grid_px) > 0.05 * profile_diameter_grid_px:
+        radius = max(2, int(round(len(profile) * diameter_grid_px / profile_diameter_grid_px)))
+        profile = np.interp(np.linspace(0, len(profile) - 1, radius), np.arange(len(profile)), profile)
+    response = match(image, template_from_profile(profile))
+    if weight is not None:
+        response = response * weight
+    return find_peaks(response, min_distance_px)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a session turns match values into a 0-1 figure of merit: ``1 / (1 + exp(-(value - cut) * scale))``.
+
+    ``cut`` (figure of merit 0.5) is Otsu's split between background and particle peaks
+    over the session's sample; the median particle peak scores 0.9, as far below the
+    cut scores 0.1. Fixed per session, so an empty micrograph's peaks score low.
+    """
+
+    cut: float
+    scale: float
+
+    def figure_of_merit(self, values: np.ndarray) -> np.ndarray:
+        z = (np.asarray(values, np.float64) - self.cut) * self.scale
+        return 1 / (1 + np.exp(-np.clip(z, -60, 60)))
+
+
+def calibrate(values: np.ndarray) -> Calibration | None:
+    """The session's :class:`Calibration` from its sample's match values; None with fewer than 4 peaks or one class empty."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 4:
+        return None
+    cut = otsu_threshold(values)
+    high = values[values > cut]
+    if len(high) < 2 or float(np.median(high)) <= cut:
+        return None
+    return Calibration(cut=float(cut), scale=float(np.log(9) / (np.median(high) - cut)))
 
 
 def confidence(values: np.ndarray) -> np.ndarray:

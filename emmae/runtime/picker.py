@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from emmae.backend import to_host
-from emmae.config import EmmaeConfig, PreprocessConfig, resolve_diameter_px
+from emmae.config import EmmaeConfig, PostprocessConfig, PreprocessConfig, resolve_diameter_px
 from emmae.io.coords import GridTransform
 from emmae.io.atomic import atomic_path, write_bytes_atomic
 from emmae.io.mrc import read_micrograph
 from emmae.runtime.cluster import particle_region, smoothing_window
 from emmae.runtime.encoder import Encoder
 from emmae.runtime.filters import Array
-from emmae.runtime.localise import confidence, find_peaks, match, matching_image, template_from_profile
+from emmae.runtime.localise import confidence, match_peaks, matching_image
+from emmae.runtime.vetting import descriptors
 from emmae.runtime.postprocess import Candidates, candidates, picks
 from emmae.runtime.preprocess import Preprocessed, preprocess
 from emmae.runtime.session import Session, SessionSample, fit_session, particle_membership, particle_share, sample_of
@@ -49,7 +50,7 @@ class Picks:
     diameter_grid_px: float
     patch_px: int
     timings_s: dict[str, float] = field(default_factory=dict)
-    grid_candidates: np.ndarray | None = None  # template: [N, 3] grid x, y and match value of every peak
+    grid_candidates: np.ndarray | None = None  # template: [N, 5] grid x, y, match value, figure of merit, latent distance of every peak
     session: dict | None = None  # the session's particle choice (Session.summary())
 
     def __len__(self) -> int:
@@ -139,7 +140,7 @@ def finish(prepared: Prepared, config: EmmaeConfig, encoder: Encoder, latents: A
     )
     with _timed(timings, "postprocess", backend.synchronize):
         if config.postprocess.method == "template":
-            base = replace(base, grid_candidates=template_candidates(grid, session, share, config))
+            base = replace(base, grid_candidates=template_candidates(grid, session, share, config, valid, patch))
         result = repick(base, config)
     return replace(result, timings_s=timings)
 
@@ -150,25 +151,28 @@ def valid_latents(latents: Array, grid: Preprocessed, patch_px: int) -> Array:
     return latents[: valid[0], : valid[1]]
 
 
-def template_candidates(grid: Preprocessed, session: Session, share: Array, config: EmmaeConfig) -> np.ndarray:
-    """Every peak of the gated template match: ``[N, 3]`` grid x, y and value.
+def template_candidates(grid: Preprocessed, session: Session, share: Array | None, config: EmmaeConfig, latents: Array | None = None,
+                        patch_px: int | None = None) -> np.ndarray:
+    """Every peak of the session's template match: ``[N, 5]`` grid x, y, match value, figure of merit and latent distance.
 
     The match of the session's template on the binned micrograph is weighted by
     ``(1 - latent_gate) + latent_gate * share`` (``share``: the particle cluster's
-    local share, ``[H, W]``); peaks are at least ``min_distance_diameters`` apart.
+    local share, ``[H, W]``); peaks are at least ``min_distance_diameters`` apart. The
+    figure of merit is the session's calibration of the match value (per micrograph
+    for a session without one); the latent distance is the peak's squared distance to
+    the session's particle population (``latents``: the valid latent map, ``patch_px``
+    grid pixels per latent; with ``postprocess.latent_vetting``; NaN otherwise).
     """
     post = config.postprocess
     diameter = grid.diameter_grid_px
     image = matching_image(grid.binned, diameter, post.match_sigma_diameters, post.contrast, post.match_clip_sigma)
-    profile = session.profile
-    if abs(diameter - session.diameter_grid_px) > 0.05 * session.diameter_grid_px:  # another micrograph size: rescale
-        radius = max(2, int(round(len(profile) * diameter / session.diameter_grid_px)))
-        profile = np.interp(np.linspace(0, len(profile) - 1, radius), np.arange(len(profile)), profile)
-    response = match(image, template_from_profile(profile))
-    if post.latent_gate > 0:
-        response = response * (np.float32(1 - post.latent_gate) + np.float32(post.latent_gate) * share)
-    found = find_peaks(response, post.min_distance_diameters * diameter)
-    return np.column_stack([found.xy, found.score])
+    weight = np.float32(1 - post.latent_gate) + np.float32(post.latent_gate) * share if post.latent_gate > 0 else None
+    found = match_peaks(image, session.profile, session.diameter_grid_px, diameter, post.min_distance_diameters * diameter, weight)
+    merit = session.calibration.figure_of_merit(found.score) if session.calibration is not None else confidence(found.score)
+    distance = np.full(len(found), np.nan)
+    if post.latent_vetting and session.population is not None and latents is not None and patch_px and len(found):
+        distance = session.population.distance2(descriptors(latents, found.xy, patch_px))
+    return np.column_stack([found.xy, found.score, merit, distance])
 
 
 def pick_micrograph(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None,
@@ -232,9 +236,8 @@ def repick(previous: Picks, config: EmmaeConfig) -> Picks:
     """
     post = config.postprocess
     if previous.grid_candidates is not None:
-        values = previous.grid_candidates[:, 2]
-        found = Candidates(previous.grid_candidates[:, :2], confidence(values))
-        kept = picks(found.take(np.flatnonzero(found.score >= post.threshold)), previous.diameter_grid_px, previous.transform.valid_shape, post)
+        found, typical = scored_candidates(previous.grid_candidates, post)
+        kept = picks(found.take(np.flatnonzero((found.score >= post.threshold) & typical)), previous.diameter_grid_px, previous.transform.valid_shape, post)
     else:
         found = candidates(previous.region, previous.patch_px, previous.diameter_grid_px, post)
         kept = picks(found, previous.diameter_grid_px, previous.transform.valid_shape, post)
@@ -243,6 +246,20 @@ def repick(previous: Picks, config: EmmaeConfig) -> Picks:
         previous, xy=t.grid_to_input(kept.xy), score=kept.score, candidates_xy=t.grid_to_input(found.xy),
         candidates_score=found.score, timings_s={},
     )
+
+
+def scored_candidates(grid_candidates: np.ndarray, post: PostprocessConfig) -> tuple[Candidates, np.ndarray]:
+    """Template candidates with their figure of merit, and which of them the latents let through (bool ``[N]``).
+
+    ``grid_candidates``: ``[N, 5]`` (:func:`template_candidates`), or ``[N, 3]`` as saved
+    before figures of merit were calibrated per session (scored per micrograph, no vetting).
+    """
+    xy = grid_candidates[:, :2]
+    if grid_candidates.shape[1] < 5:
+        return Candidates(xy, confidence(grid_candidates[:, 2])), np.ones(len(grid_candidates), bool)
+    distance = grid_candidates[:, 4]
+    typical = ~(distance > post.latent_limit) if post.latent_vetting else np.ones(len(distance), bool)  # NaN: not vetted
+    return Candidates(xy, grid_candidates[:, 3]), typical
 
 
 def save_picks(path: Path, result: Picks) -> None:

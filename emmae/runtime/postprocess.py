@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from emmae.config import PostprocessConfig
@@ -119,8 +121,25 @@ def keep_best(found: Candidates, min_score: float, keep_fraction: float) -> Cand
     return found.take(np.sort(order[:count]))
 
 
+def drop_clumps(found: Candidates, overlap_px: float, size: int) -> Candidates:
+    """Drop every candidate of a clump: ``size`` or more candidates linked by centre distances under ``overlap_px``.
+
+    Particles are solid: three or more that overlap are an aggregate, not particles.
+    """
+    if len(found) < size or size < 2 or overlap_px <= 0:
+        return found
+    pairs = cKDTree(found.xy).query_pairs(r=overlap_px, output_type="ndarray")
+    if len(pairs) == 0:
+        return found
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(found), len(found)))
+    _, labels = connected_components(graph, directed=False)
+    counts = np.bincount(labels)
+    return found.take(np.flatnonzero(counts[labels] < size))
+
+
 def picks(found: Candidates, diameter_grid_px: float, valid_shape: tuple[int, int], config: PostprocessConfig) -> Candidates:
-    """Suppression by the minimum distance, the border margin (both in diameters), then the score cut-offs."""
+    """Suppression by the minimum distance, aggregates, the border margin (all in diameters), then the score cut-offs."""
     kept = suppress_neighbours(found, config.min_distance_diameters * diameter_grid_px)
+    kept = drop_clumps(kept, config.clump_diameters * diameter_grid_px, config.clump_size)
     kept = drop_border(kept, valid_shape, config.border_diameters * diameter_grid_px)
     return keep_best(kept, config.min_score, config.keep_fraction)

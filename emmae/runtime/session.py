@@ -16,7 +16,16 @@ flip between clusters.
   In crowded micrographs the gaps between particles also form disks; darkness tells
   them apart.
 * **Template.** The radial particle profile learned over the sample
-  (:func:`emmae.runtime.localise.learn_profile`).
+  (:func:`emmae.runtime.localise.learn_profile`), from typical peaks only: with
+  ``postprocess.latent_vetting``, blob peaks whose latents lie outside the population
+  of all the sample's peaks (:mod:`emmae.runtime.vetting`: the darkest contamination,
+  carbon, ice) are kept out of it.
+* **Figure of merit.** The template's match values over the sample set a session-wide
+  calibration (:class:`emmae.runtime.localise.Calibration`): 0.5 at the split between
+  background and particle peaks, 0.9 at the median particle.
+* **Particle population.** With ``postprocess.latent_vetting``, the latents of the
+  sample's candidates at figure of merit >= 0.5 (typical ones) form the population
+  that vets every micrograph's candidates.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from emmae.config import EmmaeConfig
 from emmae.runtime.cluster import smooth_latents
 from emmae.runtime.filters import Array
 from emmae.runtime.kmeans import assign, fit
-from emmae.runtime.localise import blob_response, find_peaks, learn_profile, matching_image
+from emmae.runtime.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image
+from emmae.runtime.vetting import Population, descriptors, fit_population
 
 log = logging.getLogger(__name__)
 SESSION_WINDOW = 2  # latent smoothing before the session's clusters
@@ -62,6 +72,8 @@ class Session:
     profile: np.ndarray  # radial particle profile in grid pixels, [r + 1]
     diameter_grid_px: float
     micrographs: int
+    calibration: Calibration | None = None  # match value -> figure of merit (None: per micrograph, as sessions saved before it)
+    population: Population | None = None  # the typical candidates' latents (None: no latent vetting)
 
     @property
     def k(self) -> int:
@@ -71,27 +83,37 @@ class Session:
         """The choice as plain JSON types, for the log and the outputs (no centroids)."""
         return {"k": self.k, "particle_cluster": self.particle_cluster, "confidence": round(self.confidence, 4),
                 "ambiguous": self.ambiguous, "cluster_scores": [round(s, 4) for s in self.cluster_scores],
-                "micrographs": self.micrographs, "diameter_grid_px": round(self.diameter_grid_px, 3), "id": self.digest()}
+                "micrographs": self.micrographs, "diameter_grid_px": round(self.diameter_grid_px, 3), "id": self.digest(),
+                "figure_of_merit": None if self.calibration is None else {"cut": round(self.calibration.cut, 4), "scale": round(self.calibration.scale, 4)},
+                "latent_population": None if self.population is None else self.population.candidates}
 
     def to_json(self) -> str:
         data = asdict(self)
         data["centroids"] = np.asarray(self.centroids, np.float64).tolist()
         data["profile"] = np.asarray(self.profile, np.float64).tolist()
         data["level_scores"] = {str(k): v for k, v in self.level_scores.items()}
+        data["population"] = None if self.population is None else self.population.to_dict()
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> Session:
+        """Raises: ValueError, KeyError, TypeError: not a session's JSON."""
         data = json.loads(text)
         data["centroids"] = np.asarray(data["centroids"], np.float32)
         data["profile"] = np.asarray(data["profile"], np.float64)
         data["cluster_scores"] = tuple(data["cluster_scores"])
         data["level_scores"] = {int(k): v for k, v in data["level_scores"].items()}
+        data["calibration"] = None if data.get("calibration") is None else Calibration(**data["calibration"])
+        data["population"] = None if data.get("population") is None else Population.from_dict(data["population"])
         return cls(**data)
 
     def digest(self) -> str:
         """A short content hash that names this session in logs and journals."""
         payload = np.asarray(self.centroids, np.float32).tobytes() + np.asarray(self.profile, np.float32).tobytes()
+        if self.calibration is not None:
+            payload += np.asarray([self.calibration.cut, self.calibration.scale], np.float64).tobytes()
+        if self.population is not None:
+            payload += np.asarray(self.population.mean, np.float32).tobytes()
         return hashlib.sha256(payload + str(self.particle_cluster).encode()).hexdigest()[:12]
 
 
@@ -120,15 +142,55 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     top, chosen, centroids, scores = best  # type: ignore[misc]
     runner_up = sorted(scores)[-2] if len(scores) > 1 else 0.0
     confidence = float(1 - runner_up / top) if top > 0 else 0.0
-    profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction)
+    atypical = atypical_peaks(samples, diameter, patch_px, post.latent_limit) if post.latent_vetting else None
+    profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=atypical)
+    calibration, population = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
     session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
                       level_scores=level_scores, confidence=confidence, ambiguous=confidence < cluster.ambiguous_below,
-                      profile=profile, diameter_grid_px=diameter, micrographs=len(samples))
-    log.info("session %s from %d micrograph(s): particle cluster %d of k=%d, confidence %.2f", session.digest(), len(samples), chosen, session.k, confidence)
+                      profile=profile, diameter_grid_px=diameter, micrographs=len(samples), calibration=calibration, population=population)
+    log.info("session %s from %d micrograph(s): particle cluster %d of k=%d, confidence %.2f, %s", session.digest(), len(samples), chosen, session.k,
+             confidence, "no latent population" if population is None else f"latent population of {population.candidates} candidates")
     if session.ambiguous:
         log.warning("session %s: the particle cluster is ambiguous (confidence %.2f < %.2f; scores %s)", session.digest(), confidence,
                     cluster.ambiguous_below, [round(s, 3) for s in scores])
     return session
+
+
+def atypical_peaks(samples: list[SessionSample], diameter_grid_px: float, patch_px: int, limit: float) -> list[np.ndarray] | None:
+    """Per sample, the blob peaks ``[M, 2]`` whose latents lie beyond ``limit`` from the population of all the sample's blob peaks.
+
+    None when there are too few peaks to fit a population.
+    """
+    peaks = [find_peaks(blob_response(s.image, diameter_grid_px), diameter_grid_px / 2).xy for s in samples]
+    described = [descriptors(s.latents, xy, patch_px) for s, xy in zip(samples, peaks)]
+    population = fit_population(np.concatenate(described))
+    if population is None:
+        return None
+    out = [xy[population.distance2(d) > limit] for xy, d in zip(peaks, described)]
+    log.debug("template: %d of %d blob peaks are atypical", sum(len(o) for o in out), sum(len(p) for p in peaks))
+    return out
+
+
+def fit_figure_of_merit(samples: list[SessionSample], profile: np.ndarray, diameter_grid_px: float, patch_px: int, config: EmmaeConfig,
+                        atypical: list[np.ndarray] | None) -> tuple[Calibration | None, Population | None]:
+    """The session's figure-of-merit calibration, and (with ``atypical``) the latent population of its likely particles.
+
+    The template is matched on every sample micrograph; candidates near an atypical
+    peak do not set the calibration; those scoring >= 0.5 then fit the population.
+    """
+    post = config.postprocess
+    values, described = [], []
+    for i, sample in enumerate(samples):
+        found = match_peaks(sample.image, profile, diameter_grid_px, sample.diameter_grid_px, post.min_distance_diameters * sample.diameter_grid_px)
+        if atypical is not None:
+            found = far_from(found, atypical[i], sample.diameter_grid_px)
+            described.append(descriptors(sample.latents, found.xy, patch_px))
+        values.append(found.score)
+    calibration = calibrate(np.concatenate(values))
+    if atypical is None or calibration is None:
+        return calibration, None
+    likely = [d[calibration.figure_of_merit(v) >= 0.5] for d, v in zip(described, values)]
+    return calibration, fit_population(np.concatenate(likely))
 
 
 def sample_of(prepared_image_binned: Array, latents: Array, diameter_grid_px: float, config: EmmaeConfig) -> SessionSample:
