@@ -148,6 +148,8 @@ def test_train_then_export_command(tmp_path):
     assert bundle.info.centroid_array().shape == (4, 32)
     assert bundle.info.particle_cluster_method == "prior"
     assert bundle.info.provenance["epochs"] == 1 and len(bundle.info.provenance["train"]) == 2
+    curve = bundle.info.provenance["loss_curve"]
+    assert len(curve) == 1 and curve[0]["train_loss"] == bundle.info.provenance["final_train_loss"]
     choices = bundle.info.provenance["particle_cluster_choices"]
     assert len(choices["prior"]["scores"]) == 4 and len(choices["reference"]["scores"]) == 4
     assert bundle.info.preprocess["grid_px"] == 256

@@ -164,6 +164,8 @@ def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice
         "settings": checkpoint["settings"],
         "final_train_loss": last.get("train_loss"),
         "final_valid_loss": last.get("valid_loss"),
+        # the loss curve: one entry per epoch (a resumed run's earlier epochs included)
+        "loss_curve": [{"epoch": i + 1, **{key: record[key] for key in ("train_loss", "valid_loss", "lr") if key in record}} for i, record in enumerate(history)],
         "checkpoint_sha256": digest,
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

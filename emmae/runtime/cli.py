@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min-distance-A", type=float, metavar="A",
                        help="no two picks closer than this (default: half the diameter); needs --diameter-A, or --diameter-px with --pixel-size-A")
     group.add_argument("--threshold", type=float, metavar="P",
-                       help="keep candidates whose confidence (0-1, the figure of merit) reaches P (default 0.5); "
+                       help="keep candidates whose figure of merit (0-1, calibrated per session: 0.5 at the split between background "
+                            "and particles, 0.9 at the median particle) reaches P (default 0.5); higher for precision, lower for recall; "
                             "with --rethreshold, re-cuts without encoding")
     group.add_argument("--model", type=Path, metavar="FILE", help="model bundle (.onnx; default: the bundled model)")
     group.add_argument("--batch-tiles", type=int, metavar="N",

@@ -17,8 +17,8 @@ flip between clusters.
   them apart.
 * **Template.** The radial particle profile learned over the sample
   (:func:`emmae.runtime.localise.learn_profile`), from typical peaks only: with
-  ``postprocess.latent_vetting``, blob peaks whose latents lie outside the population
-  of all the sample's peaks (:mod:`emmae.runtime.vetting`: the darkest contamination,
+  ``postprocess.latent_vetting``, the strongest blob peaks whose latents lie outside
+  the population of them all (:mod:`emmae.runtime.vetting`: the darkest contamination,
   carbon, ice) are kept out of it.
 * **Figure of merit.** The template's match values over the sample set a session-wide
   calibration (:class:`emmae.runtime.localise.Calibration`): 0.5 at the split between
@@ -42,12 +42,13 @@ from emmae.config import EmmaeConfig
 from emmae.runtime.cluster import smooth_latents
 from emmae.runtime.filters import Array
 from emmae.runtime.kmeans import assign, fit
-from emmae.runtime.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image
+from emmae.runtime.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image, strongest
 from emmae.runtime.vetting import Population, descriptors, fit_population
 
 log = logging.getLogger(__name__)
 SESSION_WINDOW = 2  # latent smoothing before the session's clusters
 STRONGEST = 0.2  # share of the membership map's peaks that measures its blobness
+CORE_KEEP, CORE_ROUNDS = 0.7, 4  # the template's peaks: the dense core of the strongest (junk among them may be many)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     top, chosen, centroids, scores = best  # type: ignore[misc]
     runner_up = sorted(scores)[-2] if len(scores) > 1 else 0.0
     confidence = float(1 - runner_up / top) if top > 0 else 0.0
-    atypical = atypical_peaks(samples, diameter, patch_px, post.latent_limit) if post.latent_vetting else None
+    atypical = atypical_peaks(samples, diameter, patch_px, post.template_top_fraction, post.latent_limit) if post.latent_vetting else None
     profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=atypical)
     calibration, population = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
     session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
@@ -156,18 +157,20 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     return session
 
 
-def atypical_peaks(samples: list[SessionSample], diameter_grid_px: float, patch_px: int, limit: float) -> list[np.ndarray] | None:
-    """Per sample, the blob peaks ``[M, 2]`` whose latents lie beyond ``limit`` from the population of all the sample's blob peaks.
+def atypical_peaks(samples: list[SessionSample], diameter_grid_px: float, patch_px: int, top_fraction: float, limit: float) -> list[np.ndarray] | None:
+    """Per sample, the strongest blob peaks ``[M, 2]`` whose latents lie beyond ``limit`` from the population of them all.
 
-    None when there are too few peaks to fit a population.
+    The strongest ``top_fraction`` of each sample's peaks are those the template is
+    first learned from: mostly particles, and the darkest junk. None when there are
+    too few to fit a population.
     """
-    peaks = [find_peaks(blob_response(s.image, diameter_grid_px), diameter_grid_px / 2).xy for s in samples]
+    peaks = [strongest(find_peaks(blob_response(s.image, diameter_grid_px), diameter_grid_px / 2), top_fraction) for s in samples]
     described = [descriptors(s.latents, xy, patch_px) for s, xy in zip(samples, peaks)]
-    population = fit_population(np.concatenate(described))
+    population = fit_population(np.concatenate(described), keep=CORE_KEEP, rounds=CORE_ROUNDS)
     if population is None:
         return None
     out = [xy[population.distance2(d) > limit] for xy, d in zip(peaks, described)]
-    log.debug("template: %d of %d blob peaks are atypical", sum(len(o) for o in out), sum(len(p) for p in peaks))
+    log.debug("template: %d of the %d strongest blob peaks are atypical", sum(len(o) for o in out), sum(len(p) for p in peaks))
     return out
 
 
