@@ -93,12 +93,14 @@ def test_population_is_not_widened_by_a_minority_of_junk(rng):
     assert fit_population(typical[:10], components=8) is None  # too few to fit
 
 
-def test_descriptors_read_the_smoothed_latent_under_each_candidate():
+def test_descriptors_read_the_smoothed_latent_under_each_candidate_less_the_micrographs_mean():
     latents = np.zeros((8, 8, 3), np.float32)
     latents[2:4, 4:6] = [1.0, 2.0, 3.0]  # a 2 x 2 block of latents: grid pixels x 16-23, y 8-15 (patch 4)
     found = descriptors(latents, np.array([[17.0, 9.0], [1.0, 1.0]]), patch_px=4)
+    centre = latents.reshape(-1, 3).mean(axis=0)  # the micrograph's own level is taken out
     assert found.shape == (2, 3) and found.dtype == np.float32
-    assert found[0, 2] > 0.5 and found[1, 2] == 0
+    assert found[0, 2] + centre[2] > 0.5
+    np.testing.assert_allclose(found[1], -centre, rtol=1e-6)
 
 
 def test_figure_of_merit_ranks_and_is_calibrated_per_session(rng):

@@ -48,7 +48,7 @@ from emmae.runtime.vetting import Population, descriptors, fit_population
 log = logging.getLogger(__name__)
 SESSION_WINDOW = 2  # latent smoothing before the session's clusters
 STRONGEST = 0.2  # share of the membership map's peaks that measures its blobness
-CORE_KEEP, CORE_ROUNDS = 0.7, 4  # the template's peaks: the dense core of the strongest (junk among them may be many)
+CORE_KEEP, CORE_ROUNDS = 0.5, 4  # the template's peaks: the core half of the strongest (junk among them may be many)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ map smoothed over ``DESCRIPTOR_WINDOW`` x ``DESCRIPTOR_WINDOW`` patches). Over a
 session the candidates that look like particles form one compact population; carbon,
 ice crystals, contamination and empty ice lie far from it, whatever their contrast.
 The population is fitted without labels: the mean and the leading ``components``
-principal axes of the candidates' descriptors, refitted after trimming the most
-distant ``1 - keep`` of them (so that junk among the candidates does not widen it).
+principal axes of the candidates' descriptors, refitted on the closest ``keep`` of
+them (so that junk among the candidates does not widen it), with the variances
+corrected for the trimming.
 A candidate's distance is its squared Mahalanobis distance in those axes; one beyond
 ``postprocess.latent_limit`` is vetoed.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chi2
 
 from emmae.backend import backend_of, to_host
 from emmae.runtime.cluster import smooth_latents
@@ -29,8 +31,8 @@ from emmae.runtime.filters import Array
 
 DESCRIPTOR_WINDOW = 2  # latent patches averaged per side around a candidate
 COMPONENTS = 8  # principal axes of the population
-KEEP = 0.9  # share of the candidates kept at each trimming round
-ROUNDS = 3  # fits: the first on every candidate, then on the closest KEEP of the previous fit
+KEEP = 0.9  # share of the candidates each refit keeps (the closest to the previous fit)
+ROUNDS = 3  # fits: the first on every candidate, then on the closest KEEP of them
 
 
 @dataclass(frozen=True)
@@ -68,24 +70,40 @@ def descriptors(latents: Array, xy_grid: np.ndarray, patch_px: int) -> np.ndarra
     xy = np.asarray(xy_grid, np.float64).reshape(-1, 2)
     cols = np.clip((xy[:, 0] // patch_px).astype(np.int64), 0, w - 1)
     rows = np.clip((xy[:, 1] // patch_px).astype(np.int64), 0, h - 1)
-    return np.asarray(to_host(smoothed[xp.asarray(rows), xp.asarray(cols)]), np.float32)
+    centre = latents.reshape(-1, latents.shape[-1]).mean(axis=0)  # the micrograph's own level (ice, defocus) is not junk
+    return np.asarray(to_host(smoothed[xp.asarray(rows), xp.asarray(cols)] - centre), np.float32)
 
 
 def fit_population(points: np.ndarray, components: int = COMPONENTS, keep: float = KEEP, rounds: int = ROUNDS) -> Population | None:
-    """The compact population of ``points [N, D]``, robust to a minority of outliers; None with too few points."""
+    """The compact population of ``points [N, D]``, robust to outliers up to ``1 - keep`` of them; None with too few points.
+
+    A minimum-covariance-determinant style fit: each round refits on the ``keep``
+    share of *all* points closest to the previous fit, and rescales the variances
+    by the consistency factor of that trimming (for a Gaussian population, the
+    variances of its inner ``keep`` share are too small by a known factor), so that
+    distances of the population's own members follow a chi-square law whatever
+    ``keep`` is.
+    """
     points = np.asarray(points, np.float64)
     components = min(components, points.shape[1] if points.ndim == 2 else 0)
     if points.ndim != 2 or len(points) < 4 * max(components, 1) or components < 1:
         return None
-    chosen = points
+    chosen, factor = points, 1.0
     population = None
     for _ in range(rounds):
         mean = chosen.mean(axis=0)
         _, singular, vt = np.linalg.svd(chosen - mean, full_matrices=False)
-        variances = np.maximum(singular[:components] ** 2 / len(chosen), 1e-12)
+        variances = np.maximum(singular[:components] ** 2 / len(chosen), 1e-12) * factor
         population = Population(mean, vt[:components], variances, len(points))
-        distance = population.distance2(chosen)
-        chosen = chosen[distance <= np.quantile(distance, keep)]
-        if len(chosen) < 4 * components:
+        count = int(np.ceil(keep * len(points)))
+        if count >= len(points) or count < 4 * components:
             break
+        chosen = points[np.argsort(population.distance2(points), kind="stable")[:count]]
+        factor = consistency_factor(keep, components)
     return population
+
+
+def consistency_factor(keep: float, components: int) -> float:
+    """How much the variances of the inner ``keep`` share of a ``components``-dimensional Gaussian understate the whole's."""
+    cut = chi2.ppf(keep, components)
+    return float(keep / chi2.cdf(cut, components + 2))
