@@ -19,7 +19,8 @@ from emmae.runtime.localise import Calibration, calibrate, otsu_threshold
 from emmae.runtime.picker import Picks, encode_prepared, finish, load_picks, prepare, repick, save_picks, scored_candidates, session_from
 from emmae.runtime.postprocess import Candidates, drop_clumps
 from emmae.runtime.session import Session
-from emmae.runtime.vetting import Population, descriptors, fit_population
+from emmae.runtime.cluster import smooth_latents
+from emmae.runtime.vetting import DESCRIPTOR_WINDOW, Population, descriptors, fit_population
 from emmae.synth import SynthParams, make_micrograph, write_micrograph_with_truth
 
 from .test_golden import matched
@@ -101,6 +102,13 @@ def test_descriptors_read_the_smoothed_latent_under_each_candidate_less_the_micr
     assert found.shape == (2, 3) and found.dtype == np.float32
     assert found[0, 2] + centre[2] > 0.5
     np.testing.assert_allclose(found[1], -centre, rtol=1e-6)
+
+
+def test_descriptors_equal_the_whole_smoothed_map_read_under_the_candidates(rng):
+    latents = rng.normal(size=(9, 7, 5)).astype(np.float32)
+    xy = np.array([[0.0, 0.0], [27.9, 35.9], [13.0, 20.0], [27.0, 0.0], [0.0, 35.0]])  # corners, edges and inside (patch 4)
+    reference = smooth_latents(latents, DESCRIPTOR_WINDOW)[(xy[:, 1] // 4).astype(int), (xy[:, 0] // 4).astype(int)]
+    np.testing.assert_allclose(descriptors(latents, xy, patch_px=4), reference - latents.reshape(-1, 5).mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_figure_of_merit_ranks_and_is_calibrated_per_session(rng):

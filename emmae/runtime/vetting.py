@@ -26,8 +26,7 @@ import numpy as np
 from scipy.stats import chi2
 
 from emmae.backend import backend_of, to_host
-from emmae.runtime.cluster import smooth_latents
-from emmae.runtime.filters import Array
+from emmae.runtime.filters import Array, box_kernel
 
 DESCRIPTOR_WINDOW = 2  # latent patches averaged per side around a candidate
 COMPONENTS = 8  # principal axes of the population
@@ -63,15 +62,35 @@ class Population:
 
 
 def descriptors(latents: Array, xy_grid: np.ndarray, patch_px: int) -> np.ndarray:
-    """Latent descriptors ``[N, D]`` (host, float32) of candidates at grid positions ``xy_grid [N, 2]`` on a latent map ``[h, w, D]``."""
+    """Latent descriptors ``[N, D]`` (host, float32) of candidates at grid positions ``xy_grid [N, 2]`` on a latent map ``[h, w, D]``.
+
+    The latent map smoothed as :func:`emmae.runtime.cluster.smooth_latents` does
+    (``DESCRIPTOR_WINDOW``, mirrored borders), evaluated only under the candidates,
+    less the micrograph's mean latent.
+    """
     xp = backend_of(latents).xp
-    smoothed = smooth_latents(latents, DESCRIPTOR_WINDOW)
-    h, w = smoothed.shape[:2]
+    h, w = latents.shape[:2]
     xy = np.asarray(xy_grid, np.float64).reshape(-1, 2)
     cols = np.clip((xy[:, 0] // patch_px).astype(np.int64), 0, w - 1)
     rows = np.clip((xy[:, 1] // patch_px).astype(np.int64), 0, h - 1)
+    kernel = box_kernel(float(DESCRIPTOR_WINDOW)).astype(np.float32)
+    reach = len(kernel) // 2
+    smoothed = xp.zeros((len(xy), latents.shape[-1]), np.float32)
+    for dy, ky in zip(range(-reach, reach + 1), kernel):
+        for dx, kx in zip(range(-reach, reach + 1), kernel):
+            at = latents[xp.asarray(_mirror(rows + dy, h)), xp.asarray(_mirror(cols + dx, w))]
+            smoothed += np.float32(ky * kx) * at.astype(np.float32)
     centre = latents.reshape(-1, latents.shape[-1]).mean(axis=0)  # the micrograph's own level (ice, defocus) is not junk
-    return np.asarray(to_host(smoothed[xp.asarray(rows), xp.asarray(cols)] - centre), np.float32)
+    return np.asarray(to_host(smoothed - centre), np.float32)
+
+
+def _mirror(index: np.ndarray, size: int) -> np.ndarray:
+    """Indices reflected into ``[0, size)`` about the edge samples (REFLECT_101, ndimage's "mirror")."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    index = np.abs(index) % period
+    return np.where(index >= size, period - index, index)
 
 
 def fit_population(points: np.ndarray, components: int = COMPONENTS, keep: float = KEEP, rounds: int = ROUNDS) -> Population | None:
