@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,10 @@ class _Features:
     blobs: np.ndarray  # float64 [M, 10]: x, y, radius, 3 harmonic amplitudes, 3 phases, relative darkness
     aggregates: list[np.ndarray]  # each [m, 2]: the member particles' centres of one clump
     member_radius: float  # an aggregate member's radius
+
+    @cached_property
+    def blob_patches(self) -> list[tuple[np.ndarray, np.ndarray]]:  # rendered once: density, opacity and the junk mask use them
+        return _blob_patches(self)
 
     def blob_reach(self) -> np.ndarray:  # [M] outermost radius of each contaminant
         return self.blobs[:, 2] * (1 + self.blobs[:, 3:6].sum(axis=1)) + self.edge_px / 2
@@ -395,7 +400,7 @@ def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tup
     Dark round objects (``contaminant_contrast``) are not here: their opacity needs the
     particles' contrast (:func:`_dark_objects`).
     """
-    chunks = [(patch, corner) for (patch, corner), blob in zip(_blob_patches(f), f.blobs, strict=True) if blob[9] == 0]
+    chunks = [(patch, corner) for (patch, corner), blob in zip(f.blob_patches, f.blobs, strict=True) if blob[9] == 0]
     if f.carbon is None and not chunks and not f.aggregates:
         return None
     if f.carbon is None:
@@ -419,7 +424,7 @@ def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tup
 
 def _dark_objects(p: SynthParams, f: _Features, contrast: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
     """Opacity [ny, nx] of the dark round objects: each darkens ``blob[9]`` times the particles' mean darkening, or None."""
-    dark = [(patch, corner, blob[9]) for (patch, corner), blob in zip(_blob_patches(f), f.blobs, strict=True) if blob[9] > 0]
+    dark = [(patch, corner, blob[9]) for (patch, corner), blob in zip(f.blob_patches, f.blobs, strict=True) if blob[9] > 0]
     if not dark:
         return None
     if len(xy):  # the particles' mean darkening over their central disks
@@ -442,7 +447,7 @@ def _junk_mask(p: SynthParams, f: _Features) -> np.ndarray | None:
     if f.carbon is None and len(f.blobs) == 0 and not f.aggregates:
         return None
     mask = _carbon_mask(p, f) >= 0.5 if f.carbon is not None else np.zeros(p.shape, bool)
-    for patch, corner in _blob_patches(f):
+    for patch, corner in f.blob_patches:
         part = np.zeros(p.shape, np.float32)
         _add_patches(part, patch[None], corner[None])
         mask |= part >= 0.5
