@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto")
+    parser.add_argument("--output", type=Path, help="default: bench/results/pick-<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     retain_freed_memory()
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['size']:>6} {r['rule']:>9} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"])
               + f" {r['encode_share']:13.0%} {r['total_over_reference_rule']:11.2f} {r['total_over_previous']:10.2f}")
     print(f"(milliseconds, medians over {args.count} micrographs; device {backend.device_name}, encoder on {encoder.bundle.providers[0]})")
-    out = RESULTS / f"pick-{'cpu' if backend is CPU else backend.device_name.lower().replace(' ', '-')}.json"
+    out = args.output or RESULTS / f"pick-{'cpu' if backend is CPU else backend.device_name.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": backend.device_name, "provider": encoder.bundle.providers[0]}
     out.write_text(json.dumps({"machine": machine, "bundle": encoder.bundle.path.name, "results": rows}, indent=2) + "\n")

@@ -21,10 +21,11 @@ def test_area_weights_match_opencv_inter_area(rng, n_in, n_out):
 
 @pytest.mark.parametrize("kernel", ["area", "cubic"])
 @pytest.mark.parametrize("use_opencv", [True, False])
-def test_resize_equals_float64_separable_product(backend, host, rng, kernel, use_opencv):
+@pytest.mark.parametrize("shape", [(64, 48), (60, 50)])  # whole factors (a block mean on the GPU), and not
+def test_resize_equals_float64_separable_product(backend, host, rng, kernel, use_opencv, shape):
     image = rng.random((256, 192)).astype(np.float32)
-    out = host(resize(backend.asarray(image), (64, 48), kernel, use_opencv=use_opencv))
-    w_y, w_x = resample_weights(256, 64, kernel), resample_weights(192, 48, kernel)
+    out = host(resize(backend.asarray(image), shape, kernel, use_opencv=use_opencv))
+    w_y, w_x = resample_weights(256, shape[0], kernel), resample_weights(192, shape[1], kernel)
     np.testing.assert_allclose(out, w_y @ image.astype(np.float64) @ w_x.T, atol=1e-5)
 
 

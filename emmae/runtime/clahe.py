@@ -2,7 +2,7 @@
 
 :func:`clahe_array` follows OpenCV's ``CLAHE_CalcLut_Body`` and
 ``CLAHE_Interpolation_Body`` step by step (tile grid, REFLECT_101 padding at the
-bottom/right when the size does not divide, clip limit per bin
+bottom/right when a size does not divide, by ``tiles - size % tiles`` on both axes, clip limit per bin
 ``max(1, int(clip_limit * tile_area / 256))``, redistribution of the clipped
 counts with the residual spread every ``256 // residual`` bins, rounded LUT,
 bilinear interpolation between the four nearest tile LUTs) in float32, written
@@ -37,7 +37,7 @@ def tile_luts(image_u8: Array, clip_limit: float, tiles: int) -> Array:
     """Per-tile equalisation lookup tables, float32 ``[tiles, tiles, 256]`` holding whole grey levels."""
     xp = backend_of(image_u8).xp
     ny, nx = image_u8.shape
-    pad_y, pad_x = (-ny) % tiles, (-nx) % tiles
+    pad_y, pad_x = _padding(ny, nx, tiles)
     ext = xp.pad(image_u8, ((0, pad_y), (0, pad_x)), mode="reflect") if pad_y or pad_x else image_u8
     th, tw = ext.shape[0] // tiles, ext.shape[1] // tiles
     area = th * tw
@@ -50,6 +50,14 @@ def tile_luts(image_u8: Array, clip_limit: float, tiles: int) -> Array:
     scale = np.float32(BINS - 1) / np.float32(area)
     lut = xp.rint(xp.cumsum(hist, axis=1).astype(xp.float32) * scale)
     return xp.clip(lut, 0, 255).reshape(tiles, tiles, BINS)
+
+
+def _padding(ny: int, nx: int, tiles: int) -> tuple[int, int]:
+    """Rows and columns OpenCV adds (bottom, right) before cutting tiles: none when both sizes divide,
+    else ``tiles - size % tiles`` on each axis, so a whole extra tile row on an axis that divides."""
+    if ny % tiles == 0 and nx % tiles == 0:
+        return 0, 0
+    return tiles - ny % tiles, tiles - nx % tiles
 
 
 def _clip_histograms(hist: Array, limit: int) -> Array:
@@ -69,7 +77,8 @@ def interpolate_luts(image_u8: Array, luts: Array) -> Array:
     xp = backend_of(image_u8).xp
     tiles = luts.shape[0]
     ny, nx = image_u8.shape
-    th, tw = (ny + (-ny) % tiles) // tiles, (nx + (-nx) % tiles) // tiles
+    pad_y, pad_x = _padding(ny, nx, tiles)
+    th, tw = (ny + pad_y) // tiles, (nx + pad_x) // tiles
     y1, y2, wy = _neighbour_tiles(xp, ny, th, tiles)  # [ny] each
     x1, x2, wx = _neighbour_tiles(xp, nx, tw, tiles)  # [nx] each
     v = image_u8.astype(xp.int32)

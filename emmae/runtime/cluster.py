@@ -37,7 +37,8 @@ def smooth_latents(latents: Array, window: int) -> Array:
 
 def _correlate_axis(x: Array, kernel: np.ndarray, axis: int) -> Array:
     """Correlate along ``axis`` with a short odd kernel (REFLECT_101 borders: ndimage's "mirror")."""
-    return backend_of(x).ndimage.correlate1d(x, kernel.astype(np.float32), axis=axis, mode="mirror")
+    backend = backend_of(x)
+    return backend.ndimage.correlate1d(x, backend.asarray(kernel, dtype=np.float32), axis=axis, mode="mirror")
 
 
 def select_cluster(labels: Array, k: int, reference: Array, margin_fraction: float) -> int | None:

@@ -1,11 +1,13 @@
 """The encoder at run time: one onnxruntime session per process, the best provider available.
 
-Providers are tried in the order TensorRT -> CUDA -> CPU among those this onnxruntime
-build offers, and the one that really runs is read back from the session (an
-unusable CUDA provider falls back to the CPU silently otherwise). The tiles of a
-micrograph go through in runs of at most ``batch_tiles`` (``model.batch_tiles``): fewer
-tiles per run hold less memory, more use a GPU better. On the GPU the tiles are bound from, and the
-latents written to, device memory (IO binding), so nothing crosses to the host.
+Providers are tried in the order CUDA -> CPU among those this onnxruntime build offers
+(TensorRT is left out: a GPU build offers it even where TensorRT is not installed, then
+fails loudly before falling back), and the one that really runs is read back from the
+session (an unusable CUDA provider falls back to the CPU silently otherwise). The tiles
+of a micrograph go through in runs of at most ``batch_tiles`` (``model.batch_tiles``):
+fewer tiles per run hold less memory, more use a GPU better. On the GPU the tiles are
+bound from, and the latents written to, device memory (IO binding), so nothing crosses
+to the host.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -23,13 +26,26 @@ from emmae.runtime.tiles import latent_map, to_tiles
 
 log = logging.getLogger(__name__)
 
-PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 def choose_providers(available: list[str], backend: Backend) -> list[str]:
     """The preferred providers this build offers; GPU providers only with a GPU backend."""
     wanted = PREFERRED if backend.is_gpu else ("CPUExecutionProvider",)
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def preload_cuda_libraries(ort: ModuleType) -> None:
+    """Load the CUDA and cuDNN libraries of pip's ``nvidia-*`` packages (or PyTorch's) before a CUDA
+    session is made: onnxruntime-gpu's provider finds them only this way when they are not on the
+    loader's path. A build without ``preload_dlls`` (CPU, older GPU builds) is left alone."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing library: the session then falls back to the CPU, logged below
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
 def bundle_path(path: Path | None, precision: str) -> Path:
@@ -59,6 +75,8 @@ class Encoder:
         session (default: all cores). Raises ``BundleError``."""
         import onnxruntime as ort
 
+        if backend.is_gpu:
+            preload_cuda_libraries(ort)
         providers = choose_providers(ort.get_available_providers(), backend)
         bundle = open_bundle(bundle_path(path, precision), providers, threads)
         running = bundle.providers

@@ -10,12 +10,14 @@ axis. Output pixel ``j`` is centred on input position ``(j + 0.5) / s - 0.5``
   (antialiased, as PIL and ``torch`` with ``antialias=True`` do).
 
 Windows are cut at the image border and renormalised. On the CPU, ``area`` goes
-through OpenCV and ``cubic`` through a sparse product; on the GPU both are dense
-matrix products.
+through OpenCV and ``cubic`` through a sparse product; on the GPU an ``area`` binning
+by whole factors is a block mean, anything else two dense matrix products. The
+weights of each axis size are computed once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -47,6 +49,14 @@ def resample_weights(n_in: int, n_out: int, kernel: Kernel) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+@functools.lru_cache(maxsize=16)
+def _weights32(n_in: int, n_out: int, kernel: Kernel) -> np.ndarray:
+    """:func:`resample_weights` in float32, computed once per axis size (read-only)."""
+    weights = resample_weights(n_in, n_out, kernel).astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
 def _keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
     t = np.abs(t)
     near = ((a + 2) * t - (a + 3)) * t * t + 1
@@ -61,8 +71,11 @@ def resize(image: Array, shape: tuple[int, int], kernel: Kernel, *, use_opencv: 
     backend = backend_of(image)
     if not backend.is_gpu and use_opencv and kernel == "area":
         return cv2.resize(image.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-    w_y = resample_weights(image.shape[0], shape[0], kernel).astype(np.float32)
-    w_x = resample_weights(image.shape[1], shape[1], kernel).astype(np.float32)
+    if backend.is_gpu and kernel == "area" and is_integer_factor(image.shape[0], shape[0]) and is_integer_factor(image.shape[1], shape[1]):
+        fy, fx = image.shape[0] // shape[0], image.shape[1] // shape[1]  # whole blocks: the area mean is a block mean
+        return image.astype(np.float32).reshape(shape[0], fy, shape[1], fx).mean(axis=(1, 3))
+    w_y = _weights32(image.shape[0], shape[0], kernel)
+    w_x = _weights32(image.shape[1], shape[1], kernel)
     if backend.is_gpu:
         xp = backend.xp
         return (xp.asarray(w_y) @ image.astype(np.float32)) @ xp.asarray(w_x.T)
