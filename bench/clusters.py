@@ -22,9 +22,9 @@ import numpy as np
 from emmae.config import PreprocessConfig
 from emmae.io.mrc import read_micrograph
 from emmae.io.truth import read_centres
-from emmae.runtime.bundle import open_bundle
-from emmae.runtime.preprocess import preprocess
-from emmae.runtime.tiles import latent_map, to_tiles
+from emmae.runtime.picking.bundle import open_bundle
+from emmae.runtime.picking.preprocess import preprocess
+from emmae.runtime.kernels.tiles import latent_map, to_tiles
 from emmae.trainer.clusters import (
     disk_mask,
     label_map,

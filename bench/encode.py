@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from emmae.memory import retain_freed_memory
-from emmae.runtime.bundle import default_bundle_path, encoder_flops, open_bundle
+from emmae.runtime.picking.bundle import default_bundle_path, encoder_flops, open_bundle
 
 log = logging.getLogger("bench.encode")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -70,10 +70,11 @@ from emmae.io.mrc import read_micrograph  # noqa: E402
 from emmae.io.truth import read_centres  # noqa: E402
 from emmae.memory import retain_freed_memory  # noqa: E402
 from emmae.metrics import Score, score_micrograph  # noqa: E402
-from emmae.runtime.bundle import open_bundle  # noqa: E402
-from emmae.runtime.encoder import Encoder  # noqa: E402
-from emmae.runtime.picker import Encoded, Picks, encode_prepared, finish, needs_session, prepare, repick, session_from, session_sample_indices  # noqa: E402
-from emmae.runtime.postprocess import drop_border, suppress_neighbours  # noqa: E402
+from emmae.runtime.picking.bundle import open_bundle  # noqa: E402
+from emmae.runtime.picking.encoder import Encoder  # noqa: E402
+from emmae.io.picks import Picks  # noqa: E402
+from emmae.runtime.picking.picker import Encoded, encode, fit, needs_session, pick, prepare, repick, session_sample_indices  # noqa: E402
+from emmae.runtime.picking.postprocess import drop_border, suppress_neighbours  # noqa: E402
 from emmae.synth import SynthParams, make_micrograph, write_micrograph_with_truth, write_session  # noqa: E402
 from emmae.trainer.data import items_from_manifest  # noqa: E402 - torch-free
 
@@ -120,13 +121,13 @@ def pick_split(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig
 
 def pick_split_results(encoder: Encoder, items: list[tuple[Path, np.ndarray, EmmaeConfig]], overrides: list[dict]) -> list[list[Picks]]:
     """:func:`pick_split`, with every micrograph's whole :class:`Picks` (its candidates, for re-thresholding)."""
-    encoded: list[Encoded] = [encode_prepared(prepare(path, config, encoder), encoder) for path, _, config in items]
+    encoded: list[Encoded] = [encode(prepare(path, config, encoder), encoder) for path, _, config in items]
     out = []
     for override in overrides:
         configs = [EmmaeConfig.model_validate(_merge(config.model_dump(), override)) for _, _, config in items]
         sample = [encoded[i] for i in session_sample_indices(len(encoded), configs[0].cluster.session_micrographs)]
-        session = session_from(sample, configs[0], encoder) if needs_session(configs[0]) else None
-        out.append([finish(e.prepared, c, encoder, e.latents, session) for e, c in zip(encoded, configs)])
+        session = fit(sample, configs[0], encoder) if needs_session(configs[0]) else None
+        out.append([pick(e, c, encoder, session) for e, c in zip(encoded, configs)])
     return out
 
 

@@ -1,4 +1,4 @@
-"""k-means speed and agreement, NumPy against CuPy: the same ``emmae.runtime.kmeans`` code on both.
+"""k-means speed and agreement, NumPy against CuPy: the same ``emmae.runtime.kernels.kmeans`` code on both.
 
     python bench/kmeans.py [--repeats 5] [--bundle model.onnx]
 
@@ -32,9 +32,9 @@ import numpy as np
 from emmae.backend import CPU, Backend, get_backend, to_host
 from emmae.config import EmmaeConfig
 from emmae.errors import BackendError
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.kmeans import assign, kmeans
-from emmae.runtime.picker import encode_prepared, prepare
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.kernels.kmeans import assign, kmeans
+from emmae.runtime.picking.picker import encode, prepare
 from emmae.synth import SynthParams, write_session
 
 log = logging.getLogger("bench.kmeans")
@@ -47,7 +47,7 @@ def real_latents(bundle: Path | None, micrographs: int) -> list[np.ndarray]:
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 56.0}})
     with tempfile.TemporaryDirectory() as folder:
         paths = write_session(Path(folder), micrographs, SynthParams(shape=(1024, 1024), diameter_px=56.0), seed=7)
-        maps = [to_host(encode_prepared(prepare(p, config, encoder), encoder).latents) for p in paths]
+        maps = [to_host(encode(prepare(p, config, encoder), encoder).latents) for p in paths]
     return [m.reshape(-1, m.shape[-1]).astype(np.float32) for m in maps]
 
 

@@ -7,7 +7,7 @@ the *train* split, on the smoothed latents (target: the latent lies within 0.3
 diameters of a labelled centre). On the *test* split its score map is upsampled to
 the grid and picked like the LoG baseline of ``bench/quality.py`` (scale-matched
 blob maxima, Otsu threshold, the same suppression and border). The label-free
-``pick_micrograph`` is scored on the same micrographs. The read-out uses labels the
+the picker (each micrograph its own session) is scored on the same micrographs. The read-out uses labels the
 picker never sees, so its F1 shows roughly how far any label-free rule on these
 latents can go; a gap that stays small means the encoder, not the clustering or the
 post-processing, limits the quality. Writes ``bench/results/latent-probe.json``.
@@ -27,9 +27,9 @@ from sklearn.linear_model import LogisticRegression
 
 from emmae.config import EmmaeConfig
 from emmae.metrics import score_micrograph
-from emmae.runtime.cluster import smooth_latents, smoothing_window
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import Prepared, finish, prepare
+from emmae.runtime.picking.cluster import smooth_latents, smoothing_window
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.picker import Encoded, Prepared, fit, pick, prepare
 from quality import DEFAULT_DATA, RESULTS, log_picks, open_for_real_data, pooled, split_items
 
 log = logging.getLogger("bench.latent_probe")
@@ -85,7 +85,8 @@ def dataset_rows(encoder: Encoder, folder: Path) -> list[dict]:
     picker, read_out = [], []
     for path, truth, config in split_items(folder, "test"):
         latents, prepared = encoded(encoder, path, config)  # once, for the picker and the read-out
-        picker.append(score_micrograph(finish(prepared, config, encoder, latents).xy, truth, prepared.diameter_px))
+        alone = Encoded(prepared, latents)  # each micrograph its own session, as measured before
+        picker.append(score_micrograph(pick(alone, config, encoder, fit([alone], config, encoder)).xy, truth, prepared.diameter_px))
         found = read_out_picks(model, latents, prepared, encoder.bundle.info.patch_px)
         read_out.append(score_micrograph(found, truth, prepared.diameter_px))
     return [

@@ -31,8 +31,8 @@ from emmae.config import EmmaeConfig
 from emmae.errors import BackendError
 from emmae.io.picks import write_relion_coordinates
 from emmae.memory import retain_freed_memory
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import encode_prepared, finish, prepare, session_from
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.picker import encode, fit, pick, prepare
 from emmae.synth import SynthParams, write_session
 
 log = logging.getLogger("bench.pick")
@@ -53,12 +53,12 @@ def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> list[di
     samples: dict[str, dict[str, list[float]]] = {rule: {stage: [] for stage in [*STAGES, "total"]} for rule in RULES}
     session = None
     for i, path in enumerate(paths):
-        encoded = encode_prepared(prepare(path, configs["session"], encoder), encoder)
+        encoded = encode(prepare(path, configs["session"], encoder), encoder)
         if i == 0:  # warm-up; the stream's session is fitted on its first micrograph
-            session = session_from([encoded], configs["session"], encoder)
+            session = fit([encoded], configs["session"], encoder)
             continue
         for rule, config in configs.items():
-            result = finish(encoded.prepared, config, encoder, encoded.latents, session)
+            result = pick(encoded, config, encoder, session if rule != "reference" else None)
             start = time.perf_counter()
             write_relion_coordinates(folder / f"{path.stem}_autopick.star", result.xy, result.score)
             timings = {**result.timings_s, "write": time.perf_counter() - start}

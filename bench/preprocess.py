@@ -35,9 +35,9 @@ from emmae.config import PreprocessConfig
 from emmae.errors import BackendError
 from emmae.io.mrc import read_micrograph, write_micrograph
 from emmae.memory import retain_freed_memory
-from emmae.runtime.filters import gaussian_kernel, ring_mask
-from emmae.runtime.preprocess import plan, run_steps
-from emmae.runtime.resize import resize
+from emmae.runtime.kernels.filters import gaussian_kernel, ring_mask
+from emmae.runtime.picking.preprocess import plan, run_steps
+from emmae.runtime.kernels.resize import resize
 from emmae.synth import SynthParams, make_micrograph
 
 log = logging.getLogger("bench.preprocess")

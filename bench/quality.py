@@ -4,7 +4,7 @@
 
 For each dataset: one-to-one F1, precision and recall (the paper's metric, boxes of
 the particle diameter, IoU > 0.6), pooled over the split's micrographs, for
-(a) ``pick_micrograph`` with the bundle and (b) a diameter-matched LoG blob picker
+(a) the picker with the bundle (each micrograph its own session) and (b) a diameter-matched LoG blob picker
 with a label-free threshold (Otsu over the response at local maxima). With ``--topaz``
 it also scores (c) Topaz's pretrained resnet16 detector, run from its own venv so its
 torch stays apart from this one's:
@@ -46,10 +46,10 @@ from emmae.io.mrc import read_micrograph
 from emmae.io.truth import read_centres
 from emmae.memory import retain_freed_memory
 from emmae.metrics import Score, score_micrograph
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import pick_micrograph
-from emmae.runtime.localise import otsu_threshold as otsu
-from emmae.runtime.postprocess import Candidates, drop_border, suppress_neighbours
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.picker import encode, fit, pick, prepare
+from emmae.runtime.picking.localise import otsu_threshold as otsu
+from emmae.runtime.picking.postprocess import Candidates, drop_border, suppress_neighbours
 
 log = logging.getLogger("bench.quality")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for path, truth, config in items:
             diameter = config.preprocess.diameter_px
             start = time.perf_counter()
-            picked = pick_micrograph(path, config, encoder)
+            encoded = encode(prepare(path, config, encoder), encoder)
+            picked = pick(encoded, config, encoder, fit([encoded], config, encoder))  # each micrograph its own session
             seconds.append(time.perf_counter() - start)
             scores["cryo-emmae"].append(score_micrograph(picked.xy, truth, diameter))
             scores["LoG baseline"].append(score_micrograph(log_picks(read_micrograph(path).data, diameter), truth, diameter))

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from emmae.runtime import cli
+from emmae.runtime.commands import pick as cli
 from emmae.runtime import distributed as dist
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.outputs import OutputFolder
+from emmae.runtime.picking.picker import encode, fit, pick, prepare
 from emmae.synth import SynthParams, write_session
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,20 +61,18 @@ def on_cluster(paths: list[Path], out: Path, workers: int, threads: int) -> dict
     """Start-up seconds and seconds per micrograph on a local cluster of ``workers`` processes."""
     args = cli.build_parser().parse_args(["--diameter-px", "40", "-q"])
     config = cli._config(args)
-    items = cli.collect_inputs([str(p) for p in paths], config)
+    jobs, _ = cli.admit_all(cli.collect_inputs([str(p) for p in paths], config), config)
     start = time.perf_counter()
     client = dist.connect(None, workers, threads)
     try:
-        dist.register(client, config)
+        executor = dist.DaskExecutor(client, config)
         client.run(lambda: None)
         startup = time.perf_counter() - start
-        warm = out / f"warm-{workers}"
-        warm.mkdir()
-        dist.pick_all_on_cluster(items[:workers], config, client, warm, ["bench"])
-        folder = out / f"cluster-{workers}"
-        folder.mkdir()
+        with OutputFolder.open(out / f"warm-{workers}") as warm:
+            cli.pick_all(jobs[:workers], [], executor, config, warm, ["bench"], executor.patch_px)
         start = time.perf_counter()
-        status = dist.pick_all_on_cluster(items, config, client, folder, ["bench"])
+        with OutputFolder.open(out / f"cluster-{workers}") as folder:
+            status = cli.pick_all(jobs, [], dist.DaskExecutor(client, config), config, folder, ["bench"], executor.patch_px)
         seconds = time.perf_counter() - start
     finally:
         dist.close(client)
@@ -115,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         single = single_process(paths, tmp, cores)
         clusters = [on_cluster(paths, tmp, 1, cores), on_cluster(paths, tmp, 2, max(1, cores // 2))]
         config = cli._config(cli.build_parser().parse_args(["--diameter-px", "40"]))
-        payload = len(pickle.dumps(pick_micrograph(paths[0], config, Encoder.open(None, threads=cores))))  # a real result's size
+        encoder = Encoder.open(None, threads=cores)
+        encoded = encode(prepare(paths[0], config, encoder), encoder)
+        payload = len(pickle.dumps(pick(encoded, config, encoder, fit([encoded], config, encoder))))  # a real result's size
         noop = overhead(paths, tmp, payload, args.repeats)
     ratio = noop["s_per_task"] / single
     record = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from emmae.config import validate_config
-from emmae.runtime.stream.daemon import Session, StopFlag
+from emmae.runtime.stream.daemon import Daemon, StopFlag
 from emmae.runtime.stream.journal import Journal
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,15 +59,15 @@ def measure(n: int, root: Path) -> dict:
     config = validate_config({"preprocess": {"diameter_px": 56.0}})
 
     def open_session() -> None:
-        session = Session(watch, out, config, encoder=None)
+        session = Daemon(watch, out, config, encoder=None)
         session.close(StopFlag())
         session.release()
 
     open_s = median_s(open_session)
-    session = Session(watch, out, config, encoder=None)
+    session = Daemon(watch, out, config, encoder=None)
     scan_s = median_s(session.scan)
     index_s = median_s(session.write_index)
-    assert session.queued == 0 and session.gate.pending == 0, "a picked file was handed on again"
+    assert session.queued == 0 and session.admission.pending == 0, "a picked file was handed on again"
     session.close(StopFlag())
     session.release()
     return {"micrographs": n, "open_s": open_s, "scan_s": scan_s, "index_s": index_s}

@@ -38,7 +38,7 @@ from emmae.synth import SynthParams, make_micrograph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARAMS = SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0, snr=0.3)
-CODE = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+CODE = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
 
 
 def start(watch: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -30,8 +30,8 @@ from emmae.backend import get_backend
 from emmae.config import validate_config
 from emmae.io.mrc import write_micrograph
 from emmae.memory import retain_freed_memory
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.stream.daemon import Session, StopFlag, run
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.stream.daemon import Daemon, StopFlag, run
 from emmae.runtime.stream.demo import write_in_chunks
 from emmae.synth import SynthParams, make_micrograph
 
@@ -57,13 +57,13 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
     watch, out = root / name, root / f"{name}-out"
     watch.mkdir()
     config = validate_config({"preprocess": {"diameter_px": 56.0 * SIZE / 1024}, "stream": {"settle_s": settle_s, "poll_interval_s": 0.5}})
-    session = Session(watch, out, config, encoder)
+    session = Daemon(watch, out, config, encoder)
     completed: dict[str, float] = {}
     writer = threading.Thread(target=acquire, args=(watch, images, interval_s, completed), daemon=True)
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     writer.start()
     memory = []
-    session.on_picked = lambda _path, _n: memory.append(rss_mb())
+    session.recorder.on_picked = lambda _path, _n: memory.append(rss_mb())
     run(session, StopFlag(), once=True, until=lambda: not writer.is_alive())  # the daemon's own loop
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
     done = {e.path: e for e in session.journal.picked()}

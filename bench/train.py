@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from emmae.runtime.bundle import default_bundle_path, encoder_flops, open_bundle
+from emmae.runtime.picking.bundle import default_bundle_path, encoder_flops, open_bundle
 from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
 from emmae.trainer.train import TrainSettings, make_optimizer
 

@@ -146,3 +146,19 @@ def to_host(array: Any) -> np.ndarray:
     if get_array_module(array) is np:
         return np.asarray(array)
     return array.get()
+
+
+def check_threads(threads: int | None) -> None:
+    """Raises ValueError for a thread count below 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+
+
+def limit_cpu_threads(threads: int | None) -> None:
+    """Limit OpenCV's threads (preprocessing); the encoder takes the same count when it is opened."""
+    if threads is None:
+        return
+    check_threads(threads)
+    import cv2
+
+    cv2.setNumThreads(threads)

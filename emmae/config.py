@@ -10,6 +10,8 @@ Lengths carry their unit in the name: ``*_px`` pixels of the *input micrograph*,
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import sys
 import tomllib
@@ -114,7 +116,7 @@ class PostprocessConfig(_Section):
     latent_gate: float = Field(0.0, ge=0, le=1)  # weight of the particle cluster's local share in the match score
     # latents vet the template's candidates: one whose latent descriptor lies beyond latent_limit
     # (squared Mahalanobis distance in the session population's 8 principal axes) is not a pick,
-    # and atypical blobs never shape the session's template (emmae.runtime.vetting)
+    # and atypical blobs never shape the session's template (emmae.runtime.picking.vetting)
     latent_vetting: bool = True
     latent_limit: float = Field(40.0, gt=0, le=1e6)
 
@@ -312,3 +314,9 @@ def config_record(config: EmmaeConfig, argv: Iterable[str] | None = None) -> dic
         "argv": list(sys.argv if argv is None else argv),
         "config": config.model_dump(mode="json"),
     }
+
+
+def config_hash(config: EmmaeConfig) -> str:
+    """A short hash of what decides a micrograph's picks (every section but the daemon's own and the device)."""
+    data = config.model_dump(mode="json", exclude={"stream", "backend"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

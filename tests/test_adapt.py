@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 
 from emmae.errors import BundleError  # noqa: E402
 from emmae.export.weights import Weights, bundle_weights, read_weights, weights_path, write_weights  # noqa: E402
-from emmae.runtime.bundle import open_bundle  # noqa: E402
+from emmae.runtime.picking.bundle import open_bundle  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 from emmae.trainer import adapt as adapt_cli  # noqa: E402
 from emmae.trainer import cli as train_cli  # noqa: E402

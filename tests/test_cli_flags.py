@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from emmae import __version__
-from emmae.runtime import cli, evaluate
+from emmae.runtime.commands import evaluate
+from emmae.runtime.commands import pick as cli
 from emmae.runtime.options import log_level, progress_bar
-from emmae.runtime.stream import daemon
+from emmae.runtime.commands import stream as daemon
 from emmae.trainer import adapt  # torch-free until it runs
 
 PARSERS = {"emmae-pick": cli.build_parser, "emmae-eval": evaluate.build_parser, "emmae-stream": daemon.build_parser,

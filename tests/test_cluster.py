@@ -7,8 +7,8 @@ import pytest
 import scipy.ndimage as ndi
 
 from emmae.config import ClusterConfig
-from emmae.runtime.cluster import particle_region, select_cluster, smooth_latents, smoothing_window
-from emmae.runtime.filters import box_kernel
+from emmae.runtime.picking.cluster import particle_region, select_cluster, smooth_latents, smoothing_window
+from emmae.runtime.kernels.filters import box_kernel
 
 
 @pytest.mark.parametrize("window", [2, 4])

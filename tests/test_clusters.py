@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emmae.runtime.kmeans import assign, kmeans
+from emmae.runtime.kernels.kmeans import assign, kmeans
 from emmae.trainer.clusters import disk_mask, particle_cluster_by_prior, particle_cluster_by_reference
 
 
@@ -95,7 +95,7 @@ def test_engines_behind_one_interface(rng, engine):
     pytest.importorskip("sklearn")
     from sklearn.metrics import adjusted_rand_score
 
-    from emmae.runtime.kmeans import fit
+    from emmae.runtime.kernels.kmeans import fit
 
     points, truth = _blobs(rng, [[0, 0], [6, 0], [0, 6]], spread=0.8)
     result = fit(points, 3, seed=0, engine=engine)
@@ -107,7 +107,7 @@ def test_unknown_or_missing_engine(rng, monkeypatch):
     import sys
 
     from emmae.errors import BackendError
-    from emmae.runtime.kmeans import fit
+    from emmae.runtime.kernels.kmeans import fit
 
     points, _ = _blobs(rng, [[0, 0], [6, 0]])
     with pytest.raises(ValueError, match="unknown k-means engine"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emmae.runtime.bundle import default_bundle_path, open_bundle
+from emmae.runtime.picking.bundle import default_bundle_path, open_bundle
 from tests.conftest import WITHOUT_TORCH, run_python
 
 
@@ -26,7 +26,7 @@ def test_default_bundle_is_complete():
 def test_default_bundle_loads_without_torch():
     code = WITHOUT_TORCH + (
         "import numpy as np\n"
-        "from emmae.runtime.bundle import open_bundle\n"
+        "from emmae.runtime.picking.bundle import open_bundle\n"
         "bundle = open_bundle()\n"
         "out = bundle.embed(np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32))\n"
         "print(out.shape, bundle.providers[0])\n"

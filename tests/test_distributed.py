@@ -14,8 +14,9 @@ import starfile
 
 pytest.importorskip("distributed")
 
-from emmae.runtime import cli  # noqa: E402
+from emmae.runtime.commands import pick as cli  # noqa: E402
 from emmae.runtime import distributed as dist  # noqa: E402
+from emmae.runtime.outputs import OutputFolder  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 
 PARAMS = SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0, snr=0.3)
@@ -46,15 +47,14 @@ def test_two_local_workers_give_the_single_process_outputs(tmp_path):
         for block in a:
             assert len(a[block]) == len(b[block])
             assert list(a[block].iloc[:, 0]) == [str(v).replace("/two/", "/one/") for v in b[block].iloc[:, 0]]
-    assert (tmp_path / "two" / "session.json").is_file()
+    assert (tmp_path / "two" / "emmae-session.json").is_file()
 
 
 def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
     mics = write_session(tmp_path / "session", 8, PARAMS, seed=12)
-    items = cli.collect_inputs([str(tmp_path / "session")], cli._config(cli.build_parser().parse_args(COMMON)))
     config = cli._config(cli.build_parser().parse_args(COMMON))
+    jobs, _ = cli.admit_all(cli.collect_inputs([str(tmp_path / "session")], config), config)
     out = tmp_path / "out"
-    out.mkdir()
     client = dist.connect(None, 2, threads=1)
     try:
         victim = next(iter(client.run(os.getpid).values()))
@@ -69,7 +69,9 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
 
         killer = threading.Thread(target=kill_after_first_output, daemon=True)
         killer.start()
-        status = dist.pick_all_on_cluster(items, config, client, out, ["test"])
+        with OutputFolder.open(out) as outputs:
+            executor = dist.DaskExecutor(client, config)
+            status = cli.pick_all(jobs, [], executor, config, outputs, ["test"], executor.patch_px)
         killer.join(timeout=5)
     finally:
         dist.close(client)
@@ -100,7 +102,7 @@ def test_stream_on_a_cluster_survives_a_worker_death(tmp_path):
     mics = write_session(watch, 6, PARAMS, seed=13)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         victim = next(iter(client.run(os.getpid).values()))
-        code = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
         args = ["--watch", str(watch), "--out", str(out), "--diameter-px", "24", "--settle-s", "0", "--poll-interval-s", "0.1",
                 "--scheduler", cluster.scheduler_address, "--once", "--progress", "plain"]
         daemon = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

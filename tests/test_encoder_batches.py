@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.encoder import Encoder
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.encoder import Encoder
 
 pytestmark = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
 

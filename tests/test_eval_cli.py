@@ -10,7 +10,7 @@ import pytest
 
 from emmae.config import config_record, validate_config
 from emmae.io.picks import transform_xy, write_box, write_micrographs, write_relion_coordinates
-from emmae.runtime import evaluate
+from emmae.runtime.commands import evaluate
 
 SHAPE = (400, 600)  # ny, nx
 CENTRES = np.array([[x, y] for x in range(60, 560, 100) for y in range(60, 360, 100)], dtype=np.float64)

@@ -16,9 +16,9 @@ from emmae.export import cli as export_cli  # noqa: E402
 from emmae.export.bundle import write_bundle  # noqa: E402
 from emmae.export.onnx import convert_fp16, export_fp32, quantize_int8  # noqa: E402
 from emmae.io.mrc import read_micrograph  # noqa: E402
-from emmae.runtime.bundle import BundleInfo, open_bundle  # noqa: E402
-from emmae.runtime.preprocess import preprocess  # noqa: E402
-from emmae.runtime.tiles import to_tiles  # noqa: E402
+from emmae.runtime.picking.bundle import BundleInfo, open_bundle  # noqa: E402
+from emmae.runtime.picking.preprocess import preprocess  # noqa: E402
+from emmae.runtime.kernels.tiles import to_tiles  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
 from emmae.trainer import cli as train_cli  # noqa: E402
 from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder  # noqa: E402
@@ -103,7 +103,7 @@ def test_bundle_loads_and_embeds_without_torch(mae, graphs, tmp_path):
     np.save(tmp_path / "expected.npy", _torch_latents(mae, (tiles - 0.5) / 0.1))
     code = WITHOUT_TORCH + (
         "import numpy as np\n"
-        "from emmae.runtime.bundle import open_bundle\n"
+        "from emmae.runtime.picking.bundle import open_bundle\n"
         f"folder = {str(tmp_path)!r}\n"
         "got = open_bundle(folder + '/model.onnx').embed(np.load(folder + '/tiles.npy'))\n"
         "want = np.load(folder + '/expected.npy')\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from emmae.runtime.filters import (
+from emmae.runtime.kernels.filters import (
     box_blur,
     box_kernel,
     gaussian_blur,

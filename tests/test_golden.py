@@ -10,9 +10,9 @@ from scipy.spatial import cKDTree
 
 from emmae.config import EmmaeConfig
 from emmae.io.mrc import write_micrograph
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.picker import pick_micrograph
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.picker import encode, fit, pick, prepare
 from emmae.synth import SynthParams, make_micrograph
 
 pytestmark = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
@@ -50,7 +50,8 @@ def test_picks_match_known_centres(encoder, tmp_path, shape, diameter):
     path = tmp_path / "golden.mrc"
     write_micrograph(path, synth.image, 2.0)
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_A": 2.0 * diameter}})
-    picks = pick_micrograph(path, config, encoder)
+    encoded = encode(prepare(path, config, encoder), encoder)
+    picks = pick(encoded, config, encoder, fit([encoded], config, encoder))
     tolerance = 0.2 * diameter
     assert picks.shape == shape and picks.pixel_size_A == pytest.approx(2.0)
     assert matched(truth, picks.xy, tolerance) >= 0.9  # recall

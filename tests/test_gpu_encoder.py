@@ -7,8 +7,8 @@ import pytest
 
 from emmae.backend import get_backend
 from emmae.errors import BackendError
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.encoder import Encoder
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.encoder import Encoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")]
 

@@ -19,8 +19,8 @@ import pytest
 
 from emmae.errors import MicrographError
 from emmae.io.mrc import read_micrograph, write_micrograph
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.preprocess import plan
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.preprocess import plan
 from tests.test_stream_hardening import session
 
 CASES = 300
@@ -89,7 +89,7 @@ def test_a_few_hundred_mutated_headers_are_each_handed_on_or_failed_with_a_reaso
     assert all(reason and reason.strip() for reason in failed.values())
     assert len(failed) > CASES // 3 and handed_on  # the mutations do break headers, and some survive
 
-    from emmae.runtime.picker import model_preprocess_config
+    from emmae.runtime.picking.picker import model_preprocess_config
 
     trained = model_preprocess_config(live.config, _Bundle())
     shapes = {}
@@ -103,7 +103,7 @@ def test_a_few_hundred_mutated_headers_are_each_handed_on_or_failed_with_a_reaso
         assert max(transform.padded_shape) <= trained.grid_px + trained.tile_px, (path.name, mutations[path.name])
         assert DIAMETER_PX * transform.scale <= trained.grid_px / 3 + 1e-6, (path.name, mutations[path.name])
         shapes.setdefault(mic.data.shape, mic)
-    from emmae.runtime.preprocess import preprocess
+    from emmae.runtime.picking.preprocess import preprocess
 
     for mic in shapes.values():
         grid = preprocess(mic.data, trained, DIAMETER_PX)
@@ -117,7 +117,7 @@ class _Bundle:
     """The bundled model's preprocessing settings, without opening the model."""
 
     def __init__(self) -> None:
-        from emmae.runtime.bundle import open_bundle
+        from emmae.runtime.picking.bundle import open_bundle
 
         if not default_bundle_path().is_file():
             pytest.skip("no bundled model")

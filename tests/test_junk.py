@@ -13,14 +13,15 @@ import pytest
 import scipy.ndimage as ndi
 
 from emmae.config import EmmaeConfig
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.localise import Calibration, calibrate, otsu_threshold
-from emmae.runtime.picker import Picks, encode_prepared, finish, load_picks, prepare, repick, save_picks, scored_candidates, session_from
-from emmae.runtime.postprocess import Candidates, drop_clumps
-from emmae.runtime.session import Session
-from emmae.runtime.cluster import smooth_latents
-from emmae.runtime.vetting import DESCRIPTOR_WINDOW, Population, descriptors, fit_population
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.localise import Calibration, calibrate, otsu_threshold
+from emmae.io.picks import Picks, load_picks, save_picks
+from emmae.runtime.picking.picker import encode, fit, pick, prepare, repick, scored_candidates
+from emmae.runtime.picking.postprocess import Candidates, drop_clumps
+from emmae.runtime.picking.session import Session
+from emmae.runtime.picking.cluster import smooth_latents
+from emmae.runtime.picking.vetting import DESCRIPTOR_WINDOW, Population, descriptors, fit_population
 from emmae.synth import SynthParams, make_micrograph, write_micrograph_with_truth
 
 from .test_golden import matched
@@ -166,11 +167,11 @@ def encoder() -> Encoder:
 def pick_session(encoder: Encoder, micrographs: list, diameter: float, overrides: list[dict]) -> list[list[Picks]]:
     """Each micrograph encoded once, then picked under each override with its own session fitted on them all."""
     configs = [EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}, **override}) for override in overrides]
-    encoded = [encode_prepared(prepare(m.image, configs[0], encoder, name=f"m{i}", pixel_size_A=1.0), encoder) for i, m in enumerate(micrographs)]
+    encoded = [encode(prepare(m.image, configs[0], encoder, name=f"m{i}", pixel_size_A=1.0), encoder) for i, m in enumerate(micrographs)]
     out = []
     for config in configs:
-        session = session_from(encoded, config, encoder)
-        out.append([finish(e.prepared, config, encoder, e.latents, session) for e in encoded])
+        session = fit(encoded, config, encoder)
+        out.append([pick(e, config, encoder, session) for e in encoded])
     return out
 
 
@@ -217,7 +218,7 @@ def test_rethreshold_and_vetting_survive_a_save(encoder, tmp_path):
     assert picks.grid_candidates.shape[1] == 5 and np.isfinite(picks.grid_candidates[:, 4]).all()
     save_picks(tmp_path / "p.npz", picks)
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 32.0}})
-    again = load_picks(tmp_path / "p.npz", config)
+    again = repick(load_picks(tmp_path / "p.npz"), config)
     np.testing.assert_allclose(again.xy, picks.xy)
     strict = repick(again, config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"latent_limit": 1e-9})}))
     assert len(strict.xy) == 0  # every candidate is vetted against the limit

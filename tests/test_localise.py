@@ -12,12 +12,15 @@ import starfile
 
 from emmae.config import EmmaeConfig
 from emmae.io.mrc import write_micrograph
-from emmae.runtime import cli
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.localise import blob_response, confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
-from emmae.runtime.picker import StreamSession, pick_micrograph, prepare
-from emmae.runtime.session import Session
+from emmae.runtime.commands import pick as cli
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.localise import blob_response, confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
+from emmae.runtime.jobs import Job, Picker, pick_read
+from emmae.runtime.outputs import SESSION_FILE, OutputFolder
+from emmae.runtime.picking.builder import SessionBuilder
+from emmae.runtime.picking.picker import encode, fit, pick, prepare
+from emmae.runtime.picking.session import Session
 from emmae.synth import SynthParams, make_micrograph, write_session
 
 from .test_golden import matched
@@ -101,6 +104,12 @@ def encoder() -> Encoder:
     return Encoder.open()
 
 
+def _alone(source, config, encoder):
+    """One micrograph picked with a session fitted on it alone."""
+    encoded = encode(prepare(source, config, encoder), encoder)
+    return pick(encoded, config, encoder, fit([encoded], config, encoder))
+
+
 @needs_model
 def test_crowded_micrograph_is_picked(encoder):
     """40 % coverage, touching particles: the picks are the particles (0.2 diameters)."""
@@ -108,7 +117,7 @@ def test_crowded_micrograph_is_picked(encoder):
     count = int(0.4 * shape[0] * shape[1] / (np.pi * (diameter / 2) ** 2))
     synth = make_micrograph(SynthParams(shape=shape, diameter_px=diameter, pixel_size_A=2.0, n_particles=count, snr=0.3), seed=3)
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}})
-    picks = pick_micrograph(synth.image, config, encoder)
+    picks = _alone(synth.image, config, encoder)
     inner = synth.centres_xy[np.all((synth.centres_xy > diameter) & (synth.centres_xy < np.array(shape[::-1]) - diameter), axis=1)]
     assert len(inner) > 0.8 * count * 0.6
     assert matched(inner, picks.xy, 0.2 * diameter) >= 0.8  # recall away from the border margin
@@ -123,7 +132,7 @@ def test_raw_contrast_non_square_micrograph(encoder, tmp_path):
     synth = make_micrograph(SynthParams(shape=shape, diameter_px=diameter, pixel_size_A=1.5, n_particles=60, snr=0.2, dose_e_per_A2=20), seed=5)
     path = tmp_path / "raw.mrc"
     write_micrograph(path, np.round(synth.image).astype(np.float32), 1.5)
-    picks = pick_micrograph(path, EmmaeConfig.model_validate({"preprocess": {"diameter_A": 1.5 * diameter}}), encoder)
+    picks = _alone(path, EmmaeConfig.model_validate({"preprocess": {"diameter_A": 1.5 * diameter}}), encoder)
     assert picks.shape == shape
     inner = synth.centres_xy[np.all((synth.centres_xy > diameter) & (synth.centres_xy < np.array(shape[::-1]) - diameter), axis=1)]
     assert matched(inner, picks.xy, 0.2 * diameter) >= 0.8
@@ -137,8 +146,9 @@ def test_one_session_choice_for_every_micrograph_of_a_batch(tmp_path):
     folder, out = tmp_path / "mics", tmp_path / "picks"
     write_session(folder, 3, SynthParams(shape=(512, 512), diameter_px=28.0, pixel_size_A=2.0, snr=0.3), seed=4)
     assert cli.main([str(folder), "--diameter-px", "28", "--out", str(out), "-q"]) == cli.EXIT_OK
-    record = json.loads((out / cli.SESSION_FILE).read_text())
-    assert record["micrographs"] == 3 and 0 <= record["confidence"] <= 1 and len(record["sample"]) == 3
+    saved = json.loads((out / SESSION_FILE).read_text())
+    record = saved["summary"]
+    assert record["micrographs"] == 3 and 0 <= record["confidence"] <= 1 and len(saved["sample"]) == 3
     sessions = {json.loads(str(np.load(p)["meta"]))["session"]["id"] for p in out.glob("*_emmae.npz")}
     assert sessions == {record["id"]}
     before = {p.name: starfile.read(p) for p in out.glob("*_autopick.star")}
@@ -158,11 +168,15 @@ def test_one_session_choice_for_every_micrograph_of_a_batch(tmp_path):
 def test_stream_session_freezes_after_n_and_survives_a_restart(encoder, tmp_path):
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 28.0}, "cluster": {"session_micrographs": 2}})
     images = [make_micrograph(SynthParams(shape=(384, 384), diameter_px=28.0, snr=0.3), seed=s).image for s in range(4)]
-    path = tmp_path / "session.json"
-    stream = StreamSession(config, encoder, path)
-    ids = [stream.pick(prepare(image, config, encoder, name=f"m{i}")).session["id"] for i, image in enumerate(images)]
-    assert ids[1] == ids[2] == ids[3] and path.is_file()  # frozen at the second micrograph
-    restarted = StreamSession(config, encoder, path)
+    folder = OutputFolder(tmp_path)
+    picker = Picker(config, encoder, builder=SessionBuilder(config, encoder.bundle.info.patch_px,
+                                                             on_fixed=lambda session: folder.write_session(session, [])))
+    ids = []
+    for i, image in enumerate(images):
+        picks, _ = pick_read(Job(tmp_path / f"m{i}.mrc", f"m{i}", f"m{i}"), prepare(image, config, encoder, name=f"m{i}"), picker)
+        ids.append(picks.session["id"])
+    assert ids[1] == ids[2] == ids[3] and (tmp_path / "emmae-session.json").is_file()  # frozen at the second micrograph
+    restarted = SessionBuilder(config, encoder.bundle.info.patch_px, OutputFolder(tmp_path).read_session())
     assert restarted.frozen is not None and restarted.frozen.digest() == ids[1]
     again = Session.from_json(restarted.frozen.to_json())
     assert again.digest() == ids[1] and again.particle_cluster == restarted.frozen.particle_cluster
@@ -172,7 +186,7 @@ def test_stream_picks_again_what_provisional_sessions_picked(tmp_path, caplog):
     import logging
     import sqlite3
 
-    from emmae.runtime.stream import daemon
+    from emmae.runtime.commands import stream as daemon
     from emmae.synth import write_session
 
     watch, out = tmp_path / "session", tmp_path / "out"
@@ -183,7 +197,7 @@ def test_stream_picks_again_what_provisional_sessions_picked(tmp_path, caplog):
         assert daemon.main(args) == 0
     again = [r.getMessage() for r in caplog.records if "picked with a provisional session" in r.getMessage()]
     assert len(again) == 1 and "the 1 micrographs" in again[0]  # the first, picked before the session was fixed
-    frozen = json.loads((out / "emmae-session.json").read_text())
+    frozen = json.loads((out / "emmae-session.json").read_text())["session"]
     rows = sqlite3.connect(out / "emmae-journal.sqlite").execute("SELECT path, state, session FROM micrographs").fetchall()
     assert sorted(r[0] for r in rows) == [m.name for m in mics]
     assert {(r[1], r[2]) for r in rows} == {("picked", Session.from_json(json.dumps(frozen)).digest())}

@@ -10,8 +10,9 @@ import pytest
 import starfile
 
 from emmae.io.truth import read_centres
-from emmae.runtime import cli, evaluate
-from emmae.runtime.bundle import default_bundle_path
+from emmae.runtime.commands import evaluate
+from emmae.runtime.commands import pick as cli
+from emmae.runtime.picking.bundle import default_bundle_path
 from emmae.synth import SynthParams, write_session
 
 pytestmark = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")

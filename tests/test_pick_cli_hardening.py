@@ -15,9 +15,12 @@ import starfile
 from emmae.config import validate_config
 from emmae.io.picks import transform_xy
 from emmae.io.truth import read_centres
-from emmae.runtime import cli
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.picker import load_picks
+from emmae.runtime.commands import pick as cli
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.errors import OutputError
+from emmae.io.picks import load_picks
+from emmae.runtime.outputs import FAILED_FILE, OutputFolder
+from emmae.runtime.picking.picker import repick
 from emmae.synth import SynthParams, write_session
 
 needs_model = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
@@ -55,8 +58,8 @@ def test_read_only_output_folder_is_refused(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(cli.OutputError, match="not writable"):
-            cli.prepare_output_folder(folder)
+        with pytest.raises(OutputError, match="cannot use the output folder"):
+            OutputFolder.open(folder)
     finally:
         folder.chmod(0o700)
 
@@ -112,8 +115,8 @@ def test_one_missing_star_micrograph_is_reported_and_skipped(mics, tmp_path, cap
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert index["rlnMicrographName"].tolist() == ["MotionCorr/job002/mic_00000.mrc"]
     assert (out / "MotionCorr" / "job002" / "mic_00000_autopick.star").is_file()  # outputs mirror the STAR names
-    failed = (out / cli.FAILED_LIST).read_text().splitlines()
-    assert failed == [f"{project / 'MotionCorr' / 'job002' / 'gone.mrc'}\tno such file"]
+    failed = (out / FAILED_FILE).read_text().splitlines()
+    assert failed == ["# micrograph\tkind\treason", f"{project / 'MotionCorr' / 'job002' / 'gone.mrc'}\tmicrograph\tno such file"]
     assert any("gone.mrc" in e for e in _error_lines(caplog))
 
 
@@ -166,7 +169,7 @@ def test_cbox_is_complete_and_inside_the_micrograph(flipped_run):
     assert np.all(corner >= 0) and np.all(corner + size <= 256 * 2)  # written coordinates are scaled by 2
     np.testing.assert_allclose(boxes["EstWidth"], 24.0 * 2)  # the particle, not the box
     np.testing.assert_allclose(boxes["Width"], 24.0 * 2 * 1.5)
-    saved = load_picks(out / "mic_00000_emmae.npz", validate_config({"preprocess": {"diameter_A": 24.0}}))
+    saved = repick(load_picks(out / "mic_00000_emmae.npz"), validate_config({"preprocess": {"diameter_A": 24.0}}))
     assert len(boxes) <= len(saved.candidates_score)
 
 
@@ -180,7 +183,7 @@ def test_rethreshold_keeps_the_runs_output_options_and_removes_what_it_supersede
     recorded = validate_config(json.loads((out / "emmae-config.json").read_text())["config"])
     assert recorded.output.flip_y and recorded.output.coordinate_scale == 2 and recorded.postprocess.keep_fraction == 0.5
     # the picks are the saved map re-picked under the new cut, written flipped and scaled as the run asked
-    expected = load_picks(out / "mic_00000_emmae.npz", recorded)
+    expected = repick(load_picks(out / "mic_00000_emmae.npz"), recorded)
     np.testing.assert_allclose(read_centres(out / "mic_00000_autopick.star"), transform_xy(expected.xy, expected.shape, recorded.output), atol=0.01)
     assert expected.shape == (256, 256) and len(expected) > 0
     assert not (out / "mic_00000.box").exists() and not (out / "mic_00000.cbox").exists()  # formats no longer asked for
@@ -236,7 +239,7 @@ def test_folder_inputs_any_case_recursive_and_mirrored(tmp_path):
 @needs_model
 def test_two_folders_with_equal_names_do_not_collide(mics, tmp_path, monkeypatch, caplog):
     """Also: --batch-tiles and --threads reach the encoder, and a pixel size given explicitly is not warned about."""
-    from emmae.runtime.encoder import Encoder
+    from emmae.runtime.picking.encoder import Encoder
 
     write_session(tmp_path / "one_A", 1, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=1.0), seed=7)
     for sub, source in (("A", tmp_path / "one_A" / "mic_00000.mrc"), ("B", mics / "mic_00001.mrc")):

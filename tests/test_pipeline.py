@@ -14,10 +14,14 @@ import starfile
 
 from emmae.config import validate_config
 from emmae.errors import CorruptMRCError
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.stream import daemon
-from emmae.runtime.stream.daemon import Session, StopFlag
-from emmae.runtime.stream.pipeline import Job, Pipeline
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.commands import stream as daemon
+from emmae.runtime.outputs import OutputFolder
+from emmae.runtime.stream import daemon as stream_daemon
+from emmae.runtime.stream import recorder
+from emmae.runtime.stream.daemon import Daemon, StopFlag
+from emmae.runtime.jobs import Job, Picker
+from emmae.runtime.stream.pipeline import Pipeline
 from emmae.runtime.stream.status import Progress, StatusLine
 from emmae.synth import SynthParams, write_session
 
@@ -31,7 +35,7 @@ class GatedPipeline(Pipeline):
         self.release = threading.Event()
         self.started: list[tuple[str, str]] = []
         self.lock = threading.Lock()
-        super().__init__(config=None, encoder=None, write=self._fake_write, depth=depth)
+        super().__init__(picker=Picker(None, None), outputs=_FakeOutputs(self), depth=depth)
 
     def _log(self, stage: str, job: Job) -> None:
         with self.lock:
@@ -46,16 +50,23 @@ class GatedPipeline(Pipeline):
     def _pick(self, item):
         self._log("pick", item[0])
         assert self.release.wait(10)
-        return item[0], "picks"
+        return item[0], "picks", None
 
-    def _fake_write(self, job: Job, _picks) -> None:
-        self._log("write", job)
-        if job.name == "full":
+
+class _FakeOutputs:
+    """An output folder that logs each write; a micrograph named "full" finds the disk full."""
+
+    def __init__(self, pipeline: GatedPipeline) -> None:
+        self.pipeline = pipeline
+
+    def write_micrograph(self, stem: str, picks, config, source) -> None:
+        self.pipeline._log("write", _job(stem))
+        if stem == "full":
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def _job(name: str) -> Job:
-    return Job(Path(f"/data/{name}.mrc"), name, 1, 1, time.time())
+    return Job(Path(f"/data/{name}.mrc"), name, name)
 
 
 def _wait(predicate, timeout_s: float = 10.0) -> None:
@@ -135,23 +146,23 @@ def test_progress_reports_rate_latency_and_particles(monkeypatch):
 
 @needs_model
 def test_full_disk_is_recorded_and_retried_losing_nothing(tmp_path, monkeypatch):
-    from emmae.runtime.encoder import Encoder
+    from emmae.runtime.picking.encoder import Encoder
 
     watch, out = tmp_path / "session", tmp_path / "out"
     mics = write_session(watch, 2, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0), seed=7)
-    real_write = daemon.write_outputs
+    real_write = OutputFolder.write_micrograph
     calls = []
 
-    def write_once_full(out_, stem, *args):
+    def write_once_full(self, stem, *args):
         calls.append(stem)
         if len(calls) == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(out_, stem, *args)
+        return real_write(self, stem, *args)
 
-    monkeypatch.setattr(daemon, "write_outputs", write_once_full)
-    monkeypatch.setattr(daemon, "OUTPUT_RETRY_S", 0.5)
+    monkeypatch.setattr(OutputFolder, "write_micrograph", write_once_full)
+    monkeypatch.setattr(recorder, "OUTPUT_RETRY_S", 0.5)
     config = validate_config({"preprocess": {"diameter_px": 24.0}, "stream": {"settle_s": 0.0, "poll_interval_s": 0.05}})
-    session = Session(watch, out, config, Encoder.open())
+    session = Daemon(watch, out, config, Encoder.open())
     stop, deadline = StopFlag(), time.monotonic() + 180  # a liveness bound, generous for loaded machines
     failed_seen = False
     while len(session.journal.picked()) < len(mics):
@@ -162,7 +173,7 @@ def test_full_disk_is_recorded_and_retried_losing_nothing(tmp_path, monkeypatch)
     session.close(stop)
     assert failed_seen and calls[0] == calls[-1] and len(calls) == 3  # the first one failed, then was redone
     assert session.journal.counts() == {"picked": 2}
-    assert not session._retry_after  # a redone micrograph leaves no retry entry behind
+    assert not session.recorder.retry_after  # a redone micrograph leaves no retry entry behind
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(str(m) for m in mics)
     session.release()
@@ -170,23 +181,24 @@ def test_full_disk_is_recorded_and_retried_losing_nothing(tmp_path, monkeypatch)
 
 @needs_model
 def test_outputs_mirror_subfolders_so_equal_names_do_not_collide(tmp_path):
-    from emmae.runtime.encoder import Encoder
+    from emmae.runtime.picking.encoder import Encoder
 
     watch, out = tmp_path / "session", tmp_path / "out"
     params = SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0)
     write_session(watch / "GridSquare_1", 1, params, seed=8)
     write_session(watch / "GridSquare_2", 1, params, seed=9)
     config = validate_config({"preprocess": {"diameter_px": 24.0}, "stream": {"settle_s": 0.0, "poll_interval_s": 0.05}})
-    session = Session(watch, out, config, Encoder.open())
+    session = Daemon(watch, out, config, Encoder.open())
     daemon.run(session, StopFlag(), once=True)
     session.release()
     stars = sorted(str(p.relative_to(out)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star")
     assert stars == ["GridSquare_1/mic_00000_autopick.star", "GridSquare_2/mic_00000_autopick.star"]
-    from emmae.runtime.cli import rethreshold
+    from emmae.runtime.commands.pick import rethreshold
 
     before = {p: len(starfile.read(p)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star"}
     fewer = config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"keep_fraction": 0.5})})
-    assert rethreshold(out, fewer, []) == 0  # finds the sub-folders' particle maps
+    with OutputFolder.open(out) as folder:
+        assert rethreshold(folder, fewer, [], {}) == 0  # finds the sub-folders' particle maps
     assert min(before.values()) > 1
     for star, count in before.items():
         assert len(starfile.read(star)) == -(-count // 2)
@@ -198,12 +210,12 @@ def test_one_daemon_per_output_folder(tmp_path):
     from emmae.errors import EmmaeError
 
     config = validate_config({"preprocess": {"diameter_px": 24.0}})
-    first = Session(tmp_path, tmp_path / "out", config, encoder=None)
-    with pytest.raises(EmmaeError, match="another emmae-stream is writing to"):
-        Session(tmp_path, tmp_path / "out", config, encoder=None)
+    first = Daemon(tmp_path, tmp_path / "out", config, encoder=None)
+    with pytest.raises(EmmaeError, match="another emmae command is writing to"):
+        Daemon(tmp_path, tmp_path / "out", config, encoder=None)
     first.close(StopFlag())
     first.release()
-    second = Session(tmp_path, tmp_path / "out", config, encoder=None)  # free again once released
+    second = Daemon(tmp_path, tmp_path / "out", config, encoder=None)  # free again once released
     second.close(StopFlag())
     second.release()
 
@@ -213,13 +225,13 @@ def test_journal_and_index_failures_are_survived(tmp_path, monkeypatch):
     import sqlite3
 
     from emmae.errors import OutputError
-    from emmae.runtime.encoder import Encoder
+    from emmae.runtime.picking.encoder import Encoder
     from emmae.runtime.stream.journal import Journal
 
     watch, out = tmp_path / "session", tmp_path / "out"
     mics = write_session(watch, 3, SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0), seed=10)
     failures = {"journal": 1, "index": 1}
-    real_picked, real_index = Journal.mark_picked, daemon.write_index
+    real_picked, real_index = Journal.mark_picked, OutputFolder.write_index
 
     def full_journal(self, *args):
         if failures["journal"]:
@@ -234,10 +246,10 @@ def test_journal_and_index_failures_are_survived(tmp_path, monkeypatch):
         real_index(*args)
 
     monkeypatch.setattr(Journal, "mark_picked", full_journal)
-    monkeypatch.setattr(daemon, "write_index", full_index)
-    monkeypatch.setattr(daemon, "JOURNAL_RETRY_S", 0.1)
+    monkeypatch.setattr(OutputFolder, "write_index", full_index)
+    monkeypatch.setattr(stream_daemon, "JOURNAL_RETRY_S", 0.1)
     config = validate_config({"preprocess": {"diameter_px": 24.0}, "stream": {"settle_s": 0.0, "poll_interval_s": 0.05}})
-    session = Session(watch, out, config, Encoder.open())
+    session = Daemon(watch, out, config, Encoder.open())
     daemon.run(session, StopFlag(), once=True)
     assert failures == {"journal": 0, "index": 0}
     assert session.journal.counts() == {"picked": 3}

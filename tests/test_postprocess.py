@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emmae.config import PostprocessConfig
-from emmae.runtime.postprocess import (
+from emmae.runtime.picking.postprocess import (
     Candidates,
     area_threshold,
     candidates,

@@ -8,8 +8,8 @@ import scipy.ndimage as ndi
 
 from emmae.config import PreprocessConfig
 from emmae.io.mrc import read_micrograph
-from emmae.runtime.preprocess import plan, preprocess, run_steps
-from emmae.runtime.resize import resize
+from emmae.runtime.picking.preprocess import plan, preprocess, run_steps
+from emmae.runtime.kernels.resize import resize
 
 
 def _blob_image(shape, centres_xy, diameter, rng):

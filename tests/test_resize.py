@@ -8,7 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from emmae.io.coords import GridTransform
-from emmae.runtime.resize import pad_to, resample_weights, resize
+from emmae.runtime.kernels.resize import pad_to, resample_weights, resize
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(4096, 1024), (5760, 1024), (4092, 727), (333, 100)])

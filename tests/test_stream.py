@@ -14,7 +14,7 @@ import pytest
 import starfile
 
 from emmae.errors import NotMRCError
-from emmae.runtime.bundle import default_bundle_path
+from emmae.runtime.picking.bundle import default_bundle_path
 from emmae.runtime.stream.gate import Gate, is_candidate, scan
 from emmae.runtime.stream.journal import Journal
 from emmae.io.mrc import write_micrograph
@@ -82,7 +82,7 @@ def test_journal_states_survive_reopening(tmp_path):
 
 
 def _stream(args: list[str], **kwargs) -> subprocess.Popen:
-    code = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import starfile
 
-from emmae.runtime.stream import daemon
+from emmae.runtime.commands import stream as daemon
 from emmae.runtime.stream.adapter import FOLDER, model_id
 from emmae.runtime.stream.journal import Journal
 from emmae.synth import SynthParams, write_session
@@ -75,7 +75,7 @@ def test_adapt_then_mark_keeps_the_old_picks(tiny_bundle, tmp_path):
 
 
 def _stream(args: list[str]) -> subprocess.Popen:
-    code = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -24,8 +24,8 @@ import pytest
 import starfile
 
 from emmae.io.mrc import write_micrograph
-from emmae.runtime.bundle import default_bundle_path
-from emmae.runtime.stream.daemon import Session, StopFlag
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.stream.daemon import Daemon, StopFlag
 from emmae.runtime.stream.gate import Gate
 from emmae.runtime.stream.journal import Journal
 from tests.test_stream_hardening import PARAMS, daemon, micrograph, ready, session
@@ -55,7 +55,7 @@ def test_odd_names_never_crash_the_scan_or_corrupt_the_index(tmp_path):
         failed = {e.path: e.reason for e in live.journal.failed()}
         assert ready(live) == sorted(["plain.mrc", *GOOD_NAMES])
         for job in live._ready:  # as if picked: the index must carry every safe name
-            live.journal.mark_picked(live.key(job.path), job.name, 1, str(out / "x_autopick.star"), {})
+            live.journal.mark_picked(live.scanner.key(job.path), job.name, 1, str(out / "x_autopick.star"), {})
         (out / "x_autopick.star").write_text("")
         live.write_index()
     assert set(failed) == {*BAD_NAMES, "latin1_caf\\xe9.mrc"}
@@ -160,23 +160,28 @@ def test_a_file_that_stays_zero_filled_is_taken_after_stale_after_s(tmp_path):
 
 
 def test_a_pick_of_a_file_that_changed_while_read_is_never_recorded(tmp_path, monkeypatch):
+    from emmae.runtime import jobs
+    from emmae.runtime.jobs import Picker, admit
     from emmae.runtime.stream import pipeline as stages
-    from emmae.runtime.stream.pipeline import Job, Pipeline
+    from emmae.runtime.stream.pipeline import Pipeline
 
     path = micrograph(tmp_path / "a.mrc")
-    stat = os.stat(path)
-    job = Job(path, "a.mrc", stat.st_size, stat.st_mtime_ns, time.time(), stat.st_ctime_ns, stat.st_ino)
+    config = __import__("emmae.config", fromlist=["load_config"]).load_config(None, ["preprocess.diameter_px=24"])
+    job = admit(path, "a.mrc", "a", config)
 
-    def read_while_written(source, config, encoder, name=None):  # the read of a file a writer is still filling
+    def read_while_written(source, config, encoder, name=None, layout=None):  # the read of a file a writer is still filling
         with open(source, "ab") as handle:
             handle.write(b"\x01" * 100)
         return "prepared"
 
-    monkeypatch.setattr(stages, "prepare", read_while_written)
-    monkeypatch.setattr(stages, "finish", lambda prepared, config, encoder: "picks")
+    class Outputs:
+        def write_micrograph(self, stem, picks, config, source):
+            written.append(picks)
+
+    monkeypatch.setattr(jobs, "prepare", read_while_written)
+    monkeypatch.setattr(stages, "pick_read", lambda job, prepared, picker: ("picks", None))
     written = []
-    config = __import__("emmae.config", fromlist=["load_config"]).load_config(None, ["preprocess.diameter_px=24"])
-    pipe = Pipeline(config, None, lambda j, p: written.append(p), depth=2)  # type: ignore[arg-type]
+    pipe = Pipeline(Picker(config, None), Outputs(), depth=2)  # type: ignore[arg-type]
     pipe.submit(job)
     results = pipe.close()
     assert len(results) == 1 and results[0].picks is None and written == []
@@ -217,14 +222,14 @@ def test_a_replacement_while_running_is_noticed_from_the_observers_event(tmp_pat
     with session(watch, out, "preprocess.diameter_px=24") as live:
         stat = os.stat(path)
         live.journal.mark_picked("a.mrc", str(path), 5, str(out / "a_autopick.star"), {}, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        live._picked["a.mrc"] = live.journal.get("a.mrc")
+        live.recorder.picked["a.mrc"] = live.journal.get("a.mrc")
         live.scan()  # the first scan also checks every picked file: unchanged
         assert ready(live) == []
         micrograph(tmp_path / "new.mrc", seed=2)
         os.replace(tmp_path / "new.mrc", path)
         live.scan()  # no event, next check of picked files a minute away: not looked at yet
         assert ready(live) == []
-        live.notice_path(os.path.realpath(path))  # what the observer reports
+        live.scanner.notice_path(os.path.realpath(path))  # what the observer reports
         live.scan()
         assert ready(live) == ["a.mrc"]
 
@@ -240,8 +245,8 @@ def test_two_spellings_of_the_watched_folder_share_one_journal(tmp_path, monkeyp
     for spelling in (watch, Path("session"), Path("./session/"), tmp_path / "." / "session"):
         with session(spelling, out, "preprocess.diameter_px=24") as live:
             live.scan()
-            keys += [live.key(job.path) for job in live._ready]
-            assert [live.output_stem(job) for job in live._ready] == ["sub/a"]  # never a second sub-tree
+            keys += [live.scanner.key(job.path) for job in live._ready]
+            assert [job.stem for job in live._ready] == ["sub/a"]  # never a second sub-tree
     assert keys == ["sub/a.mrc"] * 4
 
 
@@ -383,10 +388,10 @@ def test_a_stop_file_left_by_an_earlier_run_is_reported_not_obeyed(tmp_path, cap
     caplog.set_level(logging.INFO, logger="emmae.stream")
     with session(watch, out, "preprocess.diameter_px=24") as live:
         stop = StopFlag()
-        assert not live.stop_file_found(stop) and not stop
+        assert not live.health.stop_file_found(stop) and not stop
         assert "left from an earlier run" in caplog.text
         (watch / "EMMAE_STOP").touch()  # touched while the daemon runs: obeyed
-        assert live.stop_file_found(stop) and stop.reason == "EMMAE_STOP"
+        assert live.health.stop_file_found(stop) and stop.reason == "EMMAE_STOP"
 
 
 # --- 9. the daemon itself against a hostile folder -------------------------------------------------
@@ -465,7 +470,7 @@ def test_sigterm_stops_a_daemon_facing_a_fifo(tmp_path):
     watch, out = tmp_path / "session", tmp_path / "out"
     watch.mkdir()
     os.mkfifo(watch / "pipe.mrc")
-    code = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
     live = subprocess.Popen([sys.executable, "-c", code, "--watch", str(watch), "--out", str(out), "--diameter-px", "24",
                              "--settle-s", "0", "--poll-interval-s", "0.2", "--progress", "plain"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

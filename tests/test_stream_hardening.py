@@ -19,7 +19,7 @@ import pytest
 
 from emmae.config import load_config
 from emmae.io.mrc import write_micrograph
-from emmae.runtime.stream.daemon import Session, StopFlag
+from emmae.runtime.stream.daemon import Daemon, StopFlag
 from emmae.runtime.stream.gate import Gate
 from emmae.runtime.stream.journal import Journal
 from emmae.synth import SynthParams, make_micrograph
@@ -28,10 +28,10 @@ PARAMS = SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0, snr=0
 
 
 @contextlib.contextmanager
-def session(watch: Path, out: Path, *overrides: str) -> Iterator[Session]:
+def session(watch: Path, out: Path, *overrides: str) -> Iterator[Daemon]:
     """A daemon session without a model: scans, gates and journals, never picks."""
     config = load_config(None, ["stream.settle_s=0", "stream.poll=\"always\"", *overrides])
-    live = Session(watch, out, config, encoder=None)  # type: ignore[arg-type]
+    live = Daemon(watch, out, config, encoder=None)  # type: ignore[arg-type]
     try:
         yield live
     finally:
@@ -46,12 +46,12 @@ def micrograph(path: Path, seed: int = 1, pixel_size_A: float | None = 4.0) -> P
     return path
 
 
-def ready(live: Session) -> list[str]:
+def ready(live: Daemon) -> list[str]:
     return sorted(job.path.name for job in live._ready)
 
 
 def daemon(args: list[str], timeout_s: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    code = "import sys; from emmae.runtime.stream.daemon import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from emmae.runtime.commands.stream import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
 
 
@@ -125,8 +125,6 @@ def test_stale_after_s_is_a_setting_with_a_default_of_minutes():
 
 
 def test_failure_lines_name_the_file_and_the_summary_writes_failed_txt(tmp_path, caplog):
-    from emmae.runtime.stream.daemon import report_failed
-
     watch, out = tmp_path / "session", tmp_path / "out"
     (watch / "sub").mkdir(parents=True)
     (watch / "sub" / "junk.mrc").write_bytes(b"not an MRC file " * 100)
@@ -137,7 +135,7 @@ def test_failure_lines_name_the_file_and_the_summary_writes_failed_txt(tmp_path,
         failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert failures and all("sub/junk.mrc" in line for line in failures)
         caplog.clear()
-        report_failed(live)
+        live.recorder.report_failed()
     summary = caplog.text
     assert "1 micrographs failed" in summary and "sub/junk.mrc: not an MRC file" in summary
     listed = (out / "failed.txt").read_text().splitlines()
@@ -146,15 +144,15 @@ def test_failure_lines_name_the_file_and_the_summary_writes_failed_txt(tmp_path,
 
 
 def test_a_growing_backlog_warns_that_the_daemon_falls_behind(tmp_path, caplog):
-    from emmae.runtime.stream.pipeline import Job
+    from emmae.runtime.jobs import Job
 
     watch, out = tmp_path / "session", tmp_path / "out"
     watch.mkdir()
     caplog.set_level(logging.WARNING, logger="emmae.stream")
     with session(watch, out, "preprocess.diameter_px=24", "stream.queue_depth=2") as live:
-        start = live._pace_at
+        start = live.health._pace_at
         assert not live.check_pace(start + 61)  # nothing waiting
-        live._ready.extend(Job(watch / f"m{i}.mrc", f"m{i}.mrc", 1, 1, 0.0) for i in range(5))
+        live._ready.extend(Job(watch / f"m{i}.mrc", f"m{i}.mrc", f"m{i}") for i in range(5))
         assert live.check_pace(start + 122)  # 5 waiting, up from 0 a minute ago
         assert not live.check_pace(start + 130)  # at most once a minute
         assert not live.check_pace(start + 183)  # not growing any more

@@ -3,7 +3,7 @@
 The metadata (JSON under the ``emmae`` key of the model's ``metadata_props``) holds
 the standardisation, the train-set centroids and the particle cluster, the
 architecture and tile geometry, the preprocessing settings the model was trained
-with, the format version and the provenance. :mod:`emmae.runtime.bundle` reads it
+with, the format version and the provenance. :mod:`emmae.runtime.picking.bundle` reads it
 with onnxruntime alone.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from emmae.export.onnx import save_model
-from emmae.runtime.bundle import BUNDLE_FORMAT, METADATA_KEY, BundleInfo
+from emmae.runtime.picking.bundle import BUNDLE_FORMAT, METADATA_KEY, BundleInfo
 
 
 def write_bundle(encoder_onnx: Path, info: BundleInfo, path: Path) -> Path:

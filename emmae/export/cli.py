@@ -29,9 +29,9 @@ from emmae.export.weights import Weights, weights_path, write_weights
 from emmae.io.coords import GridTransform
 from emmae.io.mrc import read_layout, read_micrograph
 from emmae.io.truth import read_centres
-from emmae.runtime.bundle import BundleInfo, open_bundle
+from emmae.runtime.picking.bundle import BundleInfo, open_bundle
 from emmae.runtime.options import add_common_arguments, setup_logging
-from emmae.runtime.tiles import latent_map, to_tiles
+from emmae.runtime.kernels.tiles import latent_map, to_tiles
 from emmae.trainer.clusters import (
     ClusterChoice,
     disk_mask,
@@ -86,6 +86,13 @@ def load_mae(checkpoint: dict) -> MaskedAutoencoder:
     mae = MaskedAutoencoder(MAEArchitecture(**checkpoint["arch"]))
     mae.load_state_dict(checkpoint["model"])
     return mae.eval()
+
+
+def export_checkpoint(checkpoint: Path, out: Path, precisions: list[str]) -> list[Path]:
+    """The bundles of ``checkpoint`` (one per precision, the first at ``out``) with the default options:
+    the particle cluster named from the diameter alone, the preprocessing cache beside the checkpoint.
+    Returns the files written. Raises EmmaeError, FileNotFoundError, ValueError."""
+    return export_bundles(build_parser().parse_args([str(checkpoint), "--out", str(out), "--precision", *precisions]))
 
 
 def export_bundles(args: argparse.Namespace) -> list[Path]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from emmae.errors import BundleError
 from emmae.io.atomic import write_bytes_atomic
-from emmae.runtime.bundle import BundleInfo
+from emmae.runtime.picking.bundle import BundleInfo
 
 SUFFIX = ".mae.npz"
 META_KEY = "__meta__"

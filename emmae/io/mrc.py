@@ -185,26 +185,36 @@ def check_complete(path: str | Path) -> MrcLayout:
         NotMRCError, UnsupportedModeError, MultiSectionError: the file will never be
             a usable micrograph.
     """
-    path = Path(path)
     try:
-        layout = read_layout(path)
+        return sized_layout(path)
     except (EmptyMRCError, TruncatedMRCError) as exc:
-        raise IncompleteMRCError(path, f"still being written: {exc.reason}") from None
-    size = os.stat(path).st_size
+        raise IncompleteMRCError(Path(path), f"still being written: {exc.reason.removeprefix('truncated: ')}") from None
+
+
+def sized_layout(path: str | Path) -> MrcLayout:
+    """The header (:func:`read_layout`), checked against the file's size and for a single section.
+
+    Raises:
+        EmptyMRCError, TruncatedMRCError: the file is empty or shorter than its header declares.
+        NotMRCError, UnsupportedModeError, NotRegularFileError: see :func:`read_layout`.
+        MultiSectionError: more than one section.
+    """
+    path = Path(path)
+    layout = read_layout(path)
+    size = os.stat(path).st_size  # the data block must be on disk before anything is allocated for it
     if size < layout.expected_bytes:
-        raise IncompleteMRCError(
-            path, f"still being written: {size} of {layout.expected_bytes} bytes the header declares"
-        )
+        raise TruncatedMRCError(path, f"truncated: {size} of {layout.expected_bytes} bytes the header declares")
     if layout.nz != 1:
         raise MultiSectionError(path, f"a stack of {layout.nz} sections; expected one micrograph per file")
     return layout
 
 
-def read_micrograph(path: str | Path, *, mmap: bool = True) -> Micrograph:
+def read_micrograph(path: str | Path, *, mmap: bool = True, layout: MrcLayout | None = None) -> Micrograph:
     """Read one micrograph as float32 ``data[row, col]`` with the header's pixel size.
 
     ``mmap=True`` maps the file instead of reading it into a buffer first, which
-    saves a copy for large micrographs.
+    saves a copy for large micrographs. ``layout``: the header as already parsed and
+    checked against the file's size (:func:`check_complete`): not parsed or sized again.
 
     Raises:
         EmptyMRCError, TruncatedMRCError: the file is empty or shorter than declared.
@@ -214,12 +224,7 @@ def read_micrograph(path: str | Path, *, mmap: bool = True) -> Micrograph:
         NonFiniteDataError: NaN or infinite values.
     """
     path = Path(path)
-    layout = read_layout(path)
-    size = os.stat(path).st_size  # the data block must be on disk before anything is allocated for it
-    if size < layout.expected_bytes:
-        raise TruncatedMRCError(path, f"truncated: {size} of {layout.expected_bytes} bytes the header declares")
-    if layout.nz != 1:
-        raise MultiSectionError(path, f"a stack of {layout.nz} sections; expected one micrograph per file")
+    layout = layout if layout is not None else sized_layout(path)
     opener = mrcfile.mmap if mmap else mrcfile.open
     try:
         with opener(path, mode="r", permissive=False) as mrc:

@@ -1,4 +1,7 @@
-"""Pick files that RELION, cryoSPARC, EMAN and crYOLO import without edits. All writes are atomic.
+"""Pick files that RELION, cryoSPARC, EMAN and crYOLO import without edits, and our own. All writes are atomic.
+
+* :class:`Picks` and ``<stem>_emmae.npz`` (:func:`save_picks` / :func:`load_picks`): one
+  micrograph's candidates and particle map, everything a re-threshold needs;
 
 * ``<stem>_autopick.star``: RELION coordinates of one micrograph
   (``_rlnCoordinateX _rlnCoordinateY _rlnClassNumber _rlnAutopickFigureOfMerit _rlnAnglePsi``);
@@ -21,15 +24,81 @@ Nothing is ever flipped or scaled silently.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
 
 from emmae.config import OutputConfig
-from emmae.io.atomic import write_bytes_atomic
+from emmae.io.atomic import atomic_path, write_bytes_atomic
+from emmae.io.coords import GridTransform
 from emmae.io.star import write_star
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Particle picks of one micrograph, in its pixels (x = column, y = row, sub-pixel).
+
+    ``xy``/``score``: the kept picks; ``candidates_xy``/``candidates_score``: every
+    candidate before neighbour suppression and the border margin, for re-thresholding.
+    """
+
+    name: str
+    shape: tuple[int, int]  # (ny, nx)
+    pixel_size_A: float | None
+    diameter_px: float
+    xy: np.ndarray
+    score: np.ndarray
+    candidates_xy: np.ndarray
+    candidates_score: np.ndarray
+    region: np.ndarray  # bool [h, w]: the particle cluster's latents, for re-thresholding
+    transform: GridTransform
+    diameter_grid_px: float
+    patch_px: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+    grid_candidates: np.ndarray | None = None  # template: [N, 5] grid x, y, match value, figure of merit, latent distance of every peak
+    session: dict | None = None  # the session's particle choice (Session.summary())
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+def save_picks(path: Path, result: Picks) -> None:
+    """Everything needed to re-threshold ``result`` later, as one ``.npz`` (atomic)."""
+    t = result.transform
+    meta = {"name": result.name, "shape": list(result.shape), "pixel_size_A": result.pixel_size_A, "diameter_px": result.diameter_px,
+            "diameter_grid_px": result.diameter_grid_px, "patch_px": result.patch_px,
+            "transform": [list(t.input_shape), list(t.valid_shape), list(t.padded_shape)], "session": result.session}
+    arrays = {"region": result.region, "meta": np.array(json.dumps(meta))}
+    if result.grid_candidates is not None:
+        arrays["grid_candidates"] = result.grid_candidates
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+
+def load_picks(path: Path) -> Picks:
+    """A :class:`Picks` from :func:`save_picks` output, without picks: its candidates and particle map only
+    (``emmae.runtime.picking.picker.repick`` cuts them under a configuration).
+
+    Raises:
+        OSError: it cannot be read; ValueError, KeyError: it is not such a file.
+    """
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        region = saved["region"].astype(bool)
+        grid_candidates = saved["grid_candidates"] if "grid_candidates" in saved.files else None
+    shapes = [tuple(s) for s in meta["transform"]]
+    empty = np.zeros((0, 2))
+    return Picks(
+        name=meta["name"], shape=tuple(meta["shape"]), pixel_size_A=meta["pixel_size_A"], diameter_px=meta["diameter_px"],
+        xy=empty, score=np.zeros(0), candidates_xy=empty, candidates_score=np.zeros(0), region=region,
+        transform=GridTransform(*shapes), diameter_grid_px=meta["diameter_grid_px"], patch_px=meta["patch_px"],
+        grid_candidates=grid_candidates, session=meta.get("session"),
+    )
 
 
 def transform_xy(xy: np.ndarray, shape: tuple[int, int], output: OutputConfig) -> np.ndarray:

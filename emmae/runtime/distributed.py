@@ -1,18 +1,19 @@
-"""Picking on a Dask cluster: many processes, many GPUs, many nodes (``--scheduler`` / ``--workers``).
+"""Picking on a Dask cluster (``--scheduler`` / ``--workers``): the worker plugin and the executors, nothing else.
 
 Each worker opens the encoder once, when it joins (:class:`EncoderPlugin`, a Dask
-worker plugin), and keeps it for its lifetime; tasks find it there. Workers read the
-micrographs and write each micrograph's outputs themselves (atomically, into the
-output folder on a shared file system) and send back the picks; the client alone
-writes the index files, the session file and the journal.
+worker plugin), and keeps it for its lifetime; tasks find it there. A task runs
+:func:`emmae.runtime.jobs.pick_job` on a worker, which reads the micrograph and writes
+its outputs itself (atomically, into the output folder on a shared file system) and
+sends back what became of it; the client alone writes the index files, the session
+file and the journal.
 
-``emmae-pick``: the session is fitted on the client from samples the workers encode
-(the same micrographs and the same fit as a single-process run), then every
-micrograph is picked by the cluster; the index files list them in input order, so the
-outputs match a single-process run's. ``emmae-stream``: :class:`ClusterPipeline`
-replaces the daemon's threads, with at most ``queue_depth`` micrographs in flight
-per worker. A worker that dies takes its running task with it; the scheduler runs
-the task again on another worker, and the client records the one result it gets.
+``emmae-pick``: :class:`DaskExecutor` is :func:`emmae.runtime.jobs.run_batch`'s
+executor: the session samples are encoded on workers (and kept there for their pick),
+the session is fitted on the client, then every job is picked by the cluster.
+``emmae-stream``: :class:`ClusterPipeline` replaces the daemon's threads, with at most
+``queue_depth`` micrographs in flight per worker. A worker that dies takes its running
+task with it; the scheduler runs the task again on another worker, and the client
+records the one result it gets.
 
 Needs the ``dask`` extra (``dask.distributed``): importing this module without it
 raises ImportError, which the commands turn into :data:`INSTALL`'s advice.
@@ -26,22 +27,24 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import replace
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, LocalCluster, WorkerPlugin, get_worker, wait
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker, wait
 
-from emmae.backend import get_backend
 from emmae.config import EmmaeConfig
-from emmae.errors import ConfigError, EmmaeError
-from emmae.runtime.encoder import Encoder
-from emmae.runtime.options import limit_cpu_threads
-from emmae.runtime.bundle import open_bundle
-from emmae.runtime.encoder import bundle_path
-from emmae.runtime.picker import Encoded, Picks, StreamSession, encode_prepared, finish, prepare, session_sample
-from emmae.runtime.stream.pipeline import ChangedError, Done, Job, check_job, failed, unchanged, unwritten
-from emmae.runtime.session import Session, SessionSample, fit_session
+from emmae.errors import ConfigError
+from emmae.io.atomic import remove_stale_temporaries
+from emmae.runtime.jobs import Done, Job, Picker, failed, pick_job, read_job
+from emmae.backend import limit_cpu_threads
+from emmae.runtime.outputs import OutputFolder
+from emmae.runtime.picking.builder import SessionBuilder
+from emmae.runtime.picking.bundle import open_bundle
+from emmae.runtime.picking.encoder import Encoder, bundle_path
+from emmae.runtime.picking.picker import encode, session_sample
+from emmae.runtime.picking.session import Session, SessionSample
 
 log = logging.getLogger("emmae.distributed")
 PLUGIN_NAME = "emmae-encoder"
@@ -83,19 +86,16 @@ class EncoderPlugin(WorkerPlugin):
 
     def __init__(self, config_json: str) -> None:
         self.config_json = config_json
-        self.encoder: Encoder | None = None
-        self.config: EmmaeConfig | None = None
-        self.encoded: dict[str, Encoded] = {}  # session samples encoded here, kept until their pick (path -> encoding)
+        self.picker: Picker | None = None  # its encoded session samples are kept until their pick
 
     def setup(self, worker: Any) -> None:
-        self.config = EmmaeConfig.model_validate_json(self.config_json)
         threads = int(os.environ.get("EMMAE_ENCODER_THREADS", "0")) or None
         limit_cpu_threads(threads)
-        model = self.config.model
-        self.encoder = Encoder.open(model.bundle, model.precision, get_backend(self.config.backend.device), model.batch_tiles, threads)
+        config = EmmaeConfig.model_validate_json(self.config_json)
+        self.picker = Picker(config, Encoder.configured(config, threads))
 
     def teardown(self, worker: Any) -> None:
-        self.encoder, self.encoded = None, {}
+        self.picker = None
 
 
 def register(client: Any, config: EmmaeConfig) -> None:
@@ -103,48 +103,60 @@ def register(client: Any, config: EmmaeConfig) -> None:
     client.register_plugin(EncoderPlugin(config.model_dump_json()), name=PLUGIN_NAME)
 
 
-def _plugin() -> EncoderPlugin:
-    return get_worker().plugins[PLUGIN_NAME]
+def _picker() -> Picker:
+    return get_worker().plugins[PLUGIN_NAME].picker
 
 
-def sample_task(path: str, name: str) -> tuple[SessionSample, int]:
-    """On a worker: a micrograph's session sample and the model's patch size (its encoding is kept for its pick)."""
-    plugin = _plugin()
-    encoded = encode_prepared(prepare(Path(path), plugin.config, plugin.encoder, name=name), plugin.encoder)
-    plugin.encoded[path] = encoded
-    return session_sample(encoded, plugin.config, plugin.encoder), plugin.encoder.bundle.info.patch_px
+def sample_task(job: Job) -> SessionSample:
+    """On a worker: a job's session sample (its encoding is kept there for its pick)."""
+    picker = _picker()
+    encoded = encode(read_job(job, picker), picker.encoder)
+    picker.encoded[job.path] = encoded
+    return session_sample(encoded, picker.config, picker.encoder)
 
 
-def pick_task(path: str, name: str, stem: str, out: str, session_json: str | None) -> Picks:
-    """On a worker: pick one micrograph with the session and write its outputs into ``out`` (atomically)."""
-    from emmae.runtime.cli import write_outputs
-
-    plugin = _plugin()
-    session = Session.from_json(session_json) if session_json else None
-    encoded = plugin.encoded.pop(path, None)  # a session sample encoded here: not encoded twice
-    if encoded is None:
-        encoded = encode_prepared(prepare(Path(path), plugin.config, plugin.encoder, name=name), plugin.encoder)
-    result = finish(encoded.prepared, plugin.config, plugin.encoder, encoded.latents, session)
-    write_outputs(Path(out), stem, result, plugin.config, Path(path))
-    return result
+def batch_task(job: Job, out: str, session_json: str | None) -> Done:
+    """On a worker: :func:`pick_job` with the batch's session (the outputs written by the worker)."""
+    picker = replace(_picker(), session=Session.from_json(session_json) if session_json else None)  # the encodings are shared
+    return pick_job(job, picker, OutputFolder(Path(out)))
 
 
-def fit_on_cluster(client: Any, samples: list[tuple[str, str]], config: EmmaeConfig) -> tuple[Session | None, dict[str, str]]:
-    """The session fitted on the client from the workers' samples of ``samples`` (path, name); and the worker of each sample used."""
-    futures = [client.submit(sample_task, path, name, pure=False) for path, name in samples]
-    found, used = [], {}
-    for (path, _), future in zip(samples, futures):
-        try:
-            sample, patch = future.result()
-        except (EmmaeError, OSError) as exc:
-            log.warning("session sample %s left out: %s", path, exc)
-            continue
-        found.append(sample)
-        used[path] = next(iter(client.who_has(future).get(future.key, ())), None)
-    del futures  # the samples can go; the encodings stay on their workers until picked
-    if not found:
-        return None, {}
-    return fit_session(found, config, patch), used
+class DaskExecutor:
+    """:func:`emmae.runtime.jobs.run_batch`'s executor on a cluster: jobs picked by its workers, in any order."""
+
+    def __init__(self, client: Any, config: EmmaeConfig) -> None:
+        self.client, self.config = client, config
+        self.patch_px = ClusterPipeline.patch_px_of(config)
+        self._placed: dict[Path, str] = {}  # session sample -> the worker that holds its encoding
+        register(client, config)
+
+    def samples(self, jobs: list[Job]) -> list[tuple[Job, SessionSample | BaseException]]:
+        futures = [self.client.submit(sample_task, job, pure=False) for job in jobs]
+        found: list[tuple[Job, SessionSample | BaseException]] = []
+        for job, future in zip(jobs, futures):
+            try:
+                found.append((job, future.result()))
+            except Exception as exc:  # noqa: BLE001 - a sample that cannot be read is left out, with its reason
+                found.append((job, exc))
+                continue
+            self._placed[job.path] = next(iter(self.client.who_has(future).get(future.key, ())), None)
+        return found
+
+    def pick(self, jobs: list[Job], session: Session | None, outputs: OutputFolder) -> Iterator[Done]:
+        session_json = session.to_json() if session else None
+        futures = {}
+        for job in jobs:  # a session sample goes to the worker that holds its encoding (any other if it died)
+            where = self._placed.get(job.path)
+            placement = {"workers": [where], "allow_other_workers": True} if where else {}
+            futures[self.client.submit(batch_task, job, str(outputs.root), session_json, pure=False, **placement)] = job
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths
+                yield failed(futures[future], exc)
+        left = remove_stale_temporaries(outputs.root)  # every task is over: these were being written by a worker that died
+        if left:
+            log.info("removed %d temporary files left by workers that died", len(left))
 
 
 class ClusterPipeline:
@@ -157,9 +169,9 @@ class ClusterPipeline:
     ``cluster.session_micrographs``).
     """
 
-    def __init__(self, config: EmmaeConfig, client: Any, out: Path, stem: Callable[[Any], str], depth: int,
-                 on_done: Callable[[], None] | None = None, session_path: Path | None = None) -> None:
-        self.config, self.client, self.out, self.stem, self.depth = config, client, out, stem, depth
+    def __init__(self, config: EmmaeConfig, client: Any, outputs: OutputFolder, depth: int, builder: SessionBuilder,
+                 on_done: Callable[[], None] | None = None) -> None:
+        self.config, self.client, self.outputs, self.depth = config, client, outputs, depth
         self._on_done = on_done or (lambda: None)
         self._results: queue.Queue = queue.Queue()
         self._flights: dict[str, tuple[Job, Any]] = {}  # task key -> (job, future), until the future is done
@@ -167,8 +179,12 @@ class ClusterPipeline:
         self._cancelled = False
         self.in_flight = 0
         self._workers, self._workers_at = 1, -float("inf")
-        patch_px = open_bundle(bundle_path(config.model.bundle, config.model.precision)).info.patch_px
-        self.session = StreamSession(config, None, session_path, patch_px)  # fitted here from the workers' samples
+        self.builder = builder  # the stream's session, grown here from the workers' samples
+
+    @staticmethod
+    def patch_px_of(config: EmmaeConfig) -> int:
+        """The configured model's patch size, read from its bundle (this process opens no encoder)."""
+        return open_bundle(bundle_path(config.model.bundle, config.model.precision)).info.patch_px
 
     def capacity(self) -> int:
         """``depth`` micrographs per worker; the worker count is asked of the scheduler at most every ``WORKERS_TTL_S``."""
@@ -184,10 +200,10 @@ class ClusterPipeline:
     def submit(self, job: Any) -> bool:
         if not self.has_room():
             return False
-        session = self.session.frozen or self.session.provisional
+        session = self.builder.current
         key = f"emmae-pick-{uuid.uuid4().hex}"
-        future = self.client.submit(stream_task, job, self.stem(job), str(self.out), session.to_json() if session else None,
-                                    self.session.frozen is None, key=key, pure=False)
+        future = self.client.submit(stream_task, job, str(self.outputs.root), session.to_json() if session else None,
+                                    self.builder.frozen is None, key=key, pure=False)
         with self._lock:
             self._flights[key] = (job, future)
         future.add_done_callback(self._finished)
@@ -216,14 +232,14 @@ class ClusterPipeline:
         if future.cancelled():
             return Done(job, rolled_back=True, finished_at=time.time())
         try:
-            picks, sample = future.result()
-        except _Unwritten as exc:
-            return unwritten(job, exc)
+            done = future.result()
         except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths: recorded, the daemon goes on
             return failed(job, exc)
-        if sample is not None:
-            self.session.add(sample)
-        return Done(job, picks=picks, finished_at=time.time())
+        if done.sample is not None:
+            self.builder.add(done.sample)
+        if done.picks is not None:
+            self.outputs.remember(job.stem, done.picks, self.config)
+        return done
 
     def cancel(self) -> None:
         """Cancel the tasks not yet finished (they come back rolled back)."""
@@ -245,102 +261,15 @@ class ClusterPipeline:
         return self.collect()
 
 
-class _Unwritten(OSError):
-    """A stream task's outputs could not be written (a full disk, ...): the daemon retries it later."""
-
-
-def stream_task(job: Job, stem: str, out: str, session_json: str | None, want_sample: bool) -> tuple[Picks, SessionSample | None]:
-    """On a worker: one micrograph of a stream, checked, picked and written as the threaded pipeline does; with its session sample when asked."""
-    from emmae.runtime.cli import write_outputs
-
-    plugin = _plugin()
-    config, encoder = plugin.config, plugin.encoder
-    check_job(job, config)
-    prepared = prepare(job.path, config, encoder, name=job.name)
-    if not unchanged(job):
-        raise ChangedError(f"{job.path} changed while it was read")
-    encoded = encode_prepared(prepared, encoder)
-    sample = session_sample(encoded, config, encoder) if want_sample else None
+def stream_task(job: Job, out: str, session_json: str | None, want_sample: bool) -> Done:
+    """On a worker: :func:`pick_job` for a stream, with the client's current session (none yet: the job's own,
+    from its sample); its session sample comes back when the client still grows the session."""
+    worker = _picker()
     session = Session.from_json(session_json) if session_json else None
-    if session is None and sample is not None:
-        session = fit_session([sample], config, encoder.bundle.info.patch_px)  # the very first: its own session
-    result = finish(encoded.prepared, config, encoder, encoded.latents, session)
-    try:
-        write_outputs(Path(out), stem, result, config, job.path)
-    except OSError as exc:
-        raise _Unwritten(str(exc)) from exc
-    return result, sample
+    builder = None if session else SessionBuilder(worker.config, worker.encoder.bundle.info.patch_px)
+    return pick_job(job, replace(worker, session=session, builder=builder, keep_samples=want_sample), OutputFolder(Path(out)))
 
 
-def pick_all_on_cluster(items: list, config: EmmaeConfig, client: Any, out: Path, argv: list[str]) -> int:
-    """:func:`emmae.runtime.cli.pick_all` with the cluster's workers: the same outputs, the index files in input order."""
-    import json
-    import statistics
-
-    from distributed import as_completed
-
-    from emmae.config import config_record
-    from emmae.errors import OutputError
-    from emmae.io.atomic import remove_stale_temporaries, write_bytes_atomic
-    from emmae.runtime.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, SESSION_FILE, write_failed_list, write_record, write_session_files
-    from emmae.runtime.options import progress_bar
-    from emmae.runtime.picker import needs_session, session_sample_indices
-
-    start = time.perf_counter()
-    try:
-        write_record(out, config_record(config, argv) | {"sources": {item.stem: os.path.abspath(item.path) for item in items},
-                                                          "cluster": _describe(client)})
-    except OutputError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
-    register(client, config)
-    session, placed = None, {}
-    if needs_session(config):
-        chosen = [items[i] for i in session_sample_indices(len(items), config.cluster.session_micrographs)]
-        session, placed = fit_on_cluster(client, [(str(item.path), item.name) for item in chosen], config)
-        if session is not None:
-            record = session.summary() | {"sample": list(placed)}
-            write_bytes_atomic(out / SESSION_FILE, (json.dumps(record, indent=1) + "\n").encode())
-    session_json = session.to_json() if session else None
-    futures = {}
-    for index, item in enumerate(items):  # a session sample goes to the worker that holds its encoding (any other if it died)
-        where = placed.get(str(item.path))
-        placement = {"workers": [where], "allow_other_workers": True} if where else {}
-        future = client.submit(pick_task, str(item.path), item.name, item.stem, str(out), session_json, pure=False, **placement)
-        futures[future] = index
-    done: dict[int, Picks] = {}
-    failures: list[tuple[int, str, str]] = []
-    with progress_bar(as_completed(futures), len(futures), "micrograph") as bar:
-        for future in bar:
-            index = futures[future]
-            item = items[index]
-            try:
-                done[index] = future.result()
-            except (EmmaeError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or str(exc)
-                failures.append((index, str(item.path), reason))
-                log.error("skipped %s: %s", item.path, reason)
-                continue
-            log.info("[%d/%d] %s: %d particles in %.2f s", len(done), len(items), item.path.name, len(done[index]),
-                     sum(done[index].timings_s.values()))
-    left = remove_stale_temporaries(out)  # every task is over: these were being written by a worker that died
-    if left:
-        log.info("removed %d temporary files left by workers that died", len(left))
-    ordered = [(items[i].stem, done[i]) for i in sorted(done)]
-    try:
-        write_session_files(out, ordered, config)
-        write_failed_list(out, [(path, reason) for _, path, reason in sorted(failures)])
-    except OutputError as exc:
-        log.error("%s: the index files could not be written", exc)
-        return EXIT_FAILED
-    per = [sum(r.timings_s.values()) for _, r in ordered]
-    log.info("%d micrographs picked on the cluster, %d failed, %d particles, %.1f s (median %.2f s per micrograph on a worker)",
-             len(done), len(failures), sum(len(r) for _, r in ordered), time.perf_counter() - start, statistics.median(per) if per else 0.0)
-    if not done:
-        return EXIT_FAILED
-    return EXIT_PARTIAL if failures else EXIT_OK
-
-
-def _describe(client: Any) -> dict:
+def describe(client: Any) -> dict:
     info = client.scheduler_info()
     return {"scheduler": info.get("address"), "workers": len(info.get("workers", {}))}

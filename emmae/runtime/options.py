@@ -80,27 +80,16 @@ def log_level(args: argparse.Namespace) -> int:
     return min(max(logging.INFO + 10 * steps, logging.DEBUG), logging.CRITICAL)
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    """Log to stderr (unless logging is set up already) at the level that ``-v``/``-q`` ask for."""
+def setup_logging(args: argparse.Namespace, handler: logging.Handler | None = None) -> None:
+    """Log at the level that ``-v``/``-q`` ask for: to stderr (unless logging is set up already), or through
+    ``handler`` (e.g. a status line redrawn under the log)."""
     level = log_level(args)
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if handler is None:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger().setLevel(level)
-
-
-def check_threads(threads: int | None) -> None:
-    """Raises ValueError for a thread count below 1."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
-
-
-def limit_cpu_threads(threads: int | None) -> None:
-    """Limit OpenCV's threads (preprocessing); the encoder takes the same count when it is opened."""
-    if threads is None:
-        return
-    check_threads(threads)
-    import cv2
-
-    cv2.setNumThreads(threads)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+from emmae.errors import EmmaeError
 from emmae.io.atomic import write_bytes_atomic
-from emmae.runtime.bundle import default_bundle_path
+from emmae.io.inputs import expand_inputs
+from emmae.runtime.picking.bundle import default_bundle_path
 from emmae.runtime.options import add_common_arguments, setup_logging
 
 log = logging.getLogger("emmae.adapt")
@@ -91,13 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)
     try:
-        from emmae.export import cli as export_cli
+        from emmae.export import cli as export_cli  # needs torch (the train extra)
         from emmae.trainer import cli as train_cli
     except ImportError as exc:
         log.error(MISSING_EXTRA.format(exc))
         return 2
-    from emmae.errors import EmmaeError
-
     progress = ProgressFile(args.progress_file)
     work = args.work or args.out.with_suffix(".work")
     try:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             return status
         progress.write("export", force=True)
-        status = export_cli.main([str(work / "checkpoint.pt"), "--out", str(args.out), "--precision", *args.precision])
+        for path in export_cli.export_checkpoint(work / "checkpoint.pt", args.out, args.precision):
+            log.info("wrote %s", path)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -134,8 +135,7 @@ def _train_argv(args: argparse.Namespace, work: Path) -> list[str]:
 
 def _same_run(checkpoint: Path, args: argparse.Namespace) -> bool:
     """The checkpoint fine-tunes the same parent on the same micrographs."""
-    from emmae.io.inputs import expand_inputs
-    from emmae.trainer.train import load_checkpoint
+    from emmae.trainer.train import load_checkpoint  # needs torch (the train extra)
 
     try:
         extra = load_checkpoint(checkpoint)["extra"]

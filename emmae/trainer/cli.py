@@ -31,7 +31,8 @@ from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
 from emmae.io.mrc import read_micrograph
 from emmae.memory import retain_freed_memory
-from emmae.runtime.options import add_common_arguments, check_threads, setup_logging
+from emmae.backend import check_threads
+from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.trainer.data import (
     MicrographItem,
     Standardisation,

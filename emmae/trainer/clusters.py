@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from emmae.runtime.cluster import smooth_latents, smoothing_window
-from emmae.runtime.kmeans import KMeansResult, assign, kmeans
+from emmae.runtime.picking.cluster import smooth_latents, smoothing_window
+from emmae.runtime.kernels.kmeans import KMeansResult, assign, kmeans
 
 
 @dataclass(frozen=True)

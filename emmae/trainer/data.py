@@ -19,8 +19,8 @@ from emmae import __version__
 from emmae.config import PreprocessConfig
 from emmae.io.atomic import atomic_path
 from emmae.io.mrc import read_micrograph
-from emmae.runtime.preprocess import preprocess
-from emmae.runtime.tiles import to_tiles
+from emmae.runtime.picking.preprocess import preprocess
+from emmae.runtime.kernels.tiles import to_tiles
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from emmae.config import PreprocessConfig
 from emmae.export.weights import Weights, bundle_weights
-from emmae.runtime.bundle import BundleInfo, default_bundle_path, open_bundle
+from emmae.runtime.picking.bundle import BundleInfo, default_bundle_path, open_bundle
 
 # The schedule of a fine-tuning, where the command line does not say otherwise: a few
 # epochs at a fifth of the from-scratch peak rate (measured: enough to move the loss

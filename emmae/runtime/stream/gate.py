@@ -100,17 +100,20 @@ class _Watch:
     since: float  # when it last changed
     verdict: str = ""  # of the strict check of this version: '' (not yet), 'incomplete' or 'zeros'
     reason: str = ""
+    layout: MrcLayout | None = None  # the header as the strict check parsed it
 
 
 class Gate:
-    """Tracks files until they are stable and complete (``stale_after_s``: how long an unchanging incomplete file is waited for)."""
+    """Tracks files until they are stable and complete (``stale_after_s``: how long an unchanging incomplete file is waited for).
 
-    def __init__(self, settle_s: float, stale_after_s: float = float("inf"),
-                 check: Callable[[Path, MrcLayout], object] | None = None) -> None:
-        """``check(path, layout)``: more checks of a complete file's header (e.g. its size against the particle's), raising
-        :class:`MicrographError`."""
-        self.settle_s, self.stale_after_s, self._check = settle_s, stale_after_s, check
+    The header a file was let through with (parsed and checked against its size once) is
+    handed on by :meth:`take_layout`, so nothing downstream parses or sizes it again.
+    """
+
+    def __init__(self, settle_s: float, stale_after_s: float = float("inf")) -> None:
+        self.settle_s, self.stale_after_s = settle_s, stale_after_s
         self._watched: dict[Path, _Watch] = {}
+        self._ready: dict[Path, MrcLayout] = {}
 
     def check(self, path: Path, now: float | None = None, stat: os.stat_result | None = None) -> str:
         """``ready``, ``waiting`` or ``gone``; raises :class:`MicrographError` for a file that will never do.
@@ -138,41 +141,45 @@ class Gate:
         elif now - seen.since < self.settle_s:
             return "waiting"
         if not seen.verdict:  # the strict check runs once per version of the file
-            seen.verdict, seen.reason = self._complete(path, stat)
+            seen.verdict, seen.reason, seen.layout = self._complete(path)
             if seen.verdict == "ready":
-                self._watched.pop(path, None)
-                return "ready"
+                return self._let_through(path, seen)
         stable_s = now - seen.since
         if stable_s < self.stale_after_s:
             return "waiting"
         self._watched.pop(path, None)
         if seen.verdict == "zeros":
             log.warning("%s: its data block ends in zeros but it has not changed for %.0f s: taken as complete", os.path.basename(path), stable_s)
-            return "ready"
+            return self._let_through(path, seen)
         raise TruncatedMRCError(path, f"incomplete and unchanged for {stable_s:.0f} s ({seen.reason})")
 
-    def _complete(self, path: Path, stat: os.stat_result) -> tuple[str, str]:
-        """('ready' | 'incomplete' | 'zeros', reason) of the strict check."""
+    def _let_through(self, path: Path, seen: _Watch) -> str:
+        self._watched.pop(path, None)
+        if seen.layout is not None:
+            self._ready[path] = seen.layout
+        return "ready"
+
+    def take_layout(self, path: Path) -> MrcLayout | None:
+        """The header ``path`` was just let through with (once; None if it was not)."""
+        return self._ready.pop(path, None)
+
+    def _complete(self, path: Path) -> tuple[str, str, MrcLayout | None]:
+        """('ready' | 'incomplete' | 'zeros', reason, header) of the strict check."""
         try:
             layout = check_complete(path)
         except IncompleteMRCError as exc:
-            return "incomplete", exc.reason
+            return "incomplete", exc.reason, None
         except MicrographError:
             self._watched.pop(path, None)
             raise
-        if self._check is not None:
-            try:
-                self._check(path, layout)
-            except Exception:
-                self._watched.pop(path, None)
-                raise
         end = HEADER_BYTES + layout.extended_header_bytes + layout.nx * layout.ny * MODE_BYTES[layout.mode]
         if _zero_tail(path, end):
-            return "zeros", "the data block still ends in zeros"
-        return "ready", ""
+            return "zeros", "the data block still ends in zeros", layout
+        return "ready", "", layout
 
     def forget(self, path: Path) -> None:
         self._watched.pop(path, None)
+        self._ready.pop(path, None)
 
     @property
     def pending(self) -> int:

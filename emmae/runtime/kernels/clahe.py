@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from emmae.backend import backend_of
-from emmae.runtime.filters import Array
+from emmae.runtime.kernels.filters import Array
 
 BINS = 256
 

@@ -29,8 +29,8 @@ import numpy as np
 from emmae.backend import CPU, Backend
 from emmae.config import PreprocessConfig
 from emmae.io.coords import GridTransform
-from emmae.runtime.clahe import clahe
-from emmae.runtime.filters import (
+from emmae.runtime.kernels.clahe import clahe
+from emmae.runtime.kernels.filters import (
     MIN_DIAMETER_PX,
     Array,
     RingSpectrum,
@@ -41,7 +41,7 @@ from emmae.runtime.filters import (
     ring_spectrum,
     to_uint8,
 )
-from emmae.runtime.resize import pad_to, resize
+from emmae.runtime.kernels.resize import pad_to, resize
 
 Step = tuple[str, Callable[[Array], Array]]
 

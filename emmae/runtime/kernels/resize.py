@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse
 
 from emmae.backend import backend_of
-from emmae.runtime.filters import Array
+from emmae.runtime.kernels.filters import Array
 
 Kernel = Literal["area", "cubic"]
 

@@ -19,10 +19,11 @@ from types import ModuleType
 
 import numpy as np
 
-from emmae.backend import CPU, Backend
-from emmae.runtime.bundle import ModelBundle, default_bundle_path, open_bundle
-from emmae.runtime.filters import Array
-from emmae.runtime.tiles import latent_map, to_tiles
+from emmae.backend import CPU, Backend, get_backend
+from emmae.config import EmmaeConfig
+from emmae.runtime.picking.bundle import ModelBundle, default_bundle_path, open_bundle
+from emmae.runtime.kernels.filters import Array
+from emmae.runtime.kernels.tiles import latent_map, to_tiles
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,16 @@ class Encoder:
         if backend.is_gpu and running[0] == "CPUExecutionProvider":
             log.warning("onnxruntime has no usable GPU provider: the encoder runs on the CPU")
         return cls(bundle=bundle, backend=backend, batch_tiles=batch_tiles)
+
+    @classmethod
+    def configured(cls, config: EmmaeConfig, threads: int | None = None) -> Encoder:
+        """The configured bundle (``model.bundle``, ``model.precision``) on the configured device, ``model.batch_tiles`` per run.
+
+        Raises:
+            BundleError: the bundle cannot be opened; BackendError: the GPU was required and cannot be used.
+        """
+        model = config.model
+        return cls.open(model.bundle, model.precision, get_backend(config.backend.device), model.batch_tiles, threads)
 
     @property
     def on_device(self) -> bool:

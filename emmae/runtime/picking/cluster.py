@@ -13,8 +13,8 @@ import numpy as np
 
 from emmae.backend import backend_of, to_host
 from emmae.config import ClusterConfig
-from emmae.runtime.filters import Array, box_kernel
-from emmae.runtime.kmeans import assign, fit
+from emmae.runtime.kernels.filters import Array, box_kernel
+from emmae.runtime.kernels.kmeans import assign, fit
 
 
 def smoothing_window(diameter_grid_px: float, patch_px: int) -> int:

@@ -16,12 +16,12 @@ flip between clusters.
   In crowded micrographs the gaps between particles also form disks; darkness tells
   them apart.
 * **Template.** The radial particle profile learned over the sample
-  (:func:`emmae.runtime.localise.learn_profile`), from typical peaks only: with
+  (:func:`emmae.runtime.picking.localise.learn_profile`), from typical peaks only: with
   ``postprocess.latent_vetting``, the strongest blob peaks whose latents lie outside
-  the population of them all (:mod:`emmae.runtime.vetting`: the darkest contamination,
+  the population of them all (:mod:`emmae.runtime.picking.vetting`: the darkest contamination,
   carbon, ice) are kept out of it.
 * **Figure of merit.** The template's match values over the sample set a session-wide
-  calibration (:class:`emmae.runtime.localise.Calibration`): 0.5 at the split between
+  calibration (:class:`emmae.runtime.picking.localise.Calibration`): 0.5 at the split between
   background and particle peaks, 0.9 at the median particle.
 * **Particle population.** With ``postprocess.latent_vetting``, the latents of the
   sample's candidates at figure of merit >= 0.5 (typical ones) form the population
@@ -39,11 +39,11 @@ import numpy as np
 
 from emmae.backend import backend_of, to_host
 from emmae.config import EmmaeConfig
-from emmae.runtime.cluster import smooth_latents
-from emmae.runtime.filters import Array
-from emmae.runtime.kmeans import assign, fit
-from emmae.runtime.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image, strongest
-from emmae.runtime.vetting import Population, descriptors, fit_population
+from emmae.runtime.picking.cluster import smooth_latents
+from emmae.runtime.kernels.filters import Array
+from emmae.runtime.kernels.kmeans import assign, fit
+from emmae.runtime.picking.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image, strongest
+from emmae.runtime.picking.vetting import Population, descriptors, fit_population
 
 log = logging.getLogger(__name__)
 SESSION_WINDOW = 2  # latent smoothing before the session's clusters

@@ -9,7 +9,7 @@ map ``[H / patch, W / patch, D]``: one vector per ``patch x patch`` grid pixels.
 from __future__ import annotations
 
 from emmae.backend import backend_of
-from emmae.runtime.filters import Array
+from emmae.runtime.kernels.filters import Array
 
 
 def to_tiles(image: Array, tile_px: int) -> Array:

@@ -12,7 +12,7 @@ A candidate's distance is its squared Mahalanobis distance in those axes; one be
 ``postprocess.latent_limit`` is vetoed.
 
 The same test keeps atypical peaks (the darkest blobs of a session, which are rarely
-particles) out of the template the session learns (:func:`emmae.runtime.session.fit_session`).
+particles) out of the template the session learns (:func:`emmae.runtime.picking.session.fit_session`).
 
 Descriptors are computed with the latents' array module (NumPy or CuPy); the
 population itself is small and lives on the host.
@@ -26,7 +26,7 @@ import numpy as np
 from scipy.stats import chi2
 
 from emmae.backend import backend_of, to_host
-from emmae.runtime.filters import Array, box_kernel
+from emmae.runtime.kernels.filters import Array, box_kernel
 
 DESCRIPTOR_WINDOW = 2  # latent patches averaged per side around a candidate
 COMPONENTS = 8  # principal axes of the population
@@ -64,7 +64,7 @@ class Population:
 def descriptors(latents: Array, xy_grid: np.ndarray, patch_px: int) -> np.ndarray:
     """Latent descriptors ``[N, D]`` (host, float32) of candidates at grid positions ``xy_grid [N, 2]`` on a latent map ``[h, w, D]``.
 
-    The latent map smoothed as :func:`emmae.runtime.cluster.smooth_latents` does
+    The latent map smoothed as :func:`emmae.runtime.picking.cluster.smooth_latents` does
     (``DESCRIPTOR_WINDOW``, mirrored borders), evaluated only under the candidates,
     less the micrograph's mean latent.
     """

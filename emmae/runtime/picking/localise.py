@@ -23,8 +23,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from emmae.backend import backend_of, to_host
-from emmae.runtime.filters import Array
-from emmae.runtime.postprocess import Candidates
+from emmae.runtime.kernels.filters import Array
+from emmae.runtime.picking.postprocess import Candidates
 
 log = logging.getLogger(__name__)
 TEMPLATE_RADIUS_DIAMETERS = 0.75  # the template covers the particle and its immediate surround

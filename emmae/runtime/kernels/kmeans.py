@@ -13,7 +13,7 @@ import numpy as np
 
 from emmae.backend import backend_of, cuml_kmeans, to_host
 from emmae.errors import BackendError
-from emmae.runtime.filters import Array
+from emmae.runtime.kernels.filters import Array
 
 
 @dataclass(frozen=True)

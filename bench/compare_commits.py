@@ -1,0 +1,99 @@
+"""This tree against an earlier commit, in one run: picking time (bench/pick.py) and quality (bench/generalise.py).
+
+    python bench/compare_commits.py COMMIT [--rounds 2] [--count 5]
+
+COMMIT is checked out into a temporary git worktree (its ``bench/.cache`` is this tree's, so
+both use the same fold models). Each round runs the earlier commit's ``bench/pick.py``, then
+this tree's, on the same synthetic micrographs (1024^2 and 4096^2); the medians per rule are
+compared over the rounds. Then each tree's ``bench/generalise.py`` scores the real folds
+(``--no-synthetic``) and the F1 of every fold and method is compared. For a change that
+should not change behaviour: F1 equal within 0.002, time within 5 %.
+Results: ``bench/results/compare-<commit>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+log = logging.getLogger("bench.compare")
+
+
+def run(tree: Path, script: str, args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # that tree's emmae, whatever is installed
+    subprocess.run([sys.executable, str(tree / "bench" / script), *args], cwd=tree, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pick_totals(tree: Path, count: int) -> dict[str, float]:
+    """Median total ms per (size, rule) of one bench/pick.py run of ``tree`` (its committed pick-cpu.json is put back)."""
+    results = tree / "bench" / "results" / "pick-cpu.json"
+    kept = results.read_bytes() if results.is_file() else None
+    try:
+        run(tree, "pick.py", ["--count", str(count), "--sizes", "1024", "4096", "--device", "cpu"])
+        rows = json.loads(results.read_text())["results"]
+    finally:
+        if kept is not None:
+            results.write_bytes(kept)
+    return {f"{r['size']} {r['rule']}": 1e3 * r["median_s"]["total"] for r in rows}
+
+
+def fold_f1(tree: Path, out: Path) -> dict[str, float]:
+    run(tree, "generalise.py", ["--no-synthetic", "--resamples", "200", "--output", str(out)])
+    return {f"{r['dataset']} | {r['method']}": r["f1"] for r in json.loads(out.read_text())["real"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("commit")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--count", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), commit], cwd=ROOT, check=True, capture_output=True)
+        try:
+            (old / "bench" / ".cache").symlink_to(HERE / ".cache")
+            times: dict[str, dict[str, list[float]]] = {"earlier": {}, "this": {}}
+            for round_ in range(args.rounds):
+                for label, tree in (("earlier", old), ("this", ROOT)):
+                    for key, ms in pick_totals(tree, args.count).items():
+                        times[label].setdefault(key, []).append(ms)
+                log.info("round %d of %d timed", round_ + 1, args.rounds)
+            f1 = {"earlier": fold_f1(old, Path(tmp) / "old.json"), "this": fold_f1(ROOT, Path(tmp) / "new.json")}
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False, capture_output=True)
+    timing = {key: {"earlier_ms": statistics.median(times["earlier"][key]), "this_ms": statistics.median(ms)} for key, ms in times["this"].items()}
+    for row in timing.values():
+        row["ratio"] = row["this_ms"] / row["earlier_ms"]
+    quality = {key: {"earlier": f1["earlier"].get(key), "this": value} for key, value in f1["this"].items()}
+    print(f"{'bench/pick.py total':<24} {'earlier ms':>11} {'this ms':>9} {'ratio':>6}")
+    for key, row in timing.items():
+        print(f"{key:<24} {row['earlier_ms']:11.1f} {row['this_ms']:9.1f} {row['ratio']:6.3f}")
+    print(f"\n{'bench/generalise.py F1':<52} {'earlier':>8} {'this':>8}")
+    for key, row in quality.items():
+        print(f"{key:<52} {row['earlier'] if row['earlier'] is None else format(row['earlier'], '.4f'):>8} {row['this']:8.4f}")
+    worst_f1 = max(abs(r["this"] - r["earlier"]) for r in quality.values() if r["earlier"] is not None)
+    worst_time = max(abs(r["ratio"] - 1) for r in timing.values())
+    print(f"\nlargest F1 difference {worst_f1:.4f}; largest time difference {worst_time:.1%} (medians of {args.rounds} rounds)")
+    out = HERE / "results" / f"compare-{commit}.json"
+    out.write_text(json.dumps({"earlier": commit, "rounds": args.rounds, "micrographs": args.count, "cores": os.cpu_count(),
+                               "pick_total": timing, "f1": quality, "largest_f1_difference": worst_f1,
+                               "largest_time_difference": worst_time}, indent=1) + "\n")
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

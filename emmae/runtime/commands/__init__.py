@@ -1,0 +1,1 @@
+"""The commands (``emmae-pick``, ``emmae-stream``, ``emmae-eval``): arguments, logging and exit codes only."""

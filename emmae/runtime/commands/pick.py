@@ -1,0 +1,375 @@
+"""emmae-pick: pick particles in micrographs (files, folders, globs or a micrographs STAR).
+
+Writes, in the output folder (see emmae.runtime.outputs; the same files as emmae-stream):
+<stem>_autopick.star per micrograph (RELION coordinates), the RELION index autopick.star,
+particles.star (every pick with its micrograph name, for cryoSPARC), micrographs.star (each
+micrograph's width, height and pixel size), emmae-config.json (configuration, version and
+command line), emmae-session.json (the session and the micrographs it was fitted on),
+<stem>_emmae.npz (what --rethreshold needs) and, when some micrographs could not be picked,
+failed.txt (each with the kind of cause and the reason, tab-separated). Outputs mirror the
+input sub-folders, so micrographs of the same name in two folders do not collide. One
+command at a time writes to an output folder (emmae.lock).
+
+Exit status: 0 all micrographs picked; 1 some could not be read (reported, skipped);
+2 nothing could be done (bad arguments, configuration, model, an output folder that
+cannot be written or is in use, or a full disk, which stops the run after writing the
+index files of what was picked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import statistics
+import sys
+import time
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emmae.backend import check_threads, limit_cpu_threads
+from emmae.config import EmmaeConfig, _apply_override, add_config_arguments, config_from_args, config_record, validate_config
+from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError
+from emmae.io.inputs import expand_inputs, micrographs_from_star
+from emmae.io.picks import Picks, micrograph_name
+from emmae.memory import retain_freed_memory
+from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
+from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, progress_bar, setup_logging
+from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, star_stem
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.picker import repick
+
+log = logging.getLogger("emmae.pick")
+EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
+PLACEHOLDER_PIXEL_SIZE_A = 1.0  # what many programs write when they do not know the pixel size
+
+EXAMPLES = """examples:
+  emmae-pick Micrographs/*.mrc --diameter-A 300 -o picks
+  emmae-pick Micrographs/ --recursive --diameter-px 56 --format star box cbox --flip-y
+  emmae-pick MotionCorr/job002/corrected_micrographs.star --diameter-A 300   (names kept verbatim)
+  emmae-pick --rethreshold picks --threshold 0.7     (re-pick in seconds, no encoding: only the more confident picks)
+  emmae-pick --rethreshold picks --min-distance-A 200
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmae-pick", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="micrographs: .mrc files, folders (their *.mrc, any case), globs, or a micrographs .star (names kept verbatim)")
+    group = parser.add_argument_group("picking")
+    group.add_argument("--diameter-px", type=float, metavar="PX", help="particle diameter in pixels of the micrographs")
+    group.add_argument("--diameter-A", type=float, metavar="A",
+                       help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
+    group.add_argument("--min-distance-A", type=float, metavar="A",
+                       help="no two picks closer than this (default: half the diameter); needs --diameter-A, or --diameter-px with --pixel-size-A")
+    group.add_argument("--threshold", type=float, metavar="P",
+                       help="keep candidates whose figure of merit (0-1, calibrated per session: 0.5 at the split between background "
+                            "and particles, 0.9 at the median particle) reaches P (default 0.5); higher for precision, lower for recall; "
+                            "with --rethreshold, re-cuts without encoding")
+    group.add_argument("--model", type=Path, metavar="FILE", help="model bundle (.onnx; default: the bundled model)")
+    group.add_argument("--batch-tiles", type=int, metavar="N",
+                       help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
+    group.add_argument("--recursive", action="store_true", help="also pick the micrographs in sub-folders of folder inputs")
+    group.add_argument("--rethreshold", type=Path, metavar="DIR",
+                       help="re-pick an earlier output folder DIR from its saved particle maps, without encoding: the run's recorded "
+                            "options are kept and the options given now (--set, --min-distance-A, output options) change them")
+    cluster = parser.add_argument_group("cluster (needs the dask extra)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="pick on the Dask cluster of this scheduler (e.g. tcp://head:8786); the output folder must be shared with its workers")
+    cluster.add_argument("--workers", type=int, metavar="N", help="pick on a local Dask cluster of N worker processes")
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: emmae_picks)")
+    out.add_argument("--preview", action="store_true", help="also write <stem>_preview.png, the micrograph with its picks circled")
+    add_output_arguments(parser, out)
+    add_common_arguments(parser)
+    add_config_arguments(parser)
+    return parser
+
+
+def _switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    return {
+        ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
+        ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles,
+        ("backend", "device"): args.device, ("output", "preview"): args.preview or None,
+        ("postprocess", "threshold"): args.threshold,
+        **output_switches(args),
+    }
+
+
+def _config(args: argparse.Namespace) -> EmmaeConfig:
+    return with_min_distance(config_from_args(args, _switches(args)), args.min_distance_A)
+
+
+def with_min_distance(config: EmmaeConfig, min_distance_A: float | None) -> EmmaeConfig:
+    """``config`` with ``postprocess.min_distance_diameters`` set from a distance in Angstrom.
+
+    Raises:
+        ConfigError: the distance is not positive, or the diameter is not known in Angstrom.
+    """
+    if min_distance_A is None:
+        return config
+    if not min_distance_A > 0:
+        raise ConfigError(f"--min-distance-A must be positive, got {min_distance_A}")
+    pre = config.preprocess
+    if pre.diameter_A is not None:
+        diameter_A = pre.diameter_A
+    elif pre.diameter_px is not None and pre.pixel_size_A is not None:
+        diameter_A = pre.diameter_px * pre.pixel_size_A
+    else:
+        raise ConfigError("--min-distance-A needs the diameter in Angstrom: give --diameter-A, or --diameter-px with --pixel-size-A")
+    data = config.model_dump(mode="json")
+    data["postprocess"]["min_distance_diameters"] = min_distance_A / diameter_A
+    return validate_config(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    retain_freed_memory()
+    command = list(sys.argv if argv is None else argv)
+    try:
+        check_threads(args.threads)
+        limit_cpu_threads(args.threads)
+        if args.rethreshold:
+            if args.inputs:
+                raise EmmaeError("--rethreshold takes no micrographs: it re-picks the particle maps saved in its folder")
+            if not args.rethreshold.is_dir():
+                raise EmmaeError(f"--rethreshold {args.rethreshold}: no such folder")
+            with OutputFolder.open(args.rethreshold) as outputs:
+                record = outputs.read_record()
+                return rethreshold(outputs, rethreshold_config(record["config"], args), command, record)
+        config = _config(args)
+        if args.batch_tiles is not None and args.batch_tiles < 1:
+            raise ConfigError(f"--batch-tiles must be at least 1, got {args.batch_tiles}")
+        jobs, rejected = admit_all(collect_inputs(args.inputs, config, args.recursive), config)
+        outputs = OutputFolder.open(args.out or Path("emmae_picks"))
+    except (EmmaeError, OSError, ValueError) as exc:
+        log.error("%s", _one_line(exc))
+        return EXIT_FAILED
+    try:
+        if args.scheduler is not None or args.workers is not None:
+            return pick_on_cluster(jobs, rejected, config, outputs, command, args)
+        encoder = Encoder.configured(config, args.threads)
+        return pick_all(jobs, rejected, LocalExecutor(config, encoder), config, outputs, command, encoder.bundle.info.patch_px)
+    except (EmmaeError, OSError, ValueError) as exc:
+        log.error("%s", _one_line(exc))
+        return EXIT_FAILED
+    finally:
+        outputs.close()
+
+
+def pick_on_cluster(jobs: list[Job], rejected: list[Failure], config: EmmaeConfig, outputs: OutputFolder, command: list[str],
+                    args: argparse.Namespace) -> int:
+    """``--scheduler``/``--workers``: the same picks by a Dask cluster's workers. Raises ConfigError without dask."""
+    try:
+        from emmae.runtime import distributed  # optional: dask.distributed
+    except ImportError:
+        raise ConfigError("--scheduler/--workers need dask.distributed, which is not installed: pip install 'cryo-emmae[dask]'") from None
+    client = distributed.connect(args.scheduler, args.workers, args.threads)
+    try:
+        executor = distributed.DaskExecutor(client, config)
+        return pick_all(jobs, rejected, executor, config, outputs, command, executor.patch_px, {"cluster": distributed.describe(client)})
+    finally:
+        distributed.close(client)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, EmmaeError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One micrograph to pick: its file, the name written to the outputs, and its output stem."""
+
+    path: Path
+    name: str
+    stem: str
+
+
+def collect_inputs(inputs: list[str], config: EmmaeConfig, recursive: bool = False) -> list[Item]:
+    """Every micrograph named on the command line, with names and output stems.
+
+    Stems mirror the micrographs' folders below the folder all of them share (a STAR's
+    relative names as they are), so equal file names in different folders stay apart.
+
+    Raises:
+        EmmaeError: nothing to pick, no row of a STAR resolves, or two micrographs would
+            write the same outputs.
+        FileNotFoundError: an input matches nothing.
+    """
+    if not inputs:
+        raise EmmaeError("no micrographs given (files, folders, globs or a micrographs .star)")
+    stars = [item for item in inputs if item.lower().endswith(".star")]
+    others = [item for item in inputs if not item.lower().endswith(".star")]
+    pairs: list[tuple[Path, str, str | None]] = []
+    for star in stars:
+        pairs += [(path, name, star_stem(name)) for path, name in star_micrographs(star, config.output.project_root)]
+    files = expand_inputs(others, recursive=recursive) if others else []
+    pairs += [(path, micrograph_name(path, config.output), None) for path in files]
+    loose = [path for path, _, stem in pairs if stem is None]
+    root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in loose])) if loose else None
+    items = [Item(path, name, stem if stem is not None else str(Path(os.path.abspath(path)).relative_to(root).with_suffix("")))
+             for path, name, stem in pairs]
+    _check_unique_stems(items)
+    return items
+
+
+def star_micrographs(star: str | Path, project_root: Path | None) -> list[tuple[Path, str]]:
+    """The rows of a micrographs STAR; a missing micrograph is kept (reported when picked).
+
+    Raises:
+        EmmaeError: the STAR cannot be read, or none of its rows resolves under the project folder.
+    """
+    root = Path(project_root) if project_root is not None else Path.cwd()
+    try:
+        rows = micrographs_from_star(star, root)
+    except (OSError, ValueError) as exc:
+        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}") from None
+    missing = [name for path, name in rows if not path.is_file()]
+    if rows and len(missing) == len(rows):
+        raise EmmaeError(
+            f"{star}: none of its {len(rows)} micrographs is found under {root.resolve()} (e.g. {missing[0]}): "
+            "run from the project folder the names are relative to, or give it with --project-root"
+        )
+    if missing:
+        log.warning("%s: %d of %d micrographs not found under %s (e.g. %s); they are reported and skipped",
+                    star, len(missing), len(rows), root.resolve(), missing[0])
+    return rows
+
+
+def _check_unique_stems(items: list[Item]) -> None:
+    seen: dict[str, Path] = {}
+    for item in items:
+        if item.stem in seen:
+            raise EmmaeError(f"two micrographs would write the same outputs {item.stem!r} ({seen[item.stem]} and {item.path}): "
+                             "pick them into separate --out folders")
+        seen[item.stem] = item.path
+
+
+def admit_all(items: list[Item], config: EmmaeConfig) -> tuple[list[Job], list[Failure]]:
+    """Every item admitted (header parsed and sized once, dimensions checked), and those refused with their reason."""
+    jobs, rejected = [], []
+    for item in items:
+        try:
+            jobs.append(admit(item.path, item.name, item.stem, config))
+        except (MicrographError, ConfigError, OSError) as exc:
+            rejected.append(Failure(str(item.path), failure_kind(exc), reason_of(exc)))
+            log.error("skipped %s: %s", item.path, reason_of(exc))
+    return jobs, rejected
+
+
+def pick_all(jobs: list[Job], rejected: list[Failure], executor: Executor, config: EmmaeConfig, outputs: OutputFolder, argv: list[str],
+             patch_px: int, extra_record: dict | None = None) -> int:
+    """Pick every job into ``outputs`` with ``executor``: the run record, the session, each micrograph's files, the index files."""
+    sources = {job.stem: os.path.abspath(job.path) for job in jobs}  # for previews redrawn by --rethreshold
+    start = time.perf_counter()
+    try:
+        outputs.write_record(config_record(config, argv) | {"sources": sources} | (extra_record or {}))
+        result = run_batch(jobs, executor, config, outputs, patch_px, rejected, progress=lambda done: _with_bar(done, len(jobs)))
+    except OutputError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    picked = [done.picks for done in result.picked]
+    warn_placeholder(picked, config, [done.job.path for done in result.picked])
+    per = [sum(p.timings_s.values()) for p in picked]
+    log.info("%d micrographs picked, %d failed, %d particles, %.1f s (median %.2f s per micrograph)", len(picked), len(result.failures),
+             sum(len(p) for p in picked), time.perf_counter() - start, statistics.median(per) if per else 0.0)
+    if result.failures:
+        log.warning("%d micrographs failed (listed in %s):\n  %s", len(result.failures), outputs.root / FAILED_FILE,
+                    "\n  ".join(f"{f.micrograph}: {f.reason}" for f in result.failures))
+    if result.stopped is not None or not picked:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if result.failures else EXIT_OK
+
+
+def _with_bar(items: Iterable, total: int) -> Iterator:
+    with progress_bar(items, total, "micrograph") as bar:
+        yield from bar
+
+
+def warn_placeholder(picked: list, config: EmmaeConfig, paths: list[Path]) -> None:
+    """Warn once when a diameter in Angstrom went through a header pixel size of exactly 1.0 A (a common placeholder)."""
+    for picks, path in zip(picked, paths):
+        if _placeholder_pixel_size(picks, config):
+            log.warning("%s: the header's pixel size is exactly %.1f A, a common placeholder; --diameter-A %g then means %.1f px. "
+                        "If that is wrong, give --pixel-size-A (or --diameter-px)", path, PLACEHOLDER_PIXEL_SIZE_A,
+                        config.preprocess.diameter_A, picks.diameter_px)
+            return
+
+
+def _placeholder_pixel_size(result: Picks, config: EmmaeConfig) -> bool:
+    """The diameter came from Angstrom through a header pixel size of exactly 1.0 A."""
+    pre = config.preprocess
+    return pre.diameter_A is not None and pre.pixel_size_A is None and result.pixel_size_A == PLACEHOLDER_PIXEL_SIZE_A
+
+
+def rethreshold_config(recorded: dict, args: argparse.Namespace) -> EmmaeConfig:
+    """The recorded configuration with this command's --config, --set and switches applied over it.
+
+    Raises:
+        ConfigError: an invalid file, override or value, or a recorded configuration this version cannot read.
+    """
+    data = copy.deepcopy(recorded)
+    if args.config is not None:
+        try:
+            given = tomllib.loads(Path(args.config).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {args.config} is not valid TOML: {exc}") from None
+        for section, values in given.items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+    for item in args.overrides or ():
+        _apply_override(data, item)
+    for (section, field), value in _switches(args).items():
+        if value is not None:
+            data.setdefault(section, {})[field] = value
+    return with_min_distance(validate_config(data), args.min_distance_A)
+
+
+def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], record: dict) -> int:
+    """Re-pick every micrograph saved in ``outputs`` (sub-folders too, as the daemon writes them) under ``config``
+    (the command takes it from ``record``, the folder's run record, changed by its options). Files of formats no
+    longer asked for, and previews that cannot be redrawn, are removed. The new record keeps the original command
+    line (``record``'s) and adds ``argv``.
+
+    Raises:
+        EmmaeError: no particle maps in the folder; OutputError: a file could not be written.
+    """
+    stems = outputs.saved_stems()
+    if not stems:
+        raise EmmaeError(f"no saved particle maps (*_emmae.npz) in {outputs.root}")
+    sources = record.get("sources") or {}
+    outputs.write_record(config_record(config, record.get("argv") or []) | {
+        "sources": sources, "rethreshold_argv": [*record.get("rethreshold_argv", []), argv],
+    })
+    superseded = tuple(s for s, f in (("_autopick.star", "star"), (".box", "box"), (".cbox", "cbox")) if f not in config.output.formats)
+    rows, particles, no_preview = [], 0, 0
+    for stem in stems:
+        picks = repick(outputs.load(stem), config)
+        source = Path(sources[stem]) if stem in sources else None
+        if config.output.preview and (source is None or not source.is_file()):
+            source = None
+            no_preview += 1
+        outputs.remove_micrograph(stem, superseded + (("_preview.png",) if source is None or not config.output.preview else ()))
+        outputs.write_micrograph(stem, picks, config, source)
+        rows.append(outputs.row(stem, config))
+        particles += len(picks)
+    outputs.write_index(rows)
+    if no_preview:
+        log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
+    log.info("re-picked %d micrographs: %d particles", len(rows), particles)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""emmae-stream: pick micrographs as they land, keep the model loaded, lose nothing.
+
+    emmae-stream --watch /data/session --diameter-A 300 [--out DIR] [--once] [--settle-s 5]
+    emmae-stream --demo                 # a simulated session picked live, no data needed
+
+Scans (every ``stream.poll_interval_s``, sooner on a file-system event) find candidate
+files; each is handed on once it is stable for ``stream.settle_s`` and passes the strict
+MRC check, and its header's size can hold particles of the given diameter. A file still
+incomplete after ``stream.stale_after_s`` without a change is recorded as failed. A
+pipeline of three threads joined by bounded queues (``stream.queue_depth``) reads and
+preprocesses, picks with the model loaded once, and writes the outputs atomically, so
+disk, CPU and accelerator overlap and memory stays bounded. Each result is recorded in the
+SQLite journal (keyed on the path below the watched folder) and the session index
+``autopick.star`` is rewritten atomically. A bad micrograph is recorded with its reason
+and retried only if the file changes; one that failed for the configuration (no pixel
+size for --diameter-A, too small for the diameter) also when the configuration changes;
+one whose outputs could not be written (a full disk) after 30 s. A picked micrograph
+replaced by a new version is picked again. At exit the failed micrographs are listed,
+and written to failed.txt; the index files (autopick.star, particles.star,
+micrographs.star) are those of emmae-pick. SIGINT, SIGTERM or a file named ``EMMAE_STOP`` created in the
+watched folder while the daemon runs stop it after the micrograph in hand (those queued
+behind it are rolled back; one left from an earlier run is reported and ignored);
+``--once`` picks the backlog and exits. Restarting resumes from the journal. Outputs
+mirror the micrographs' sub-folders. One daemon per output folder (``emmae.lock``).
+On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
+With ``--adapt N`` the model is fine-tuned on the first N picked micrographs in a separate
+process (emmae-adapt; needs torch) while picking goes on; then, between two micrographs,
+the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
+fits its session on those micrographs and picks again what the old model picked
+(``--adapt-then mark``: only records it). The journal names the model of every pick.
+Exit status: 0 stopped cleanly; 2 bad arguments (no diameter), configuration, model, or an
+output folder that cannot be used (busy, read-only, full, not a folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
+from emmae.errors import ConfigError, EmmaeError, OutputError
+from emmae.memory import retain_freed_memory
+from emmae.backend import check_threads
+from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, plain_text, setup_logging
+from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.stream.adapter import check_can_adapt
+from emmae.runtime.stream.daemon import Daemon, StopFlag, run
+from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
+from emmae.runtime.stream.journal import Journal
+from emmae.runtime.stream.status import StatusLine
+
+log = logging.getLogger("emmae.stream")
+
+
+def status_line(progress: str) -> StatusLine | None:
+    """A status line redrawn under the log (``live``, or ``auto`` on a terminal), or None for plain log lines."""
+    live = progress == "live" or (progress == "auto" and sys.stderr.isatty())
+    return StatusLine(sys.stderr) if live else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmae-stream", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--watch", type=Path, help="folder where micrographs land")
+    parser.add_argument("--watch-star", type=Path, help="follow an upstream micrographs STAR (e.g. corrected_micrographs.star) instead; names kept verbatim")
+    parser.add_argument("--demo", action="store_true", help="simulate a session in a temporary folder and pick it live")
+    parser.add_argument("--demo-count", type=int, default=12, help="micrographs in the demo (default 12)")
+    parser.add_argument("--demo-per-hour", type=float, default=1200, help="acquisition rate of the demo (default 1200/h)")
+    parser.add_argument("--diameter-px", type=float, metavar="PX", help="particle diameter in pixels of the micrographs")
+    parser.add_argument("--diameter-A", type=float, metavar="A",
+                        help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
+    parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
+    parser.add_argument("--batch-tiles", type=int, metavar="N",
+                        help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
+    parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
+    parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
+    parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
+    parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
+    parser.add_argument("--stale-after-s", type=float,
+                        help="seconds an incomplete file may stay unchanged before it is recorded as failed (default 180)")
+    parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
+                        help="live: a status line redrawn under the log; plain: log lines only; auto (default): live on a terminal")
+    parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="pick on the Dask cluster of this scheduler (needs the dask extra; the watched and output folders must be shared "
+                             "with its workers); this process keeps discovery, the completeness gate and the journal")
+    adapt = parser.add_argument_group("adaptation (needs the train extra: torch)")
+    adapt.add_argument("--adapt", type=int, metavar="N",
+                       help="once N micrographs are picked, fine-tune the model on them in a separate process (no labels), then pick with it")
+    adapt.add_argument("--adapt-then", choices=("repick", "mark"),
+                       help="what the old model picked: picked again with the adapted model (repick, default) or left, marked in the journal")
+    adapt.add_argument("--adapt-epochs", type=int, metavar="N", help="most fine-tuning epochs (default 5)")
+    adapt.add_argument("--adapt-budget-s", type=float, metavar="S", help="fine-tuning time budget in seconds (default 600)")
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: WATCH/emmae_picks)")
+    add_output_arguments(parser, output)
+    add_common_arguments(parser)
+    add_config_arguments(parser)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> EmmaeConfig:
+    return config_from_args(args, {
+        ("preprocess", "diameter_px"): args.diameter_px, ("preprocess", "diameter_A"): args.diameter_A,
+        ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles, ("stream", "settle_s"): args.settle_s,
+        ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
+        ("stream", "stale_after_s"): args.stale_after_s, ("stream", "adapt_after"): args.adapt,
+        ("stream", "adapt_then"): args.adapt_then, ("stream", "adapt_epochs"): args.adapt_epochs, ("stream", "adapt_budget_s"): args.adapt_budget_s,
+        ("output", "preview"): args.preview or None, ("backend", "device"): args.device, **output_switches(args),
+    })
+
+
+def connect_cluster(scheduler: str | None, config: EmmaeConfig) -> object | None:
+    """The Dask client of ``--scheduler`` with the encoder plugin registered (None without one).
+
+    Raises:
+        ConfigError: dask.distributed is missing, or combined with ``--adapt``.
+    """
+    if scheduler is None:
+        return None
+    if config.stream.adapt_after:
+        raise ConfigError("--adapt and --scheduler cannot be combined: adapt in a single-process stream, or with emmae-adapt beforehand")
+    try:
+        from emmae.runtime import distributed  # optional: dask.distributed
+    except ImportError:
+        raise ConfigError("--scheduler needs dask.distributed, which is not installed: pip install 'cryo-emmae[dask]'") from None
+    client = distributed.connect(scheduler, None)
+    distributed.register(client, config)
+    return client
+
+
+def check_diameter(config: EmmaeConfig) -> None:
+    """Refuse to start without a usable particle diameter.
+
+    Raises:
+        ConfigError: neither ``--diameter-px`` nor ``--diameter-A`` (nor their
+            ``preprocess.`` settings), or one that is not a positive number.
+    """
+    pre = config.preprocess
+    if pre.diameter_px is None and pre.diameter_A is None:
+        raise ConfigError("no particle diameter: give --diameter-px or --diameter-A (or set preprocess.diameter_px or preprocess.diameter_A)")
+    for flag, value in (("--diameter-px", pre.diameter_px), ("--diameter-A", pre.diameter_A), ("--pixel-size-A", pre.pixel_size_A)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a positive number, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status = status_line(args.progress)
+    setup_logging(args, status)
+    retain_freed_memory()
+    if args.demo:
+        return demo(args, argv, status)
+    try:
+        config = _config(args)
+        check_diameter(config)  # before any micrograph is touched
+        if config.stream.adapt_after:
+            check_can_adapt()
+        watch = args.watch or (args.watch_star.parent if args.watch_star else None)
+        if watch is None or not watch.is_dir():
+            raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
+        check_threads(args.threads)
+        client = connect_cluster(args.scheduler, config)
+        encoder = Encoder.configured(config, args.threads) if client is None else None
+        out = args.out or watch / "emmae_picks"
+        daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client)
+    except (EmmaeError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv))
+    except OutputError as exc:
+        daemon.release()
+        log.error("%s", exc)
+        return 2
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    try:
+        run(daemon, stop, args.once)
+    finally:
+        daemon.release()
+        if client is not None:
+            client.close()
+    return 0
+
+
+def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None) -> int:
+    """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
+    watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
+    out = args.out or watch / "emmae_picks"
+    argv = [*(argv or []), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
+    demo_args = build_parser().parse_args([a for a in argv if a != "--demo"])
+    acquisition = Acquisition(watch, args.demo_count, 3600.0 / args.demo_per_hour)
+    log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
+    try:
+        config = _config(demo_args)
+        encoder = Encoder.configured(config, demo_args.threads)
+        daemon = Daemon(watch, out, config, encoder, status=status)
+    except (EmmaeError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    acquisition.start()
+    try:
+        run(daemon, stop, once=True, until=acquisition.finished.is_set)
+    finally:
+        acquisition.cancelled.set()
+        daemon.release()
+    picked = Journal(out)
+    entries = picked.picked()
+    log.info("demo done: %d micrographs picked, %d particles; outputs in %s", len(entries), sum(e.particles or 0 for e in entries), out)
+    picked.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

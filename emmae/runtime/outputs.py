@@ -1,0 +1,315 @@
+"""The output folder: the one writer of what a pick leaves on disk, for every command.
+
+An :class:`OutputFolder` owns, in one folder:
+
+* ``emmae.lock``: one writer at a time (an ``emmae-pick``, an ``emmae-stream``, a re-threshold);
+* each micrograph's files beside its stem: ``<stem>_autopick.star`` (RELION coordinates),
+  ``<stem>_emmae.npz`` (what a re-threshold needs), ``<stem>.box``, ``<stem>.cbox``,
+  ``<stem>_preview.png``; stems mirror the micrographs' sub-folders (:func:`stem_below`);
+* the index files of everything picked: ``autopick.star`` (RELION 4/5's coordinate list),
+  ``particles.star`` (every pick with its micrograph name) and ``micrographs.star``;
+* ``failed.txt``: micrograph, kind of cause and reason, tab-separated;
+* the session file ``emmae-session.json`` (the fitted session and the micrographs it was
+  fitted on; ``session.json`` of older versions is still read);
+* the run record ``emmae-config.json`` (configuration, version, command line).
+
+Every file is written atomically (temporary file + ``os.replace``). It does not decide
+what is picked or when: the commands and the daemon tell it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TextIO
+
+import numpy as np
+
+from emmae.config import EmmaeConfig
+from emmae.errors import EmmaeError, OutputError
+from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries, write_bytes_atomic
+from emmae.io.mrc import read_micrograph
+from emmae.io.picks import (
+    Picks,
+    load_picks,
+    save_picks,
+    transform_xy,
+    write_box,
+    write_cbox,
+    write_index,
+    write_micrographs,
+    write_particles,
+    write_relion_coordinates,
+)
+from emmae.io.preview import write_preview
+from emmae.runtime.picking.picker import repick
+from emmae.runtime.picking.session import Session
+
+log = logging.getLogger(__name__)
+LOCK_FILE = "emmae.lock"
+RECORD_FILE = "emmae-config.json"
+FAILED_FILE = "failed.txt"
+SESSION_FILE = "emmae-session.json"
+OLD_SESSION_FILES = ("session.json",)  # written by emmae-pick before the two commands shared one name
+INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
+OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's files beside its stem
+WRITE_TEST_BYTES = 1 << 16  # written (and removed) when opened: a folder without room for this cannot be used
+
+
+def stem_below(path: str | PurePath, root: str | PurePath) -> str:
+    """``path``'s place below ``root`` without its suffix (both taken as spelled, made absolute, not resolved)."""
+    return str(PurePath(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).with_suffix(""))
+
+
+def star_stem(name: str) -> str | None:
+    """A micrographs STAR row's relative name without its suffix, or None for an absolute or upward name."""
+    rel = PurePath(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    return str(rel.with_suffix(""))
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One picked micrograph in the index files: its name, stem, size, pixel size and picks (as written).
+
+    ``shape``, ``xy`` and ``score`` are None when its saved picks cannot be read: it is
+    then listed in ``autopick.star`` (its coordinate file is there) but not in
+    ``particles.star`` or ``micrographs.star``.
+    """
+
+    name: str
+    stem: str
+    shape: tuple[int, int] | None
+    pixel_size_A: float | None
+    xy: np.ndarray | None  # [N, 2] after the output switches (flip, scale)
+    score: np.ndarray | None  # [N]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A micrograph that could not be picked: its path or name, whose fault (``micrograph``, ``config``, ``output``, ``unexpected``) and why."""
+
+    micrograph: str
+    kind: str
+    reason: str
+
+
+class OutputFolder:
+    """One output folder (see the module docstring). Open it with :meth:`open`; close it to free the lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._lock: TextIO | None = None
+        self._rows: dict[str, IndexRow] = {}  # stem -> index row of what this process wrote or read back
+
+    @classmethod
+    def open(cls, root: Path, lock: bool = True) -> OutputFolder:
+        """Create ``root`` if needed, take its lock, remove temporaries of an interrupted run, check that files can be written there.
+
+        Raises:
+            OutputError: it cannot be created, is not a folder, is read-only or full.
+            EmmaeError: another command writes there (it holds the lock).
+        """
+        folder = cls(root)
+        try:
+            folder.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutputError(f"cannot use the output folder {root}: it is a file, not a folder") from None
+        except OSError as exc:
+            raise OutputError(f"cannot use the output folder {root}: cannot create it: {exc.strerror or exc}") from None
+        if not folder.root.is_dir():
+            raise OutputError(f"cannot use the output folder {root}: it is not a folder")
+        try:
+            if lock:
+                folder._lock = _take_lock(folder.root / LOCK_FILE)
+            stale = remove_stale_temporaries(folder.root)
+            _write_test(folder.root)
+        except OSError as exc:
+            folder.close()
+            raise OutputError(f"cannot use the output folder {root}: {exc.strerror or exc}") from None
+        if stale:
+            log.info("removed %d temporary files left in %s by an interrupted run", len(stale), root)
+        return folder
+
+    def close(self) -> None:
+        """Free the folder for another command."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- one micrograph ----------------------------------------------------------------------
+
+    def path(self, stem: str, suffix: str = "_autopick.star") -> Path:
+        return self.root / f"{stem}{suffix}"
+
+    def write_micrograph(self, stem: str, picks: Picks, config: EmmaeConfig, source: Path | None = None) -> Path:
+        """The files of one micrograph's ``picks`` (the preview re-reads ``source``); returns its coordinate file's path.
+
+        Raises:
+            OutputError: a file could not be written; MicrographError: ``source`` cannot be read for the preview.
+        """
+        folder = self.path(stem, "").parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from None
+        output = config.output
+        xy = transform_xy(picks.xy, picks.shape, output)
+        box = picks.diameter_px * output.coordinate_scale * 1.5
+        save_picks(self.path(stem, "_emmae.npz"), picks)
+        if "star" in output.formats:
+            write_relion_coordinates(self.path(stem), xy, picks.score)
+        if "box" in output.formats:
+            write_box(self.path(stem, ".box"), xy, box)
+        if "cbox" in output.formats:
+            size_xy = (picks.shape[1] * output.coordinate_scale, picks.shape[0] * output.coordinate_scale)
+            write_cbox(self.path(stem, ".cbox"), transform_xy(picks.candidates_xy, picks.shape, output), picks.candidates_score, box,
+                       particle_px=picks.diameter_px * output.coordinate_scale, size_xy=size_xy)
+        if output.preview and source is not None:
+            write_preview(self.path(stem, "_preview.png"), read_micrograph(source).data, picks.xy, picks.diameter_px)
+        self.remember(stem, picks, config)
+        return self.path(stem)
+
+    def remember(self, stem: str, picks: Picks, config: EmmaeConfig) -> None:
+        """Keep ``picks``' index row (written by another process, e.g. a cluster's worker)."""
+        self._rows[stem] = IndexRow(picks.name, stem, picks.shape, picks.pixel_size_A, transform_xy(picks.xy, picks.shape, config.output),
+                                    np.asarray(picks.score, np.float64))
+
+    def remove_micrograph(self, stem: str, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> int:
+        """Delete a micrograph's files of ``suffixes``; returns how many there were."""
+        removed = 0
+        for suffix in suffixes:
+            try:
+                self.path(stem, suffix).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", self.path(stem, suffix), exc.strerror or exc)
+        self._rows.pop(stem, None)
+        return removed
+
+    def saved_stems(self) -> list[str]:
+        """The stem of every micrograph with a saved ``_emmae.npz`` (sub-folders too), sorted."""
+        return sorted(str(p.relative_to(self.root))[: -len("_emmae.npz")] for p in self.root.rglob("*_emmae.npz"))
+
+    def load(self, stem: str) -> Picks:
+        """The saved picks of ``stem`` as saved (call ``repick`` to cut them under a configuration).
+
+        Raises:
+            OSError, ValueError, KeyError: no readable ``_emmae.npz``.
+        """
+        return load_picks(self.path(stem, "_emmae.npz"))
+
+    # --- the whole run ------------------------------------------------------------------------
+
+    def row(self, stem: str, config: EmmaeConfig) -> IndexRow:
+        """``stem``'s index row: remembered, else read back from its saved picks (once; without picks when they cannot be read)."""
+        if stem not in self._rows:
+            try:
+                self.remember(stem, repick(self.load(stem), config), config)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("%s: its saved picks cannot be read (%s); listed in %s only", stem, exc, INDEX_FILE)
+                self._rows[stem] = IndexRow("", stem, None, None, None, None)
+        return self._rows[stem]
+
+    def write_index(self, rows: list[IndexRow]) -> None:
+        """``autopick.star``, ``particles.star`` and ``micrographs.star`` of ``rows``, in their order.
+
+        Raises:
+            OutputError: a file could not be written.
+        """
+        write_index(self.root / INDEX_FILE, [(r.name, str(self.path(r.stem))) for r in rows])
+        known = [r for r in rows if r.shape is not None]
+        write_particles(self.root / PARTICLES_FILE, [(r.name, r.xy, r.score) for r in known])
+        write_micrographs(self.root / MICROGRAPHS_FILE, [(r.name, r.shape, r.pixel_size_A) for r in known])
+
+    def write_failed(self, failures: list[Failure]) -> Path:
+        """``failed.txt``: a header and one ``micrograph<TAB>kind<TAB>reason`` line per failure (removed when none). Raises OutputError."""
+        path = self.root / FAILED_FILE
+        if not failures:
+            path.unlink(missing_ok=True)
+            return path
+        lines = ["# micrograph\tkind\treason", *(f"{_cell(f.micrograph)}\t{f.kind}\t{_cell(f.reason)}" for f in failures)]
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+        return path
+
+    def write_session(self, session: Session, sample: list[str]) -> Path:
+        """The session file: the session, its summary and the micrographs it was fitted on. Raises OutputError."""
+        record = {"summary": session.summary(), "sample": sample, "session": json.loads(session.to_json())}
+        path = self.root / SESSION_FILE
+        write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+        return path
+
+    def read_session(self) -> Session | None:
+        """The session saved here (this version's file, or an older stream's); None when there is none to read back."""
+        for name in (SESSION_FILE, *OLD_SESSION_FILES):
+            path = self.root / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text())
+                saved = data.get("session", data) if isinstance(data, dict) else None
+                if isinstance(saved, dict) and "centroids" in saved:  # an older emmae-pick wrote only the summary
+                    return Session.from_json(json.dumps(saved))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("%s cannot be read (%s); the session is fitted again", path, exc)
+        return None
+
+    def write_record(self, record: dict) -> None:
+        """The run record (``emmae-config.json``). Raises OutputError."""
+        write_bytes_atomic(self.root / RECORD_FILE, json.dumps(record, indent=2).encode())
+
+    def read_record(self) -> dict:
+        """The run record.
+
+        Raises:
+            EmmaeError: missing, unreadable, or without a configuration.
+        """
+        path = self.root / RECORD_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EmmaeError(f"{path} not found: {self.root} is not an emmae-pick or emmae-stream output folder") from None
+        except (OSError, ValueError) as exc:
+            raise EmmaeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise EmmaeError(f"{path} holds no configuration")
+        return record
+
+
+def _cell(text: str) -> str:
+    """``text`` for one tab-separated cell: control characters escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _take_lock(path: Path) -> TextIO:
+    handle = open(path, "a")  # noqa: SIM115 - held open while the folder is in use
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise EmmaeError(f"another emmae command is writing to {path.parent} (it holds {path})") from None
+    return handle
+
+
+def _write_test(folder: Path) -> None:
+    """Write ``WRITE_TEST_BYTES`` to a temporary file in ``folder`` and remove it. Raises OSError (read-only, full)."""
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(WRITE_TEST_BYTES))
+    finally:
+        os.unlink(name)

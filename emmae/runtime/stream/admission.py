@@ -1,0 +1,96 @@
+"""Is a file complete and sane? Each version of a file is judged once, and the verdict travels with its job.
+
+:meth:`Admission.consider` takes one candidate of a scan: a name that can be written
+safely, a file the journal still wants (not picked as this version, not failed
+unchanged), a regular file, complete and stable (the :class:`~emmae.runtime.stream.gate.Gate`,
+which parses its header and checks it against the file's size), and dimensions that can
+hold the particles (:func:`emmae.runtime.jobs.admit`, with the gate's header). The job it
+returns carries that header, so the file is not parsed or sized again downstream. A file
+that failed unchanged is skipped without a query or a read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from emmae.config import EmmaeConfig
+from emmae.errors import UnsafeNameError
+from emmae.io.picks import micrograph_name
+from emmae.runtime.jobs import Job, admit
+from emmae.runtime.stream.gate import Gate, stat_regular
+from emmae.runtime.stream.names import unsafe_name
+from emmae.runtime.stream.recorder import Recorder
+from emmae.runtime.stream.scanner import Scanner, any_stat
+
+
+class Admission:
+    """The completeness gate and the checks before a job; see the module docstring."""
+
+    def __init__(self, config: EmmaeConfig, scanner: Scanner, recorder: Recorder) -> None:
+        self.config, self.scanner, self.recorder = config, scanner, recorder
+        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s)
+        self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
+
+    def name(self, path: Path, name: str | None) -> str:
+        """The name a micrograph is written under (a STAR's row keeps its own)."""
+        return name if name is not None else micrograph_name(path, self.config.output)
+
+    def consider(self, path: Path, name: str | None, key: str, stat: os.stat_result | None) -> Job | None:
+        """A job for the file once it is complete and sane, else None (still settling, gone, picked, failed unchanged).
+
+        Raises:
+            MicrographError: the file will not do (unsafe name, not a regular file, not an MRC, too small, ...).
+            ConfigError: no usable particle diameter for it.
+            FileNotFoundError: it vanished meanwhile.
+        """
+        stat = stat if stat is not None else any_stat(path)
+        if stat is None:
+            self.forget(path, key)
+            return None
+        journal = self.recorder.journal
+        picked = key in self.recorder.picked
+        known = self._known.get(key)
+        if known is not None and known[1] == (stat.st_size, stat.st_mtime_ns) and not picked:
+            if known[0] == "failed":
+                return None  # failed, unchanged: no query, no read
+        else:  # new this session, or changed: the name, the journal, the file's kind
+            if picked and self.recorder.still_current(key, self.name(path, name), stat):
+                return None  # picked, and still the version that was picked
+            name = self.name(path, name)
+            unsafe = unsafe_name(self.scanner.key_text(path), name)
+            if unsafe:
+                raise UnsafeNameError(path, unsafe)
+            if key not in self.recorder.picked and not journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
+                self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns))
+                return None
+            stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
+            journal.mark_seen(key, name)
+            self._known[key] = ("seen", (stat.st_size, stat.st_mtime_ns))
+        if self.gate.check(path, stat=stat) != "ready":
+            return None
+        layout = self.gate.take_layout(path)
+        stat = stat_regular(path)
+        if stat is None:
+            return None
+        self._known.pop(key, None)
+        name = self.name(path, name)
+        return admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat)
+
+    def note_failed(self, key: str, size: int | None, mtime_ns: int | None, kind: str) -> None:
+        """A failed file is not looked at again until it changes (an output failure is retried anyway)."""
+        if size is not None and mtime_ns is not None and kind != "output":
+            self._known[key] = ("failed", (size, mtime_ns))
+
+    def forget(self, path: Path, key: str) -> None:
+        self.gate.forget(path)
+        self._known.pop(key, None)
+
+    def clear(self) -> None:
+        """Look at everything again (what a scan recorded was rolled back)."""
+        self._known.clear()
+
+    @property
+    def pending(self) -> int:
+        """Files still settling or incomplete."""
+        return self.gate.pending

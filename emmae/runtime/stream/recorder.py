@@ -1,0 +1,160 @@
+"""The journal's owner: what became of every micrograph of a stream, recorded once, in one thread.
+
+A :class:`Recorder` is the only writer of the stream's SQLite journal and keeps the
+in-memory view the daemon consults without a query (what is picked, what failed, what
+waits out a retry). It records finished jobs, failures and replaced files (whose old
+outputs go), and has the output folder rewrite the index files and ``failed.txt`` from
+the journal. It never reads micrographs and never decides what to pick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from emmae.config import EmmaeConfig
+from emmae.errors import OutputError
+from emmae.runtime.jobs import Done
+from emmae.runtime.outputs import Failure, OutputFolder
+from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
+from emmae.runtime.stream.names import shown, unsafe_name
+from emmae.runtime.stream.status import Progress
+
+log = logging.getLogger("emmae.stream")
+OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
+FAILED_SHOWN = 50  # failed micrographs listed in the final summary (all are in failed.txt)
+RETRY_TEXT = {"config": "; tried again when the configuration changes", "output": f"; tried again in {OUTPUT_RETRY_S:g} s",
+              "unexpected": "; tried again when it or the configuration changes"}
+
+
+class Recorder:
+    """The journal, its in-memory view and the index files; see the module docstring."""
+
+    def __init__(self, journal: Journal, outputs: OutputFolder, progress: Progress, config_hash: str) -> None:
+        self.journal, self.outputs, self.progress, self.config_hash = journal, outputs, progress, config_hash
+        self.picked: dict[str, Entry] = {e.path: e for e in journal.picked()}  # skipped by key: no stat, no query
+        self.failed_keys: set[str] = {e.path for e in journal.failed()}
+        self.progress.failed = len(self.failed_keys)  # the status line's count is the journal's
+        self.retry_after: dict[str, float] = {}  # keys whose outputs could not be written
+        self.adopted: list[tuple[str, int, int, int]] = []  # picked entries of an older journal, with their file's stat
+        self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
+        self.on_failed: Callable[[str, int | None, int | None, str], None] | None = None  # (key, size, mtime_ns, kind)
+        self.index_stale = True
+
+    def record(self, done: Done, key: str, model: str | None, figures: Callable[[], str] | None = None) -> int:
+        """Record a finished job; returns 1 when it was picked."""
+        job = done.job
+        if done.rolled_back:
+            self.journal.mark_unstarted(key, job.name)
+            return 0
+        self.retry_after.pop(key, None)  # this attempt is over: only a new output failure waits again
+        if done.changed:
+            log.warning("%s changed while it was picked: looking at it again once it is stable", shown(key))
+            self.journal.mark_unstarted(key, job.name)
+            return 0
+        if done.error is not None:
+            if done.output_error:  # not the micrograph's fault: retried later, and at the next start
+                self.retry_after[key] = time.monotonic() + OUTPUT_RETRY_S
+                self.failed(key, job.name, done.error, None, None, "output")
+            else:
+                self.failed(key, job.name, done.error, job.size, job.mtime_ns, done.kind)
+            return 0
+        result = done.picks
+        timings = {**result.timings_s, "latency": done.latency_s}
+        outputs = str(self.outputs.path(job.stem))
+        session = (result.session or {}).get("id")
+        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, model, session)
+        self.picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino, model)
+        if key in self.failed_keys:
+            self.failed_keys.discard(key)
+            self.progress.failed = len(self.failed_keys)
+        self.progress.picked(len(result), done.latency_s)
+        self.index_stale = True
+        if self.on_picked is not None:
+            self.on_picked(job.path, len(result))
+        log.info("picked %s: %d particles, on disk %.2f s after it was complete%s", shown(key), len(result), done.latency_s,
+                 f" | {figures()}" if figures else "")
+        return 1
+
+    def failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
+        self.journal.mark_failed(key, journal_key(name), journal_key(reason), size, mtime_ns, kind)
+        self.failed_keys.add(key)
+        self.progress.failed = len(self.failed_keys)
+        if self.on_failed is not None:
+            self.on_failed(key, size, mtime_ns, kind)
+        log.error("failed %s: %s%s", shown(key), reason, RETRY_TEXT.get(kind, "; tried again if it changes"))
+
+    def still_current(self, key: str, name: str, stat: os.stat_result) -> bool:
+        """A picked file is still the version that was picked; one that changed since (replaced, rewritten, truncated)
+        loses its outputs and is picked again (False)."""
+        entry = self.picked[key]
+        if entry.size is None:  # picked by an older version: this is the version it picked (recorded after the scan)
+            self.adopted.append((key, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+            self.picked[key] = replace(entry, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino)
+            return True
+        if not changed_since_picked(entry, stat.st_size, stat.st_mtime_ns, stat.st_ino):
+            return True
+        removed = self._remove_outputs(entry)
+        log.warning("%s changed since it was picked (replaced or rewritten): picking it again%s", shown(key),
+                    f"; its {removed} old output files are removed" if removed else "")
+        self.journal.mark_unstarted(key, name)
+        del self.picked[key]
+        self.index_stale = True
+        return False
+
+    def _remove_outputs(self, entry: Entry) -> int:
+        if not entry.outputs or not entry.outputs.endswith("_autopick.star"):
+            return 0
+        return self.outputs.remove_micrograph(self._stem(entry))
+
+    def _stem(self, entry: Entry) -> str:
+        return os.path.relpath(entry.outputs[: -len("_autopick.star")], self.outputs.root)
+
+    def adopt(self) -> None:
+        """Record the stat of files an older journal picked without one (after a scan)."""
+        self.journal.adopt(self.adopted)
+        self.adopted.clear()
+
+    def forget_picked(self, keys: list[str]) -> None:
+        """``keys``, sent back to ``seen`` in the journal, are no longer counted as picked (the next scan queues them)."""
+        for key in keys:
+            entry = self.picked.pop(key, None)
+            if entry is not None:
+                self.progress.unpicked(entry.particles or 0)
+        self.index_stale |= bool(keys)
+
+    def wants(self, key: str, stat: os.stat_result) -> bool:
+        """The file still needs picking: not picked as this version, not failed unchanged."""
+        if key in self.picked:
+            return changed_since_picked(self.picked[key], stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        return self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    def write_index(self, config: EmmaeConfig) -> None:
+        """The index files of every micrograph picked so far whose outputs are on disk (O(picked): the caller limits how often)."""
+        rows = []
+        for entry in self.journal.picked():
+            if unsafe_name("", entry.name) or not entry.outputs or not os.path.exists(entry.outputs):
+                continue
+            rows.append(replace(self.outputs.row(self._stem(entry), config), name=entry.name))
+        self.outputs.write_index(rows)
+        self.index_stale = False
+
+    def report_failed(self) -> None:
+        """The final summary of failures: each failed micrograph with its reason, also written to ``failed.txt``."""
+        failed = self.journal.failed()
+        try:
+            path = self.outputs.write_failed([Failure(shown(e.path), e.kind or "micrograph", shown(e.reason or "")) for e in failed])
+        except OutputError as exc:
+            log.error("cannot write the list of failed micrographs: %s", exc)
+            path = None
+        if not failed:
+            return
+        log.warning("%d micrographs failed%s:", len(failed), f" (listed in {path})" if path else "")
+        for entry in failed[:FAILED_SHOWN]:
+            log.warning("  %s: %s", shown(entry.path), shown(entry.reason or ""))
+        if len(failed) > FAILED_SHOWN:
+            log.warning("  ... and %d more", len(failed) - FAILED_SHOWN)

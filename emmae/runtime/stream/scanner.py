@@ -1,0 +1,130 @@
+"""What is new or changed: the watched folder's (or an upstream micrographs STAR's) micrographs and their keys.
+
+Every micrograph is keyed on its path relative to the watched folder (so two spellings
+of the folder, absolute, relative or through a link, are one stream) and its outputs
+mirror that place (:meth:`Scanner.stem`). A scan lists the files not yet picked; a
+sweep (every ``SWEEP_INTERVAL_S``, or for a file the file-system observer reported)
+lists the picked ones too, so a replaced micrograph is noticed. It never opens a file
+and never writes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Container
+from pathlib import Path
+
+from emmae.config import EmmaeConfig
+from emmae.io.inputs import micrographs_from_star
+from emmae.runtime.stream.gate import walk
+from emmae.runtime.stream.journal import journal_key
+
+log = logging.getLogger("emmae.stream")
+SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
+
+Candidate = tuple[Path, "str | None", "os.stat_result | None"]  # file, output name (None: from its path), stat (None: not taken)
+
+
+class Scanner:
+    """The watched folder (or upstream STAR) of one stream; see the module docstring."""
+
+    def __init__(self, watch: Path, out: Path, config: EmmaeConfig, watch_star: Path | None = None) -> None:
+        self.watch, self.out, self.config, self.watch_star = watch, out, config, watch_star
+        self._prefix = str(watch).rstrip("/") + "/"  # scanned paths start with it: their key is what follows
+        self._abs_prefix = os.path.abspath(watch).rstrip("/") + "/"
+        self._real_root = os.path.realpath(watch)  # the observer reports paths under it
+        self._touched: set[str] = set()  # keys the observer reported changed (its thread adds, the daemon's takes)
+        self._touched_lock = threading.Lock()
+        self._sweep_at = -float("inf")
+
+    def key(self, path: Path | str) -> str:
+        """The journal's key of a file: its path relative to the watched folder (absolute if outside it)."""
+        text = str(path)
+        if text.startswith(self._prefix):
+            return journal_key(text[len(self._prefix):])
+        text = os.path.abspath(text)
+        return journal_key(text[len(self._abs_prefix):] if text.startswith(self._abs_prefix) else text)
+
+    def key_text(self, path: Path | str) -> str:
+        """The file's path relative to the watched folder as the file system gives it (may hold undecodable bytes)."""
+        text = str(path)
+        return text[len(self._prefix):] if text.startswith(self._prefix) else text
+
+    def path_of(self, key: str) -> Path:
+        return Path(key) if os.path.isabs(key) else self.watch / key
+
+    def stem(self, path: Path, name: str) -> str:
+        """Outputs mirror the micrograph's place below the watched folder; from a STAR, under its name when relative."""
+        if self.watch_star is None:
+            return str(Path(self.key_text(path)).with_suffix(""))
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            try:
+                rel = Path(path).relative_to(self.watch)
+            except ValueError:
+                rel = Path(Path(path).name)
+        return str(rel.with_suffix(""))
+
+    def notice_path(self, path: str) -> None:
+        """Called by the file-system observer (its thread) with a changed file: looked at even if picked (a new version?)."""
+        if path.startswith(self._real_root + "/"):
+            with self._touched_lock:
+                self._touched.add(journal_key(path[len(self._real_root) + 1 :]))
+
+    def sweep_due(self, now: float) -> bool:
+        return now >= self._sweep_at
+
+    def swept(self, cost_s: float) -> None:
+        """A sweep took ``cost_s``: the next is due in ``SWEEP_INTERVAL_S`` (later for a huge folder)."""
+        self._sweep_at = time.monotonic() + max(SWEEP_INTERVAL_S, 20 * cost_s)
+
+    def take_touched(self) -> set[str]:
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
+        return touched
+
+    def candidates(self, picked: Container[str], sweep: bool = False, touched: Container[str] = frozenset()) -> list[Candidate]:
+        """Files to look at: not in ``picked`` (or, on a sweep or when ``touched`` by an observer's event, picked ones too);
+        a folder's files oldest first (``stream.order``)."""
+        if self.watch_star is not None:
+            return [(path, name, None) for path, name in self._star_rows()
+                    if sweep or (key := self.key(path)) not in picked or key in touched]
+        known: Container[str] = frozenset() if sweep else _Without(picked, touched)
+        files = [(path, None, any_stat(path)) for path in walk(self.watch, self.config.stream.patterns, self.config.stream.recursive,
+                                                                 skip=self.out.resolve(), known=known, prefix=self._prefix)]
+        newest = self.config.stream.order == "newest"
+        files.sort(key=lambda f: f[2].st_mtime_ns if f[2] is not None else 0, reverse=newest)  # stable: by name within a time
+        return files  # type: ignore[return-value]  # paths as strings: a Path each would cost more than the look itself
+
+    def _star_rows(self) -> list[tuple[Path, str]]:
+        try:
+            return micrographs_from_star(self.watch_star, self.config.output.project_root)
+        except (OSError, ValueError) as exc:  # absent yet, or caught mid-write by the upstream job
+            log.debug("cannot read %s yet: %s", self.watch_star, exc)
+            return []
+
+
+class _Without:
+    """``key in picked and key not in touched``, without building a set (picked can be large)."""
+
+    def __init__(self, picked: Container[str], touched: Container[str]) -> None:
+        self.picked, self.touched = picked, touched
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.picked and key not in self.touched
+
+
+def any_stat(path: Path | str) -> os.stat_result | None:
+    """The file's stat, or the link's own when it cannot be followed (a loop); None if gone."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            return os.lstat(path)
+        except OSError:
+            return None
