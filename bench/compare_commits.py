@@ -1,9 +1,9 @@
 """This tree against an earlier commit, in one run: picking time (bench/pick.py) and quality (bench/generalise.py).
 
-    python bench/compare_commits.py COMMIT [--rounds 2] [--count 5]
+    python bench/compare_commits.py COMMIT [--this COMMIT] [--rounds 2] [--count 5]
 
-COMMIT is checked out into a temporary git worktree (its ``bench/.cache`` is this tree's, so
-both use the same fold models). Each round runs the earlier commit's ``bench/pick.py``, then
+COMMIT (and ``--this``, else this working tree) is checked out into a temporary git worktree
+(its ``bench/.cache`` is this tree's, so both use the same fold models). Each round runs the earlier commit's ``bench/pick.py``, then
 this tree's, on the same synthetic micrographs (1024^2 and 4096^2); the medians per rule are
 compared over the rounds. Then each tree's ``bench/generalise.py`` scores the real folds
 (``--no-synthetic``) and the F1 of every fold and method is compared. For a change that
@@ -47,33 +47,48 @@ def pick_totals(tree: Path, count: int) -> dict[str, float]:
     return {f"{r['size']} {r['rule']}": 1e3 * r["median_s"]["total"] for r in rows}
 
 
-def fold_f1(tree: Path, out: Path) -> dict[str, float]:
-    run(tree, "generalise.py", ["--no-synthetic", "--resamples", "200", "--output", str(out)])
+def fold_f1(tree: Path, out: Path, data: Path) -> dict[str, float]:
+    run(tree, "generalise.py", ["--no-synthetic", "--resamples", "200", "--data", str(data), "--output", str(out)])
     return {f"{r['dataset']} | {r['method']}": r["f1"] for r in json.loads(out.read_text())["real"]}
+
+
+def _short(commit: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _worktree(folder: Path, commit: str) -> Path:
+    """``commit`` checked out in ``folder``, sharing this tree's bench cache (the fold models)."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True, capture_output=True)
+    (folder / "bench" / ".cache").symlink_to(HERE / ".cache")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commit")
+    parser.add_argument("--this", help="a later commit to compare (default: this working tree)")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--count", type=int, default=5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    commit = _short(args.commit)
+    this = _short(args.this) if args.this else None
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "old"
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), commit], cwd=ROOT, check=True, capture_output=True)
+        old = _worktree(Path(tmp) / "old", commit)
+        new = _worktree(Path(tmp) / "new", this) if this else ROOT
         try:
-            (old / "bench" / ".cache").symlink_to(HERE / ".cache")
             times: dict[str, dict[str, list[float]]] = {"earlier": {}, "this": {}}
             for round_ in range(args.rounds):
-                for label, tree in (("earlier", old), ("this", ROOT)):
+                for label, tree in (("earlier", old), ("this", new)):
                     for key, ms in pick_totals(tree, args.count).items():
                         times[label].setdefault(key, []).append(ms)
                 log.info("round %d of %d timed", round_ + 1, args.rounds)
-            f1 = {"earlier": fold_f1(old, Path(tmp) / "old.json"), "this": fold_f1(ROOT, Path(tmp) / "new.json")}
+            f1 = {"earlier": fold_f1(old, Path(tmp) / "old.json", args.data), "this": fold_f1(new, Path(tmp) / "new.json", args.data)}
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False, capture_output=True)
+            for tree in (old, new):
+                if tree != ROOT:
+                    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False, capture_output=True)
     timing = {key: {"earlier_ms": statistics.median(times["earlier"][key]), "this_ms": statistics.median(ms)} for key, ms in times["this"].items()}
     for row in timing.values():
         row["ratio"] = row["this_ms"] / row["earlier_ms"]
@@ -87,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     worst_f1 = max(abs(r["this"] - r["earlier"]) for r in quality.values() if r["earlier"] is not None)
     worst_time = max(abs(r["ratio"] - 1) for r in timing.values())
     print(f"\nlargest F1 difference {worst_f1:.4f}; largest time difference {worst_time:.1%} (medians of {args.rounds} rounds)")
-    out = HERE / "results" / f"compare-{commit}.json"
-    out.write_text(json.dumps({"earlier": commit, "rounds": args.rounds, "micrographs": args.count, "cores": os.cpu_count(),
+    out = HERE / "results" / f"compare-{commit}-{this or 'tree'}.json"
+    out.write_text(json.dumps({"earlier": commit, "this": this or "working tree", "rounds": args.rounds, "micrographs": args.count, "cores": os.cpu_count(),
                                "pick_total": timing, "f1": quality, "largest_f1_difference": worst_f1,
                                "largest_time_difference": worst_time}, indent=1) + "\n")
     log.info("wrote %s", out)
