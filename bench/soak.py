@@ -1,6 +1,7 @@
 """The daemon under abuse: kill -9 cycles against a live writer, and its idle cost.
 
     python bench/soak.py --minutes 10                 # kill -9 cycles: tried / lost / doubled / hung
+    python bench/soak.py --minutes 5 --interval-s 6 --kill-s 2 8 --replace-fraction 0 --compare   # and equal to an uninterrupted run
     python bench/soak.py --idle --unsettled 2000 --others 5000 --seconds 20   # idle CPU
 
 Soak: a writer thread lands synthetic micrographs (written in chunks, some
@@ -10,7 +11,10 @@ again. At the end a last ``--once`` run drains the folder. Reported (and written
 ``bench/results/soak.json``): daemon starts (tried), micrographs whose final content
 was never picked (lost), micrographs listed twice in the index or picked from an
 older version without being picked again (doubled), and runs that did not stop within
-a minute of SIGTERM (hung).
+a minute of SIGTERM (hung). With ``--compare`` an uninterrupted ``--once`` run then picks the
+same final files into another output folder, and every per-micrograph STAR of the soak must
+equal its own (coordinates and scores; ``--replace-fraction 0``, since a micrograph replaced
+mid-session changes which versions the session was fitted on).
 
 Idle: a folder with ``--unsettled`` empty ``*.mrc`` files (never complete) and
 ``--others`` other files; the daemon runs with its file-system observer and the CPU
@@ -81,9 +85,9 @@ def idle(unsettled: int, others: int, seconds: float, poll: bool, warmup_s: floa
 class Writer(threading.Thread):
     """Lands micrographs: plain chunked writes, preallocated files filled later, and replacements of earlier ones."""
 
-    def __init__(self, watch: Path, seed: int, interval_s: float) -> None:
+    def __init__(self, watch: Path, seed: int, interval_s: float, replace_fraction: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.watch, self.rng, self.interval_s = watch, random.Random(seed), interval_s
+        self.watch, self.rng, self.interval_s, self.replace_fraction = watch, random.Random(seed), interval_s, replace_fraction
         self.final: dict[str, int] = {}  # name -> seed of its final content
         self.stop = threading.Event()
 
@@ -91,7 +95,7 @@ class Writer(threading.Thread):
         i = 0
         while not self.stop.is_set():
             name = f"mic_{i:05d}.mrc"
-            if self.final and self.rng.random() < 0.1:
+            if self.final and self.rng.random() < self.replace_fraction:
                 name = self.rng.choice(sorted(self.final))  # a new version of an earlier micrograph
             seed = self.rng.randrange(1 << 30)
             self.land(name, seed)
@@ -127,26 +131,28 @@ class Writer(threading.Thread):
             os.replace(tmp, target)
 
 
-def soak(minutes: float, seed: int, interval_s: float) -> dict:
+def soak(minutes: float, seed: int, interval_s: float, kill_s: tuple[float, float] = (2.0, 15.0), replace_fraction: float = 0.1,
+         compare: bool = False) -> dict:
     rng = random.Random(seed)
-    tried = hung = 0
+    tried = hung = kills = 0
     with tempfile.TemporaryDirectory() as folder:
         watch, out = Path(folder) / "session", Path(folder) / "out"
         watch.mkdir()
-        writer = Writer(watch, seed, interval_s)
+        writer = Writer(watch, seed, interval_s, replace_fraction)
         writer.start()
         end = time.monotonic() + minutes * 60
         options = ("--settle-s", "1", "--poll-interval-s", "0.5")
         while time.monotonic() < end:
             daemon = start(watch, out, *options)
             tried += 1
-            time.sleep(rng.uniform(2, 15))
+            time.sleep(rng.uniform(*kill_s))
             if rng.random() < 0.2:
                 daemon.send_signal(signal.SIGTERM)
                 hung += _hung(daemon, 60)
             else:
                 daemon.kill()
                 daemon.communicate()
+                kills += 1
         writer.stop.set()
         writer.join()
         final = start(watch, out, *options, "--once")
@@ -158,8 +164,29 @@ def soak(minutes: float, seed: int, interval_s: float) -> dict:
         doubled = len(names) - len(listed)
         lost = sum(name not in listed for name in writer.final)
         stale = _stale_picks(watch, out, writer.final)
-    return {"minutes": minutes, "seed": seed, "micrographs": len(writer.final), "tried": tried, "lost": lost,
-            "doubled": doubled + stale, "hung": hung}
+        unequal = None
+        if compare:  # the same final files, picked in one uninterrupted run
+            hung += _hung(start(watch, Path(folder) / "uninterrupted", *options, "--once"), 600)
+            unequal = _unequal_stars(out, Path(folder) / "uninterrupted", writer.final)
+    return {"minutes": minutes, "seed": seed, "micrographs": len(writer.final), "tried": tried, "kills": kills, "lost": lost,
+            "doubled": doubled + stale, "hung": hung, "replace_fraction": replace_fraction,
+            "unequal_to_uninterrupted": unequal}
+
+
+def _unequal_stars(out: Path, reference: Path, names: dict[str, int]) -> list[str]:
+    """The micrographs whose coordinate file (x, y, figure of merit) differs from the uninterrupted run's."""
+    columns = ["rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit"]
+    unequal = []
+    for name in sorted(names):
+        stem = name[: -len(".mrc")]
+        try:
+            a, b = (starfile.read(folder / f"{stem}_autopick.star")[columns].to_numpy() for folder in (out, reference))
+        except (OSError, KeyError, ValueError):
+            unequal.append(name)
+            continue
+        if a.shape != b.shape or not (abs(a - b) <= 1e-6).all():
+            unequal.append(name)
+    return unequal
 
 
 def _hung(process: subprocess.Popen, timeout_s: float) -> bool:
@@ -195,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="soak: how long to kill and restart (default 10)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--interval-s", type=float, default=3.0, help="soak: seconds between landing micrographs")
+    parser.add_argument("--kill-s", type=float, nargs=2, default=(2.0, 15.0), metavar=("MIN", "MAX"),
+                        help="soak: the daemon runs a random time between MIN and MAX seconds before each kill (default 2 15)")
+    parser.add_argument("--replace-fraction", type=float, default=0.1, help="soak: share of landings that replace an earlier micrograph")
+    parser.add_argument("--compare", action="store_true", help="soak: then compare every STAR with an uninterrupted run's")
     parser.add_argument("--idle", action="store_true", help="measure the idle CPU instead")
     parser.add_argument("--unsettled", type=int, default=2000)
     parser.add_argument("--others", type=int, default=5000)
@@ -206,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         result = idle(args.unsettled, args.others, args.seconds, args.poll, args.warmup_s)
         name = f"idle-{args.unsettled}-{args.others}{'-poll' if args.poll else ''}.json"
     else:
-        result = soak(args.minutes, args.seed, args.interval_s)
-        name = "soak.json"
+        result = soak(args.minutes, args.seed, args.interval_s, tuple(args.kill_s), args.replace_fraction, args.compare)
+        name = "soak-compare.json" if args.compare else "soak.json"
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -145,6 +145,7 @@ class StreamConfig(_Section):
     order: Literal["oldest", "newest"] = "oldest"
     queue_depth: int = Field(4, ge=1, le=1024)
     repick_provisional: bool = True  # once the session is fixed, pick again what provisional sessions picked
+    max_attempts: int = Field(3, ge=1, le=100)  # a micrograph in hand when the daemon died this many times is failed
     adapt_after: int = Field(0, ge=0, le=100000)  # fine-tune the model on the first N picked micrographs (0: never)
     adapt_then: Literal["repick", "mark"] = "repick"  # what the old model picked: picked again with the adapted one, or only marked
     adapt_epochs: int = Field(5, ge=1, le=1000)  # most fine-tuning epochs

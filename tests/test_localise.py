@@ -170,7 +170,7 @@ def test_stream_session_freezes_after_n_and_survives_a_restart(encoder, tmp_path
     images = [make_micrograph(SynthParams(shape=(384, 384), diameter_px=28.0, snr=0.3), seed=s).image for s in range(4)]
     folder = OutputFolder(tmp_path)
     picker = Picker(config, encoder, builder=SessionBuilder(config, encoder.bundle.info.patch_px,
-                                                             on_fixed=lambda session: folder.write_session(session, [])))
+                                                             on_fixed=lambda session, names: folder.write_session(session, names)))
     ids = []
     for i, image in enumerate(images):
         picks, _ = pick_read(Job(tmp_path / f"m{i}.mrc", f"m{i}", f"m{i}"), prepare(image, config, encoder, name=f"m{i}"), picker)

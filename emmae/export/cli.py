@@ -95,8 +95,28 @@ def export_checkpoint(checkpoint: Path, out: Path, precisions: list[str]) -> lis
     return export_bundles(build_parser().parse_args([str(checkpoint), "--out", str(out), "--precision", *precisions]))
 
 
+def read_checkpoint(path: Path) -> dict:
+    """An emmae-train checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file; EmmaeError: not a checkpoint emmae-train wrote (one line, with the fix).
+    """
+    try:
+        checkpoint = load_checkpoint(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+        raise EmmaeError(f"{path} is not a checkpoint torch can read ({type(exc).__name__}): give the checkpoint.pt that emmae-train "
+                         "wrote in its --out folder") from None
+    missing = [key for key in ("arch", "model", "extra", "standardisation") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise EmmaeError(f"{path} is not an emmae-train checkpoint (no {', '.join(missing)}): give the checkpoint.pt that emmae-train "
+                         "wrote in its --out folder")
+    return checkpoint
+
+
 def export_bundles(args: argparse.Namespace) -> list[Path]:
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
     mae = load_mae(checkpoint)
     pre = PreprocessConfig(**checkpoint["extra"]["preprocess"])
     cache = args.cache or args.checkpoint.parent / "cache"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import os
 from pathlib import Path
 
 from emmae.io.star import read_star
+
+FINGERPRINT_BLOCK = 4096  # bytes read at each of the start, three inner points and the end of a file
 
 
 def micrographs_from_star(path: str | Path, root: str | Path | None = None) -> list[tuple[Path, str]]:
@@ -60,3 +63,20 @@ def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",), rec
             raise FileNotFoundError(f"no micrographs found for {item!r}{hint}")
         found += matches
     return sorted(set(found))
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """A cheap digest of a file's content: its size and ``FINGERPRINT_BLOCK`` bytes at the start (the MRC header and
+    its statistics), at a quarter, half and three quarters, and at the end.
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        for at in sorted({0, size // 4, size // 2, 3 * size // 4, max(0, size - FINGERPRINT_BLOCK)}):
+            handle.seek(at)
+            digest.update(handle.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()[:32]

@@ -44,6 +44,9 @@ _MAX_DIM = 1 << 20
 MIN_DIAMETERS = 3.0
 #: ... and no more elongated than this (longer side / shorter side).
 MAX_ASPECT = 8.0
+#: The most pixels a micrograph may have (16384^2, beyond every detector's super-resolution frame): one whose header
+#: claims more is refused from the header, before anything is read or allocated.
+MAX_PIXELS = 16384 * 16384
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ def read_layout(path: str | Path) -> MrcLayout:
         raise NotMRCError(path, f"not a valid MRC header (nx={nx}, ny={ny}, nz={nz}, extended header {next_bytes})")
     if mode not in MODE_BYTES:
         raise UnsupportedModeError(path, f"MRC mode {mode} is not supported (use 0, 1, 2, 6 or 12)")
+    if nx * ny > MAX_PIXELS:
+        raise MicrographSizeError(path, f"too large: the header says {nx} x {ny} px, more than the {MAX_PIXELS // 2**20} Mpx a micrograph "
+                                        "may have (emmae.io.mrc.MAX_PIXELS); bin it first (e.g. relion_image_handler --rescale_angpix)")
     return MrcLayout(nx=nx, ny=ny, nz=nz, mode=mode, extended_header_bytes=next_bytes, pixel_size_xy_A=pixel_xy)
 
 

@@ -118,6 +118,11 @@ def micrograph_name(path: str | PurePath, output: OutputConfig) -> str:
             name = str(Path(path).resolve().relative_to(Path(output.project_root).resolve()))
         except ValueError:
             pass
+    return prefixed(name, output)
+
+
+def prefixed(name: str, output: OutputConfig) -> str:
+    """``name`` with ``strip_prefix`` removed and ``add_prefix`` added (explicit switches)."""
     if output.strip_prefix and name.startswith(output.strip_prefix):
         name = name[len(output.strip_prefix) :]
     return output.add_prefix + name
@@ -160,10 +165,17 @@ def write_micrographs(path: Path, rows: Sequence[tuple[str, tuple[int, int], flo
     write_star(path, {"micrographs": frame})
 
 
-def write_box(path: Path, xy: np.ndarray, box_px: float) -> None:
-    """EMAN ``.box``: ``x_ll y_ll w h`` per line, tab-separated (corner = centre - box / 2)."""
+def write_box(path: Path, xy: np.ndarray, box_px: float, size_xy: tuple[float, float] | None = None) -> None:
+    """EMAN ``.box``: ``x_ll y_ll w h`` per line, tab-separated (corner = centre - box / 2).
+
+    ``size_xy``: the micrograph's (width, height) in the written coordinates; a box reaching
+    outside it (a negative corner, or past the far edge) is left out, as EMAN and RELION extract none.
+    """
     size = int(round(box_px))
-    lines = [f"{int(round(x - size / 2))}\t{int(round(y - size / 2))}\t{size}\t{size}" for x, y in xy]
+    corners = [(int(round(x - size / 2)), int(round(y - size / 2))) for x, y in np.asarray(xy, np.float64).reshape(-1, 2)]
+    if size_xy is not None:
+        corners = [(x, y) for x, y in corners if x >= 0 and y >= 0 and x + size <= size_xy[0] and y + size <= size_xy[1]]
+    lines = [f"{x}\t{y}\t{size}\t{size}" for x, y in corners]
     write_bytes_atomic(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
 
 

@@ -72,7 +72,10 @@ def connect(scheduler: str | None, workers: int | None, threads: int | None = No
 
 
 def close(client: Any) -> None:
-    """Close the client and, for a local cluster, the cluster it started."""
+    """Close the client and, for a local cluster, the cluster it started. Dask's own complaints while its connections
+    close (e.g. ``CommClosedError``) are not the user's business: its loggers are quietened first."""
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     cluster = getattr(client, "cluster", None)
     client.close()
     if cluster is not None:
@@ -236,7 +239,7 @@ class ClusterPipeline:
         except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths: recorded, the daemon goes on
             return failed(job, exc)
         if done.sample is not None:
-            self.builder.add(done.sample)
+            self.builder.add(done.sample, name=job.name)
         if done.picks is not None:
             self.outputs.remember(job.stem, done.picks, self.config)
         return done

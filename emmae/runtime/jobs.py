@@ -51,6 +51,7 @@ class Job:
     ctime_ns: int = 0
     ino: int = 0
     ready_at: float = field(default_factory=time.time)  # time.time() when it was admitted
+    fingerprint: str | None = None  # of its content (emmae.io.inputs.content_fingerprint), when a stream needs to know it again
 
     @property
     def signature(self) -> tuple[int, int, int, int]:
@@ -100,15 +101,16 @@ def unchanged(job: Job) -> bool:
 
 def failure_kind(exc: BaseException) -> str:
     """Whose fault a failure is: ``config`` (the settings), ``micrograph`` (the file) or ``unexpected``."""
-    if isinstance(exc, (ConfigError, MicrographSizeError)) and not _elongated(exc):
+    if isinstance(exc, (ConfigError, MicrographSizeError)) and not _never_fits(exc):
         return "config"  # another diameter or pixel size may do: tried again when the configuration changes
     if isinstance(exc, (MicrographError, FileNotFoundError)):
         return "micrograph"
     return "unexpected"
 
 
-def _elongated(exc: BaseException) -> bool:
-    return isinstance(exc, MicrographSizeError) and exc.reason.startswith("absurdly elongated")
+def _never_fits(exc: BaseException) -> bool:
+    """Too elongated or too large whatever the diameter: the micrograph's fault, not the configuration's."""
+    return isinstance(exc, MicrographSizeError) and exc.reason.startswith(("absurdly elongated", "too large"))
 
 
 def reason_of(exc: BaseException) -> str:
@@ -182,7 +184,7 @@ class Picker:
             return self.session, sample
         if self.builder is None:
             raise ValueError("this configuration picks with a session: give the picker one, or a builder")
-        return self.builder.add(sample), sample
+        return self.builder.add(sample, name=encoded.prepared.label), sample
 
 
 def read_job(job: Job, picker: Picker) -> Prepared:
@@ -203,7 +205,7 @@ def pick_read(job: Job, prepared: Prepared, picker: Picker) -> tuple[Picks, Sess
 def write_job(job: Job, picks: Picks, picker: Picker, outputs: OutputFolder, sample: SessionSample | None = None) -> Done:
     """Write a picked job's files into ``outputs``."""
     try:
-        outputs.write_micrograph(job.stem, picks, picker.config, job.path)
+        outputs.write_micrograph(job.stem, picks, picker.config, job.path, job.layout)
     except MicrographError as exc:  # the micrograph vanished before its preview was drawn
         outputs.remove_micrograph(job.stem)
         return failed(job, exc)
@@ -249,7 +251,7 @@ class LocalExecutor:
 
     def samples(self, jobs: list[Job]) -> list[tuple[Job, SessionSample | BaseException]]:
         found: list[tuple[Job, SessionSample | BaseException]] = []
-        for job in jobs:
+        for i, job in enumerate(jobs, 1):
             try:
                 encoded = encode(read_job(job, self.picker), self.picker.encoder)
             except (EmmaeError, OSError) as exc:
@@ -257,6 +259,7 @@ class LocalExecutor:
                 continue
             self.picker.encoded[job.path] = encoded  # encoded once: picked from this
             found.append((job, session_sample(encoded, self.picker.config, self.picker.encoder)))
+            log.info("session sample %d of %d read and encoded: %s", i, len(jobs), job.path.name)
         return found
 
     def pick(self, jobs: list[Job], session: Session | None, outputs: OutputFolder) -> Iterator[Done]:

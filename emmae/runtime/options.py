@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -47,7 +48,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._Argum
                        help="pixel size in Angstrom, overriding the micrograph headers (used with --diameter-A)")
     group.add_argument("--project-root", type=Path, metavar="DIR",
                        help="folder that the names in a micrographs STAR are relative to, and that written names are made "
-                            "relative to; default: the current folder for STAR names")
+                            "relative to; default: the current folder for STAR names, the watched folder's parent for emmae-stream")
 
 
 def output_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
@@ -60,14 +61,31 @@ def output_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
     }
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that answers an unknown option with the nearest known one (``--treshold``: did you mean ``--threshold``?)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            known = [o for action in self._actions for o in action.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True, threads: bool = True, verbosity: bool = True) -> None:
-    """``--device`` (auto/cpu/gpu), ``--threads``, ``-v``/``-q`` and ``--version``."""
+    """``--device`` (auto/cpu/gpu; ``-g``/``--gpu`` for gpu), ``-j``/``--threads``, ``-v``/``-q`` and ``--version``."""
     group = parser.add_argument_group("general")
     if device:
         group.add_argument("--device", choices=DEVICES,
                            help="where to compute: gpu (fails when no GPU is usable), cpu, or auto (the GPU when one is usable; default)")
+        group.add_argument("-g", "--gpu", dest="device", action="store_const", const="gpu", help="the same as --device gpu")
     if threads:
-        group.add_argument("--threads", type=int, metavar="N", help="CPU threads to use (default: all cores)")
+        group.add_argument("-j", "--threads", type=int, metavar="N", help="CPU threads to use (default: all cores)")
     if verbosity:
         group.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (debug messages)")
         group.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines: -q warnings and errors only, -qq errors only")

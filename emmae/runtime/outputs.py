@@ -10,7 +10,8 @@ An :class:`OutputFolder` owns, in one folder:
   ``particles.star`` (every pick with its micrograph name) and ``micrographs.star``;
 * ``failed.txt``: micrograph, kind of cause and reason, tab-separated;
 * the session file ``emmae-session.json`` (the fitted session and the micrographs it was
-  fitted on; ``session.json`` of older versions is still read);
+  fitted on; ``session.json`` of older versions is still read), and while a stream's
+  session is not yet fixed, ``emmae-session-samples.json`` (the micrographs counted so far);
 * the run record ``emmae-config.json`` (configuration, version, command line).
 
 Every file is written atomically (temporary file + ``os.replace``). It does not decide
@@ -33,7 +34,7 @@ import numpy as np
 from emmae.config import EmmaeConfig
 from emmae.errors import EmmaeError, OutputError
 from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries, write_bytes_atomic
-from emmae.io.mrc import read_micrograph
+from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import (
     Picks,
     load_picks,
@@ -47,6 +48,7 @@ from emmae.io.picks import (
     write_relion_coordinates,
 )
 from emmae.io.preview import write_preview
+from emmae.io.star import read_star
 from emmae.runtime.picking.picker import repick
 from emmae.runtime.picking.session import Session
 
@@ -55,7 +57,8 @@ LOCK_FILE = "emmae.lock"
 RECORD_FILE = "emmae-config.json"
 FAILED_FILE = "failed.txt"
 SESSION_FILE = "emmae-session.json"
-OLD_SESSION_FILES = ("session.json",)  # written by emmae-pick before the two commands shared one name
+OLD_SESSION_FILES = ("session.json",)
+SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far (before the session is fixed)  # written by emmae-pick before the two commands shared one name
 INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
 OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's files beside its stem
 WRITE_TEST_BYTES = 1 << 16  # written (and removed) when opened: a folder without room for this cannot be used
@@ -154,8 +157,9 @@ class OutputFolder:
     def path(self, stem: str, suffix: str = "_autopick.star") -> Path:
         return self.root / f"{stem}{suffix}"
 
-    def write_micrograph(self, stem: str, picks: Picks, config: EmmaeConfig, source: Path | None = None) -> Path:
-        """The files of one micrograph's ``picks`` (the preview re-reads ``source``); returns its coordinate file's path.
+    def write_micrograph(self, stem: str, picks: Picks, config: EmmaeConfig, source: Path | None = None, layout: MrcLayout | None = None) -> Path:
+        """The files of one micrograph's ``picks`` (the preview re-reads ``source``, with its admitted header ``layout``
+        when given); returns its coordinate file's path.
 
         Raises:
             OutputError: a file could not be written; MicrographError: ``source`` cannot be read for the preview.
@@ -171,14 +175,14 @@ class OutputFolder:
         save_picks(self.path(stem, "_emmae.npz"), picks)
         if "star" in output.formats:
             write_relion_coordinates(self.path(stem), xy, picks.score)
+        size_xy = (picks.shape[1] * output.coordinate_scale, picks.shape[0] * output.coordinate_scale)
         if "box" in output.formats:
-            write_box(self.path(stem, ".box"), xy, box)
+            write_box(self.path(stem, ".box"), xy, box, size_xy)
         if "cbox" in output.formats:
-            size_xy = (picks.shape[1] * output.coordinate_scale, picks.shape[0] * output.coordinate_scale)
             write_cbox(self.path(stem, ".cbox"), transform_xy(picks.candidates_xy, picks.shape, output), picks.candidates_score, box,
                        particle_px=picks.diameter_px * output.coordinate_scale, size_xy=size_xy)
         if output.preview and source is not None:
-            write_preview(self.path(stem, "_preview.png"), read_micrograph(source).data, picks.xy, picks.diameter_px)
+            write_preview(self.path(stem, "_preview.png"), read_micrograph(source, layout=layout).data, picks.xy, picks.diameter_px)
         self.remember(stem, picks, config)
         return self.path(stem)
 
@@ -204,6 +208,15 @@ class OutputFolder:
     def saved_stems(self) -> list[str]:
         """The stem of every micrograph with a saved ``_emmae.npz`` (sub-folders too), sorted."""
         return sorted(str(p.relative_to(self.root))[: -len("_emmae.npz")] for p in self.root.rglob("*_emmae.npz"))
+
+    def indexed_names(self) -> dict[str, str]:
+        """stem -> micrograph name, as the current ``autopick.star`` lists them (empty when there is none)."""
+        try:
+            frame = read_star(self.root / INDEX_FILE)["coordinate_files"]
+        except (OSError, KeyError, ValueError):
+            return {}
+        stems = (os.path.relpath(str(c), self.root)[: -len("_autopick.star")] for c in frame["rlnMicrographCoordinates"])
+        return dict(zip(stems, (str(n) for n in frame["rlnMicrographName"])))
 
     def load(self, stem: str) -> Picks:
         """The saved picks of ``stem`` as saved (call ``repick`` to cut them under a configuration).
@@ -267,6 +280,18 @@ class OutputFolder:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("%s cannot be read (%s); the session is fitted again", path, exc)
         return None
+
+    def write_session_samples(self, names: list[str]) -> None:
+        """The names of the micrographs a stream's session is being fitted on, in order (``emmae-session-samples.json``)."""
+        write_bytes_atomic(self.root / SAMPLES_FILE, (json.dumps({"samples": names}, indent=1) + "\n").encode())
+
+    def read_session_samples(self) -> list[str]:
+        """The names :meth:`write_session_samples` wrote (none when there is no readable file)."""
+        try:
+            names = json.loads((self.root / SAMPLES_FILE).read_text())["samples"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return [str(name) for name in names] if isinstance(names, list) else []
 
     def write_record(self, record: dict) -> None:
         """The run record (``emmae-config.json``). Raises OutputError."""

@@ -29,7 +29,7 @@ from emmae.io.atomic import write_bytes_atomic
 from emmae.io.star import read_star
 from emmae.io.truth import CoordinateFileError, read_centres
 from emmae.metrics import Score, score_micrograph
-from emmae.runtime.options import add_common_arguments, setup_logging
+from emmae.runtime.options import Parser, add_common_arguments, setup_logging
 
 log = logging.getLogger("emmae.eval")
 FORMATS = ("star", "box", "cbox", "csv")
@@ -203,7 +203,7 @@ def print_report(report: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmae-eval", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="emmae-eval", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--picks", type=Path, required=True, metavar="DIR", help="folder of pick files (e.g. an emmae-pick output folder)")
     parser.add_argument("--truth", type=Path, required=True, metavar="DIR", help="folder of ground-truth files, one per micrograph")
     parser.add_argument("--picks-format", choices=FORMATS, default="star", help="which pick files to score (default: star)")

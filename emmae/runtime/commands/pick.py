@@ -27,7 +27,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from emmae.io.inputs import expand_inputs, micrographs_from_star
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
-from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, progress_bar, setup_logging
+from emmae.runtime.options import Parser, add_common_arguments, add_output_arguments, output_switches, progress_bar, setup_logging
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, star_stem
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.picker import repick
@@ -57,7 +57,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmae-pick", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="emmae-pick", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="micrographs: .mrc files, folders (their *.mrc, any case), globs, or a micrographs .star (names kept verbatim)")
     group = parser.add_argument_group("picking")
@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
     group.add_argument("--min-distance-A", type=float, metavar="A",
                        help="no two picks closer than this (default: half the diameter); needs --diameter-A, or --diameter-px with --pixel-size-A")
-    group.add_argument("--threshold", type=float, metavar="P",
+    group.add_argument("-d", "--min-distance-px", "--distance", type=float, metavar="PX",
+                       help="no two picks closer than this many pixels of the micrographs (default: half the diameter); needs --diameter-px, "
+                            "or --diameter-A with --pixel-size-A")
+    group.add_argument("-t", "--threshold", type=float, metavar="P",
                        help="keep candidates whose figure of merit (0-1, calibrated per session: 0.5 at the split between background "
                             "and particles, 0.9 at the median particle) reaches P (default 0.5); higher for precision, lower for recall; "
                             "with --rethreshold, re-cuts without encoding")
@@ -101,28 +104,32 @@ def _switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
 
 
 def _config(args: argparse.Namespace) -> EmmaeConfig:
-    return with_min_distance(config_from_args(args, _switches(args)), args.min_distance_A)
+    return with_min_distance(config_from_args(args, _switches(args)), args.min_distance_A, args.min_distance_px)
 
 
-def with_min_distance(config: EmmaeConfig, min_distance_A: float | None) -> EmmaeConfig:
-    """``config`` with ``postprocess.min_distance_diameters`` set from a distance in Angstrom.
+def with_min_distance(config: EmmaeConfig, min_distance_A: float | None, min_distance_px: float | None = None) -> EmmaeConfig:
+    """``config`` with ``postprocess.min_distance_diameters`` set from a distance in Angstrom or in pixels.
 
     Raises:
-        ConfigError: the distance is not positive, or the diameter is not known in Angstrom.
+        ConfigError: both or a non-positive distance given, or the diameter is not known in the distance's unit.
     """
-    if min_distance_A is None:
+    if min_distance_A is None and min_distance_px is None:
         return config
-    if not min_distance_A > 0:
-        raise ConfigError(f"--min-distance-A must be positive, got {min_distance_A}")
+    if min_distance_A is not None and min_distance_px is not None:
+        raise ConfigError("give the minimum distance once: --min-distance-A or --min-distance-px")
+    flag, distance = ("--min-distance-A", min_distance_A) if min_distance_A is not None else ("--min-distance-px", min_distance_px)
+    if not distance > 0:
+        raise ConfigError(f"{flag} must be positive, got {distance}")
     pre = config.preprocess
-    if pre.diameter_A is not None:
-        diameter_A = pre.diameter_A
-    elif pre.diameter_px is not None and pre.pixel_size_A is not None:
-        diameter_A = pre.diameter_px * pre.pixel_size_A
-    else:
-        raise ConfigError("--min-distance-A needs the diameter in Angstrom: give --diameter-A, or --diameter-px with --pixel-size-A")
+    pixel = pre.pixel_size_A
+    diameter_A = pre.diameter_A if pre.diameter_A is not None else pre.diameter_px * pixel if pre.diameter_px is not None and pixel else None
+    diameter_px = pre.diameter_px if pre.diameter_px is not None else pre.diameter_A / pixel if pre.diameter_A is not None and pixel else None
+    diameter = diameter_A if min_distance_A is not None else diameter_px
+    if diameter is None:
+        unit = "Angstrom: give --diameter-A" if min_distance_A is not None else "pixels: give --diameter-px"
+        raise ConfigError(f"{flag} needs the diameter in {unit}, or the other diameter with --pixel-size-A")
     data = config.model_dump(mode="json")
-    data["postprocess"]["min_distance_diameters"] = min_distance_A / diameter_A
+    data["postprocess"]["min_distance_diameters"] = distance / diameter
     return validate_config(data)
 
 
@@ -333,7 +340,7 @@ def rethreshold_config(recorded: dict, args: argparse.Namespace) -> EmmaeConfig:
     for (section, field), value in _switches(args).items():
         if value is not None:
             data.setdefault(section, {})[field] = value
-    return with_min_distance(validate_config(data), args.min_distance_A)
+    return with_min_distance(validate_config(data), args.min_distance_A, args.min_distance_px)
 
 
 def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], record: dict) -> int:
@@ -348,6 +355,11 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
     stems = outputs.saved_stems()
     if not stems:
         raise EmmaeError(f"no saved particle maps (*_emmae.npz) in {outputs.root}")
+    listed = outputs.indexed_names()
+    unsaved = sorted(set(listed) - set(stems))
+    if unsaved:
+        log.warning("%d micrographs have no saved particle map (e.g. %s_emmae.npz): their picks are kept as they are and still listed; "
+                    "pick them again to re-threshold them", len(unsaved), outputs.root / unsaved[0])
     sources = record.get("sources") or {}
     outputs.write_record(config_record(config, record.get("argv") or []) | {
         "sources": sources, "rethreshold_argv": [*record.get("rethreshold_argv", []), argv],
@@ -364,7 +376,8 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         outputs.write_micrograph(stem, picks, config, source)
         rows.append(outputs.row(stem, config))
         particles += len(picks)
-    outputs.write_index(rows)
+    rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
+    outputs.write_index(sorted(rows, key=lambda row: row.stem))
     if no_preview:
         log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
     log.info("re-picked %d micrographs: %d particles", len(rows), particles)

@@ -28,8 +28,10 @@ process (emmae-adapt; needs torch) while picking goes on; then, between two micr
 the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
 fits its session on those micrographs and picks again what the old model picked
 (``--adapt-then mark``: only records it). The journal names the model of every pick.
-Exit status: 0 stopped cleanly; 2 bad arguments (no diameter), configuration, model, or an
-output folder that cannot be used (busy, read-only, full, not a folder).
+Exit status: 0 stopped cleanly, every micrograph picked; 3 stopped cleanly, some micrographs
+failed (listed in failed.txt); 2 bad arguments (no diameter), configuration, model, a
+--watch-star file that is missing or not a micrographs STAR, or an output folder that
+cannot be used (busy, read-only, full, not a folder).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from pathlib import Path
 
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import ConfigError, EmmaeError, OutputError
+from emmae.io.inputs import micrographs_from_star
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
-from emmae.runtime.options import add_common_arguments, add_output_arguments, output_switches, plain_text, setup_logging
+from emmae.runtime.options import Parser, add_common_arguments, add_output_arguments, output_switches, plain_text, setup_logging
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.adapter import check_can_adapt
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
@@ -55,6 +58,7 @@ from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.status import StatusLine
 
 log = logging.getLogger("emmae.stream")
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 
 
 def status_line(progress: str) -> StatusLine | None:
@@ -64,7 +68,7 @@ def status_line(progress: str) -> StatusLine | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmae-stream", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="emmae-stream", description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--watch", type=Path, help="folder where micrographs land")
     parser.add_argument("--watch-star", type=Path, help="follow an upstream micrographs STAR (e.g. corrected_micrographs.star) instead; names kept verbatim")
     parser.add_argument("--demo", action="store_true", help="simulate a session in a temporary folder and pick it live")
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diameter-px", type=float, metavar="PX", help="particle diameter in pixels of the micrographs")
     parser.add_argument("--diameter-A", type=float, metavar="A",
                         help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
+    parser.add_argument("-t", "--threshold", type=float, metavar="P",
+                        help="keep candidates whose figure of merit (0-1, calibrated per session) reaches P (default 0.5)")
     parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
     parser.add_argument("--batch-tiles", type=int, metavar="N",
                         help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
@@ -110,7 +116,8 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
         ("stream", "poll_interval_s"): args.poll_interval_s, ("stream", "poll"): "always" if args.poll else None,
         ("stream", "stale_after_s"): args.stale_after_s, ("stream", "adapt_after"): args.adapt,
         ("stream", "adapt_then"): args.adapt_then, ("stream", "adapt_epochs"): args.adapt_epochs, ("stream", "adapt_budget_s"): args.adapt_budget_s,
-        ("output", "preview"): args.preview or None, ("backend", "device"): args.device, **output_switches(args),
+        ("output", "preview"): args.preview or None, ("backend", "device"): args.device, ("postprocess", "threshold"): args.threshold,
+        **output_switches(args),
     })
 
 
@@ -148,6 +155,21 @@ def check_diameter(config: EmmaeConfig) -> None:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
 
 
+def check_watch_star(path: Path, config: EmmaeConfig) -> None:
+    """Refuse a ``--watch-star`` that is not there or not a micrographs STAR.
+
+    Raises:
+        ConfigError: missing, unreadable, or without a loop with ``_rlnMicrographName``.
+    """
+    if not path.is_file():
+        raise ConfigError(f"--watch-star {path}: no such file; give the micrographs STAR the upstream job writes "
+                          "(e.g. MotionCorr/job002/corrected_micrographs.star)")
+    try:
+        micrographs_from_star(path, config.output.project_root)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--watch-star {path}: {exc}; a micrographs STAR has a loop with the column _rlnMicrographName") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     status = status_line(args.progress)
@@ -163,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         watch = args.watch or (args.watch_star.parent if args.watch_star else None)
         if watch is None or not watch.is_dir():
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
+        if args.watch_star is not None:
+            check_watch_star(args.watch_star, config)
         check_threads(args.threads)
         client = connect_cluster(args.scheduler, config)
         encoder = Encoder.configured(config, args.threads) if client is None else None
@@ -170,23 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
     try:
         daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv))
     except OutputError as exc:
         daemon.release()
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
     stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop.handle)
     try:
         run(daemon, stop, args.once)
+        failed = bool(daemon.journal.failed())
     finally:
         daemon.release()
         if client is not None:
             client.close()
-    return 0
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None) -> int:
@@ -203,7 +228,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
         daemon = Daemon(watch, out, config, encoder, status=status)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
     stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop.handle)

@@ -29,6 +29,7 @@ import numpy as np
 from emmae.backend import CPU, Backend
 from emmae.config import PreprocessConfig
 from emmae.io.coords import GridTransform
+from emmae.errors import ConfigError
 from emmae.runtime.kernels.clahe import clahe
 from emmae.runtime.kernels.filters import (
     MIN_DIAMETER_PX,
@@ -90,9 +91,10 @@ def plan(
         raise ValueError(f"the particle diameter must be positive, got {diameter_px} px")
     transform = GridTransform.fit(shape, config.grid_px, config.tile_px)  # type: ignore[arg-type]
     if diameter_px * transform.scale < MIN_DIAMETER_PX:
-        raise ValueError(
-            f"particles of {diameter_px:g} px are {diameter_px * transform.scale:.1f} px on the "
-            f"{config.grid_px}-px grid: too small (< {MIN_DIAMETER_PX:g} px) to pick; use a larger grid_px"
+        raise ConfigError(
+            f"particles of {diameter_px:g} px are {diameter_px * transform.scale:.1f} px on the {config.grid_px}-px grid: too small "
+            f"(< {MIN_DIAMETER_PX:g} px) to pick; check the diameter (--diameter-px is in pixels of the micrograph) or set a larger "
+            "preprocess.grid_px"
         )
     # Resolution of the filtering, relative to the micrograph: the grid's, or full.
     scale = transform.scale if config.mode == "fast" else 1.0

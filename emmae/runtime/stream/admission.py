@@ -12,11 +12,13 @@ that failed unchanged is skipped without a query or a read.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from emmae.config import EmmaeConfig
 from emmae.errors import UnsafeNameError
-from emmae.io.picks import micrograph_name
+from emmae.io.inputs import content_fingerprint
+from emmae.io.picks import prefixed
 from emmae.runtime.jobs import Job, admit
 from emmae.runtime.stream.gate import Gate, stat_regular
 from emmae.runtime.stream.names import unsafe_name
@@ -29,12 +31,18 @@ class Admission:
 
     def __init__(self, config: EmmaeConfig, scanner: Scanner, recorder: Recorder) -> None:
         self.config, self.scanner, self.recorder = config, scanner, recorder
+        watch = os.path.realpath(scanner.watch)  # one spelling of the folder, whichever the user gave
+        root = os.path.realpath(config.output.project_root) if config.output.project_root is not None else os.path.dirname(watch)
+        self._watch_name = os.path.relpath(watch, root)
         self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s)
         self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
 
     def name(self, path: Path, name: str | None) -> str:
-        """The name a micrograph is written under (a STAR's row keeps its own)."""
-        return name if name is not None else micrograph_name(path, self.config.output)
+        """The name a micrograph is written under: its path relative to the project root (``output.project_root``, else
+        the watched folder's parent), through the folder's resolved spelling; a STAR's row keeps its own."""
+        if name is not None:
+            return name
+        return prefixed(os.path.normpath(os.path.join(self._watch_name, self.scanner.key_text(path))), self.config.output)
 
     def consider(self, path: Path, name: str | None, key: str, stat: os.stat_result | None) -> Job | None:
         """A job for the file once it is complete and sane, else None (still settling, gone, picked, failed unchanged).
@@ -49,19 +57,19 @@ class Admission:
             self.forget(path, key)
             return None
         journal = self.recorder.journal
-        picked = key in self.recorder.picked
+        picked = key in self.recorder.picked and key not in self.recorder.repick  # one due to be picked again goes through
         known = self._known.get(key)
         if known is not None and known[1] == (stat.st_size, stat.st_mtime_ns) and not picked:
             if known[0] == "failed":
                 return None  # failed, unchanged: no query, no read
         else:  # new this session, or changed: the name, the journal, the file's kind
-            if picked and self.recorder.still_current(key, self.name(path, name), stat):
+            if picked and self.recorder.still_current(key, self.name(path, name), stat, Path(path)):
                 return None  # picked, and still the version that was picked
             name = self.name(path, name)
             unsafe = unsafe_name(self.scanner.key_text(path), name)
             if unsafe:
                 raise UnsafeNameError(path, unsafe)
-            if key not in self.recorder.picked and not journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
+            if not picked and not journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
                 self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns))
                 return None
             stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
@@ -75,7 +83,8 @@ class Admission:
             return None
         self._known.pop(key, None)
         name = self.name(path, name)
-        return admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat)
+        job = admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat)
+        return replace(job, fingerprint=content_fingerprint(path))
 
     def note_failed(self, key: str, size: int | None, mtime_ns: int | None, kind: str) -> None:
         """A failed file is not looked at again until it changes (an output failure is retried anyway)."""

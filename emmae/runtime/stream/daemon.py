@@ -31,7 +31,7 @@ from emmae.runtime.stream.admission import Admission
 from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.names import shown
 from emmae.runtime.stream.health import Health, StopFlag
-from emmae.runtime.stream.pipeline import Pipeline
+from emmae.runtime.stream.pipeline import InHand, Pipeline
 from emmae.runtime.stream.recorder import Recorder
 from emmae.runtime.stream.scanner import Scanner, any_stat
 from emmae.runtime.stream.status import Progress, StatusLine
@@ -42,6 +42,7 @@ log = logging.getLogger("emmae.stream")
 MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
 SCAN_SHARE = 0.02  # ... nor more often than every 50 scan-times
 MAX_SCAN_INTERVAL_S = 30.0  # ... but at least this often
+IN_HAND_FILE = ".emmae-in-hand"  # the micrograph the pick stage holds (see pipeline.InHand)
 INDEX_INTERVAL_S = 1.0  # the index files are rewritten at most this often (more rarely when large), and at exit
 JOURNAL_RETRY_S = 10.0  # after the journal could not be written
 
@@ -67,11 +68,14 @@ class Daemon:
         self.scanner = Scanner(watch, out, config, watch_star)
         self.admission = Admission(config, self.scanner, self.recorder)
         self.recorder.on_failed = self.admission.note_failed
-        self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads)
+        self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
+        self.in_hand = InHand(out / IN_HAND_FILE)
+        self._count_crash()
         self.pipeline = self._pipeline()
         self._ready: deque[Job] = deque()  # admitted, waiting for room in the pipeline
+        self._again: deque[Job] = deque()  # admitted to be picked again: behind every new micrograph
         self._queued: set[str] = set()  # keys ready or in the pipeline
         self._repicked_for: str | None = None  # the fixed session whose provisional picks were sent back
         self._last_scan, self._scan_cost_s = -float("inf"), 0.0
@@ -89,17 +93,24 @@ class Daemon:
 
             patch_px = ClusterPipeline.patch_px_of(self.config)
             return ClusterPipeline(self.config, self.client, self.outputs, depth, self.switcher.builder(patch_px), self.wake.set)
-        return Pipeline(self.switcher.picker(), self.outputs, depth, on_done=self.wake.set)
+        return Pipeline(self.switcher.picker(), self.outputs, depth, on_done=self.wake.set, in_hand=self.in_hand)
+
+    def _count_crash(self) -> None:
+        """The micrograph in hand when the daemon last died (not a clean stop): an attempt counted, failed after ``stream.max_attempts``."""
+        held = self.in_hand.left()
+        if held is not None:
+            with self.journal.batch():
+                self.recorder.count_crash(self.scanner.key(held), self.config.stream.max_attempts)
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, look after the model, feed the pipeline. Returns how many were picked."""
         picked = self.collect()
         if stop or self.health.stop_file_found(stop):
             return picked
-        switched = self.switcher.step(self.pipeline.in_flight, self.scanner.path_of)
+        switched = self.switcher.step(self.pipeline.in_flight)
         if switched is not None:
             self.pipeline.close()
-            self.pipeline = Pipeline(switched, self.outputs, self.config.stream.queue_depth, on_done=self.wake.set)
+            self.pipeline = Pipeline(switched, self.outputs, self.config.stream.queue_depth, on_done=self.wake.set, in_hand=self.in_hand)
             self._last_scan = -float("inf")
         now = time.monotonic()
         spread_s = min(self._scan_cost_s / SCAN_SHARE, MAX_SCAN_INTERVAL_S)
@@ -122,7 +133,8 @@ class Daemon:
         start = time.monotonic()
         try:
             with self.journal.batch():  # one transaction per scan, not one per file
-                for path, name, stat in self.scanner.candidates(self.recorder.picked, sweep, self.scanner.take_touched()):
+                again = self.scanner.take_touched() | self.recorder.repick  # picked, but looked at: changed, or due again
+                for path, name, stat in self.scanner.candidates(self.recorder.picked, sweep, again):
                     self._consider(path, name, stat)
                 self.recorder.adopt()
         except sqlite3.Error:
@@ -150,15 +162,19 @@ class Daemon:
                                  failure_kind(exc))
             return
         if job is not None:
-            self._ready.append(job)
+            (self._again if key in self.recorder.repick else self._ready).append(job)
             self._queued.add(key)
 
     def feed(self) -> None:
-        """Move admitted micrographs into the pipeline while it has room (back-pressure); none while the model is switched."""
-        while self._ready and self.pipeline.has_room() and not self.switcher.switching:
-            job = self._ready[0]
-            self.journal.mark_processing(self.scanner.key(job.path), job.name)
-            self.pipeline.submit(self._ready.popleft())
+        """Move admitted micrographs into the pipeline while it has room (back-pressure), new ones before those picked again;
+        none while the model is switched."""
+        while (self._ready or self._again) and self.pipeline.has_room() and not self.switcher.switching:
+            waiting = self._ready or self._again
+            job = waiting.popleft()
+            key = self.scanner.key(job.path)
+            if key not in self.recorder.repick:
+                self.journal.mark_processing(key, job.name)  # one picked again stays listed as picked until it is
+            self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:
         """Record finished micrographs; rewrite the index files if due."""
@@ -189,7 +205,7 @@ class Daemon:
             return
         self._repicked_for = frozen.digest()
         again = self.journal.unpick_other_sessions(self._repicked_for, self.switcher.model)
-        self.recorder.forget_picked(again)
+        self.recorder.pick_again(again)
         if again:
             self._last_scan = -float("inf")
             log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", self._repicked_for, len(again))
@@ -208,7 +224,7 @@ class Daemon:
 
     @property
     def queued(self) -> int:
-        return len(self._ready) + self.pipeline.in_flight
+        return len(self._ready) + len(self._again) + self.pipeline.in_flight
 
     def summary(self) -> str:
         adapting = self.switcher.status()
@@ -227,12 +243,17 @@ class Daemon:
         if self.switcher.busy():
             return False
         now = time.monotonic()
+        for key in list(self.recorder.repick):
+            if any_stat(self.scanner.path_of(key)) is None:
+                self.recorder.repick.discard(key)  # gone: its picks stay as they are
+            elif key not in self._queued:
+                return False
         for path, _, _ in self.scanner.candidates(self.recorder.picked):
             key = self.scanner.key(path)
             if key in self._queued or self.recorder.retry_after.get(key, 0.0) > now:
                 continue
             stat = any_stat(path)
-            if stat is not None and self.recorder.wants(key, stat):
+            if stat is not None and self.recorder.wants(key, stat, Path(path)):
                 return False
         return not self.queued
 

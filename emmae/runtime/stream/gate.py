@@ -144,6 +144,8 @@ class Gate:
             seen.verdict, seen.reason, seen.layout = self._complete(path)
             if seen.verdict == "ready":
                 return self._let_through(path, seen)
+            log.info("%s: %s, and not growing; waiting for it (given up after %g s without a change)", os.path.basename(path),
+                     seen.reason, self.stale_after_s)
         stable_s = now - seen.since
         if stable_s < self.stale_after_s:
             return "waiting"

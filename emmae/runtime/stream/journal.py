@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from emmae.io.inputs import content_fingerprint
+
 log = logging.getLogger("emmae.stream")
 
 FILENAME = "emmae-journal.sqlite"
@@ -63,9 +65,10 @@ CREATE TABLE IF NOT EXISTS adaptation (
 )
 """
 VERSION = 2  # PRAGMA user_version: 1 added kind, config_hash, ino; 2 keys on the path relative to the watched folder
-COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER", "model": "TEXT", "session": "TEXT"}
+COLUMNS = {"kind": "TEXT", "config_hash": "TEXT", "ino": "INTEGER", "model": "TEXT", "session": "TEXT", "repick": "INTEGER DEFAULT 0",
+           "attempts": "INTEGER DEFAULT 0", "fingerprint": "TEXT", "ctime_ns": "INTEGER"}
 KINDS = ("micrograph", "config", "output", "unexpected")
-_FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino, model"
+_FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, config_hash, ino, model, repick, attempts, fingerprint, ctime_ns"
 
 
 def journal_key(relative: str) -> str:
@@ -87,6 +90,10 @@ class Entry:
     config_hash: str | None = None
     ino: int | None = None
     model: str | None = None  # of a picked entry: the model that picked it
+    repick: int = 0  # a picked entry to be picked again (a provisional session's, another model's); listed meanwhile
+    attempts: int = 0  # picks of it that a crash of the daemon interrupted
+    fingerprint: str | None = None  # of the file's content as picked (see emmae.io.inputs.content_fingerprint)
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,9 @@ class Journal:
             if entry.kind in ("config", "unexpected") and entry.config_hash != self.config_hash:
                 return True
             return (entry.size, entry.mtime_ns) != (size, mtime_ns)
-        return changed_since_picked(entry, size, mtime_ns, ino)
+        if entry.repick:
+            return True
+        return entry.size is not None and (entry.size, entry.mtime_ns) != (size, mtime_ns)  # an older journal's: unknown, kept
 
     def _upsert(self, path: str, name: str, state: str, **fields: object) -> None:
         columns = ["path", "name", "state", "updated", *fields]
@@ -197,22 +206,25 @@ class Journal:
 
     def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
                     size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None,
-                    session: str | None = None) -> None:
-        """Picked by ``model`` with ``session`` (its id) from the file of this size, mtime and inode (a later change means it was replaced)."""
+                    session: str | None = None, fingerprint: str | None = None, ctime_ns: int | None = None) -> None:
+        """Picked by ``model`` with ``session`` (its id) from the file of this size, mtime, inode, ctime and content
+        fingerprint (:func:`changed_since_picked` tells a replaced file from a moved one)."""
         self._upsert(path, name, "picked", particles=particles, outputs=outputs, timings=json.dumps(timings), reason=None,
-                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash, model=model, session=session)
+                     kind=None, size=size, mtime_ns=mtime_ns, ino=ino, config_hash=self.config_hash, model=model, session=session,
+                     repick=0, attempts=0, fingerprint=fingerprint, ctime_ns=ctime_ns)
 
     def mark_failed(self, path: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
         """Failed for ``reason``; ``kind`` (one of ``KINDS``) says whose fault, and when it is worth trying again."""
         self._upsert(path, name, "failed", reason=reason, size=size, mtime_ns=mtime_ns, kind=kind, config_hash=self.config_hash)
 
-    def adopt(self, files: list[tuple[str, int, int, int]]) -> None:
-        """Record the file of picked entries that have none (an older journal's), as (path, size, mtime_ns, inode): the versions that were picked."""
+    def adopt(self, files: list[tuple[str, int, int, int, int]]) -> None:
+        """Record the file of picked entries as (path, size, mtime_ns, inode, ctime_ns): an older journal's that had none,
+        or a picked file moved or copied since (the same content under another inode)."""
         if not files:
             return
         with self.batch():
-            self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ? WHERE path = ?",
-                                 [(size, mtime_ns, ino, path) for path, size, mtime_ns, ino in files])
+            self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
+                                 [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -243,18 +255,31 @@ class Journal:
         return self._db.execute("SELECT path, updated FROM micrographs WHERE state = 'picked'").fetchall()
 
     def unpick_other_models(self, model: str) -> list[str]:
-        """Send every micrograph picked by another model than ``model`` back to ``seen`` (to be picked again); returns their keys."""
+        """Mark every micrograph picked by another model than ``model`` to be picked again; returns their keys."""
         return self._unpick("model IS NOT ?", (model,))
 
     def unpick_other_sessions(self, session: str, model: str | None) -> list[str]:
-        """Send what ``model`` picked with another (provisional) session than ``session`` back to ``seen``; returns their keys."""
+        """Mark what ``model`` picked with another (provisional) session than ``session`` to be picked again; returns their keys."""
         return self._unpick("session IS NOT NULL AND session != ? AND model IS ?", (session, model))
 
     def _unpick(self, condition: str, values: tuple) -> list[str]:
+        """Picked entries stay picked (and listed in the index) until picked again; ``repick`` says they are due."""
         where = f"state = 'picked' AND {condition}"
         rows = self._db.execute(f"SELECT path FROM micrographs WHERE {where}", values).fetchall()
-        self._db.execute(f"UPDATE micrographs SET state = 'seen' WHERE {where}", values)
+        self._db.execute(f"UPDATE micrographs SET repick = 1 WHERE {where}", values)
         return [row[0] for row in rows]
+
+    def key_of(self, name: str) -> str | None:
+        """The key of the micrograph written under ``name`` (None when there is none)."""
+        row = self._db.execute("SELECT path FROM micrographs WHERE name = ? ORDER BY updated DESC LIMIT 1", (name,)).fetchone()
+        return row[0] if row else None
+
+    def count_attempt(self, path: str) -> int:
+        """One more pick of ``path`` was interrupted by a crash of the daemon; returns how many so far."""
+        self.mark_seen(path, path)
+        self._db.execute("UPDATE micrographs SET attempts = COALESCE(attempts, 0) + 1 WHERE path = ?", (path,))
+        row = self._db.execute("SELECT attempts FROM micrographs WHERE path = ?", (path,)).fetchone()
+        return int(row[0]) if row else 0
 
     def adaptation(self) -> Adaptation | None:
         row = self._db.execute("SELECT state, micrographs, bundle, model, attempts, reason FROM adaptation WHERE id = 1").fetchone()
@@ -273,11 +298,27 @@ class Journal:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM micrographs GROUP BY state").fetchall())
 
 
-def changed_since_picked(entry: Entry, size: int, mtime_ns: int, ino: int | None) -> bool:
-    """A picked file's size, mtime or inode differ from those recorded (unknown for an older journal: unchanged)."""
+def changed_since_picked(entry: Entry, stat: os.stat_result, path: str | Path | None = None) -> bool:
+    """The file is not the version that was picked.
+
+    Another size or mtime: changed. The same inode and ctime: unchanged. Another inode or
+    ctime (moved, copied with ``cp -a``, touched, or rewritten in place with the mtime put
+    back): the content fingerprint decides, so a move or a copy is the same micrograph and
+    a rewrite is not. An older journal's entry without a fingerprint: changed when the
+    inode differs; without a recorded file at all: unchanged.
+    """
     if entry.size is None or entry.mtime_ns is None:
         return False
-    return (entry.size, entry.mtime_ns) != (size, mtime_ns) or (entry.ino is not None and ino is not None and entry.ino != ino)
+    if (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        return True
+    if entry.ino == stat.st_ino and entry.ctime_ns in (None, stat.st_ctime_ns):
+        return False
+    if entry.fingerprint is None or path is None:
+        return entry.ino is not None and entry.ino != stat.st_ino
+    try:
+        return content_fingerprint(path) != entry.fingerprint
+    except OSError:
+        return True
 
 
 def _relative(path: str, bases: list[str]) -> str | None:

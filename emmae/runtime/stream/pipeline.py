@@ -18,12 +18,15 @@ never recorded as picked from a half-written or replaced file).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from emmae.errors import EmmaeError
+from emmae.io.atomic import write_bytes_atomic
 from emmae.runtime.jobs import Done, Job, Picker, failed, pick_read, read_job, write_job
 from emmae.runtime.outputs import OutputFolder
 
@@ -31,11 +34,34 @@ log = logging.getLogger("emmae.stream")
 _END = object()
 
 
+class InHand:
+    """The micrograph the pick stage holds, in a small file: one named there at a start was in hand when the daemon died."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def hold(self, micrograph: Path) -> None:
+        write_bytes_atomic(self.path, os.fsencode(micrograph))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def left(self) -> Path | None:
+        """The micrograph a dead daemon held (the file is then removed), or None."""
+        try:
+            held = Path(os.fsdecode(self.path.read_bytes()))
+        except OSError:
+            return None
+        self.release()
+        return held
+
+
 class Pipeline:
     """Three worker threads and their bounded queues; see the module docstring."""
 
-    def __init__(self, picker: Picker, outputs: OutputFolder, depth: int, on_done: Callable[[], None] | None = None) -> None:
-        self.picker, self.outputs = picker, outputs
+    def __init__(self, picker: Picker, outputs: OutputFolder, depth: int, on_done: Callable[[], None] | None = None,
+                 in_hand: InHand | None = None) -> None:
+        self.picker, self.outputs, self.in_hand = picker, outputs, in_hand
         self._on_done = on_done or (lambda: None)
         self._inbox: queue.Queue = queue.Queue(maxsize=depth)
         self._prepared: queue.Queue = queue.Queue(maxsize=depth)
@@ -98,7 +124,13 @@ class Pipeline:
 
     def _pick(self, item: tuple[Job, object]) -> tuple[Job, object, object]:
         job, prepared = item
-        return (job, *pick_read(job, prepared, self.picker))
+        if self.in_hand is not None:
+            self.in_hand.hold(job.path)  # a crash from here on (a native library, the OOM killer) is counted against it
+        try:
+            return (job, *pick_read(job, prepared, self.picker))
+        finally:
+            if self.in_hand is not None:
+                self.in_hand.release()
 
     def _write(self, item: tuple) -> Done:
         job, picks, sample = item

@@ -37,10 +37,12 @@ class Recorder:
     def __init__(self, journal: Journal, outputs: OutputFolder, progress: Progress, config_hash: str) -> None:
         self.journal, self.outputs, self.progress, self.config_hash = journal, outputs, progress, config_hash
         self.picked: dict[str, Entry] = {e.path: e for e in journal.picked()}  # skipped by key: no stat, no query
+        self.repick: set[str] = {key for key, e in self.picked.items() if e.repick}  # picked, listed, and due to be picked again
         self.failed_keys: set[str] = {e.path for e in journal.failed()}
-        self.progress.failed = len(self.failed_keys)  # the status line's count is the journal's
+        self.progress.count, self.progress.particles = len(self.picked), sum(e.particles or 0 for e in self.picked.values())
+        self.progress.failed = len(self.failed_keys)  # the status line's counts are the journal's
         self.retry_after: dict[str, float] = {}  # keys whose outputs could not be written
-        self.adopted: list[tuple[str, int, int, int]] = []  # picked entries of an older journal, with their file's stat
+        self.adopted: list[tuple[str, int, int, int, int]] = []  # picked entries whose file is recorded anew (older journal, moved)
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self.on_failed: Callable[[str, int | None, int | None, str], None] | None = None  # (key, size, mtime_ns, kind)
         self.index_stale = True
@@ -49,7 +51,8 @@ class Recorder:
         """Record a finished job; returns 1 when it was picked."""
         job = done.job
         if done.rolled_back:
-            self.journal.mark_unstarted(key, job.name)
+            if key not in self.repick:  # one due to be picked again stays picked (and listed) meanwhile
+                self.journal.mark_unstarted(key, job.name)
             return 0
         self.retry_after.pop(key, None)  # this attempt is over: only a new output failure waits again
         if done.changed:
@@ -57,6 +60,8 @@ class Recorder:
             self.journal.mark_unstarted(key, job.name)
             return 0
         if done.error is not None:
+            if key in self.picked and not done.output_error:  # picked before, failed now: no longer counted or listed
+                self._unlist(key)
             if done.output_error:  # not the micrograph's fault: retried later, and at the next start
                 self.retry_after[key] = time.monotonic() + OUTPUT_RETRY_S
                 self.failed(key, job.name, done.error, None, None, "output")
@@ -67,12 +72,19 @@ class Recorder:
         timings = {**result.timings_s, "latency": done.latency_s}
         outputs = str(self.outputs.path(job.stem))
         session = (result.session or {}).get("id")
-        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, model, session)
-        self.picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino, model)
+        self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, model, session,
+                                 job.fingerprint, job.ctime_ns)
+        before = self.picked.get(key)
+        self.picked[key] = Entry(key, job.name, "picked", job.size, job.mtime_ns, len(result), outputs, None, None, self.config_hash, job.ino,
+                                 model, 0, 0, job.fingerprint, job.ctime_ns)
+        self.repick.discard(key)
         if key in self.failed_keys:
             self.failed_keys.discard(key)
             self.progress.failed = len(self.failed_keys)
-        self.progress.picked(len(result), done.latency_s)
+        if before is None:
+            self.progress.picked(len(result), done.latency_s)
+        else:
+            self.progress.repicked(before.particles or 0, len(result), done.latency_s)
         self.index_stale = True
         if self.on_picked is not None:
             self.on_picked(job.path, len(result))
@@ -88,23 +100,28 @@ class Recorder:
             self.on_failed(key, size, mtime_ns, kind)
         log.error("failed %s: %s%s", shown(key), reason, RETRY_TEXT.get(kind, "; tried again if it changes"))
 
-    def still_current(self, key: str, name: str, stat: os.stat_result) -> bool:
-        """A picked file is still the version that was picked; one that changed since (replaced, rewritten, truncated)
-        loses its outputs and is picked again (False)."""
+    def still_current(self, key: str, name: str, stat: os.stat_result, path: Path) -> bool:
+        """A picked file is still the version that was picked (moved or copied counts as the same); one that changed
+        since (replaced, rewritten, truncated) loses its outputs and is picked again (False)."""
         entry = self.picked[key]
-        if entry.size is None:  # picked by an older version: this is the version it picked (recorded after the scan)
-            self.adopted.append((key, stat.st_size, stat.st_mtime_ns, stat.st_ino))
-            self.picked[key] = replace(entry, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino)
-            return True
-        if not changed_since_picked(entry, stat.st_size, stat.st_mtime_ns, stat.st_ino):
+        if entry.size is None or not changed_since_picked(entry, stat, path):
+            if (entry.size, entry.ino, entry.ctime_ns) != (stat.st_size, stat.st_ino, stat.st_ctime_ns):  # an older journal's, or moved
+                self.adopted.append((key, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns))
+                self.picked[key] = replace(entry, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino, ctime_ns=stat.st_ctime_ns)
             return True
         removed = self._remove_outputs(entry)
         log.warning("%s changed since it was picked (replaced or rewritten): picking it again%s", shown(key),
                     f"; its {removed} old output files are removed" if removed else "")
         self.journal.mark_unstarted(key, name)
-        del self.picked[key]
-        self.index_stale = True
+        self._unlist(key)
         return False
+
+    def _unlist(self, key: str) -> None:
+        entry = self.picked.pop(key)
+        self.repick.discard(key)
+        self.progress.count -= 1
+        self.progress.particles -= entry.particles or 0
+        self.index_stale = True
 
     def _remove_outputs(self, entry: Entry) -> int:
         if not entry.outputs or not entry.outputs.endswith("_autopick.star"):
@@ -119,18 +136,29 @@ class Recorder:
         self.journal.adopt(self.adopted)
         self.adopted.clear()
 
-    def forget_picked(self, keys: list[str]) -> None:
-        """``keys``, sent back to ``seen`` in the journal, are no longer counted as picked (the next scan queues them)."""
-        for key in keys:
-            entry = self.picked.pop(key, None)
-            if entry is not None:
-                self.progress.unpicked(entry.particles or 0)
-        self.index_stale |= bool(keys)
+    def pick_again(self, keys: list[str]) -> None:
+        """``keys``, marked in the journal to be picked again, stay picked and listed until they are (the next scan queues them)."""
+        self.repick.update(key for key in keys if key in self.picked)
 
-    def wants(self, key: str, stat: os.stat_result) -> bool:
-        """The file still needs picking: not picked as this version, not failed unchanged."""
+    def count_crash(self, key: str, limit: int) -> bool:
+        """The micrograph in hand when the daemon last died: one more attempt counted; after ``limit``, failed with its reason.
+        Returns True when it was failed."""
+        attempts = self.journal.count_attempt(key)
+        if attempts < limit:
+            log.warning("%s was being picked when the daemon stopped without warning (%d of %d attempts)", shown(key), attempts, limit)
+            return False
+        entry = self.journal.get(key)
         if key in self.picked:
-            return changed_since_picked(self.picked[key], stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            self._unlist(key)
+        self.failed(key, entry.name if entry else key, f"the daemon died while picking it, {attempts} times (a crash in a native library, "
+                    "or out of memory?); check the file, then touch it to try again", entry.size if entry else None,
+                    entry.mtime_ns if entry else None, "micrograph")
+        return True
+
+    def wants(self, key: str, stat: os.stat_result, path: Path) -> bool:
+        """The file still needs picking: not picked as this version (or due to be picked again), not failed unchanged."""
+        if key in self.picked:
+            return key in self.repick or changed_since_picked(self.picked[key], stat, path)
         return self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
     def write_index(self, config: EmmaeConfig) -> None:

@@ -16,11 +16,12 @@ from typing import TextIO
 class Progress:
     """Running figures: micrographs per hour (last 20 picks), last latency, particles per micrograph."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int = 0, particles: int = 0) -> None:
+        """``count``, ``particles``: what earlier runs of the stream picked."""
         self.times: deque[float] = deque(maxlen=20)
-        self.count = 0
+        self.count = count
         self.failed = 0
-        self.particles = 0
+        self.particles = particles
         self.last_latency_s: float | None = None
 
     def picked(self, particles: int, latency_s: float) -> None:
@@ -29,10 +30,11 @@ class Progress:
         self.particles += particles
         self.last_latency_s = latency_s
 
-    def unpicked(self, particles: int) -> None:
-        """A micrograph counted as picked goes back to be picked again (by an adapted model)."""
-        self.count -= 1
-        self.particles -= particles
+    def repicked(self, before: int, particles: int, latency_s: float) -> None:
+        """A micrograph counted as picked was picked again (a fixed session, an adapted model): its particles replace the old."""
+        self.times.append(time.monotonic())
+        self.particles += particles - before
+        self.last_latency_s = latency_s
 
     def rate_per_hour(self) -> float:
         span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0

@@ -22,7 +22,7 @@ from emmae.runtime.outputs import OutputFolder
 from emmae.runtime.picking.builder import SessionBuilder
 from emmae.runtime.picking.encoder import Encoder, bundle_path
 from emmae.runtime.picking.picker import encode, needs_session, prepare, session_sample
-from emmae.runtime.picking.session import Session
+from emmae.runtime.picking.session import Session, SessionSample
 from emmae.runtime.stream.adapter import Adapter, model_id
 from emmae.runtime.stream.names import shown
 from emmae.runtime.stream.recorder import Recorder
@@ -33,8 +33,10 @@ log = logging.getLogger("emmae.stream")
 class ModelSwitcher:
     """The stream's model and its adaptation; see the module docstring. ``encoder``: None when a cluster picks."""
 
-    def __init__(self, outputs: OutputFolder, config: EmmaeConfig, recorder: Recorder, encoder: Encoder | None, threads: int | None) -> None:
+    def __init__(self, outputs: OutputFolder, config: EmmaeConfig, recorder: Recorder, encoder: Encoder | None, threads: int | None,
+                 path_of: Callable[[str], Path]) -> None:
         self.outputs, self.config, self.recorder, self.encoder, self.threads = outputs, config, recorder, encoder, threads
+        self.path_of = path_of  # a journal key's file
         parent = encoder.bundle.path if encoder is not None else bundle_path(config.model.bundle, config.model.precision)
         self.adapter = Adapter(outputs.root, config, recorder.journal, parent, threads) if config.stream.adapt_after else None
         self.switching = False  # the adapted model is ready: the pipeline drains, then the model is switched
@@ -43,7 +45,7 @@ class ModelSwitcher:
         if adapted is not None:  # adapted by an earlier run: keep the adapted model
             self.encoder = self._open(adapted)
             self.model = model_id(adapted)
-            self.recorder.forget_picked(self._repick_old())
+            self.recorder.pick_again(self._repick_old())
 
     @property
     def session_folder(self) -> OutputFolder:
@@ -52,19 +54,39 @@ class ModelSwitcher:
         return OutputFolder(self.adapter.folder) if adapted else self.outputs
 
     def builder(self, patch_px: int) -> SessionBuilder:
-        """The current model's session: read back if it was fixed before, else grown from the coming micrographs (and saved once fixed)."""
+        """The current model's session: read back if it was fixed before; else grown from the samples an earlier run counted
+        (encoded again) and the coming micrographs; the samples' names and the fixed session are saved as they come."""
         folder = self.session_folder
         fixed = folder.read_session()
         if fixed is not None:
             log.info("session %s read from %s", fixed.digest(), folder.root)
-        return SessionBuilder(self.config, patch_px, fixed, on_fixed=lambda session: self._save(folder, session))
+        builder = SessionBuilder(self.config, patch_px, fixed, on_fixed=lambda session, names: self._save(folder, session, names),
+                                 on_sample=folder.write_session_samples)
+        if fixed is None and self.encoder is not None:
+            builder.restore(self._samples_of(folder.read_session_samples()))
+        return builder
+
+    def _samples_of(self, names: list[str]) -> list[tuple[str, SessionSample]]:
+        """The session samples of the micrographs ``names``, read and encoded again (a missing one is left out)."""
+        samples = []
+        for name in names:
+            key = self.recorder.journal.key_of(name)
+            try:
+                if key is None:
+                    raise FileNotFoundError(name)
+                encoded = encode(prepare(self.path_of(key), self.config, self.encoder, name=name), self.encoder)
+            except (EmmaeError, OSError) as exc:
+                log.warning("session sample %s of an earlier run left out: %s", shown(name), exc)
+                continue
+            samples.append((name, session_sample(encoded, self.config, self.encoder)))
+        return samples
 
     def picker(self) -> Picker:
         if self.encoder is None:  # nothing to pick with (a daemon that only scans and admits, e.g. in tests)
             return Picker(self.config, None)
         return Picker(self.config, self.encoder, builder=self.builder(self.encoder.bundle.info.patch_px))
 
-    def step(self, in_flight: int, path_of: Callable[[str], Path]) -> Picker | None:
+    def step(self, in_flight: int) -> Picker | None:
         """Start the adaptation when due; once its model is ready and nothing is in flight, switch: returns the new picker."""
         if self.adapter is None:
             return None
@@ -72,7 +94,7 @@ class ModelSwitcher:
             self.switching = True
         elif not self.switching and self.adapter.due(len(self.recorder.picked)):
             first = self.recorder.journal.picked()[: self.config.stream.adapt_after]
-            self.adapter.start([str(path_of(entry.path)) for entry in first])
+            self.adapter.start([str(self.path_of(entry.path)) for entry in first])
         if self.switching and in_flight == 0:
             return self._switch()
         return None
@@ -92,7 +114,7 @@ class ModelSwitcher:
         bundle = self.adapter.bundle
         self.encoder = self._open(bundle)
         builder = SessionBuilder(self.config, self.encoder.bundle.info.patch_px,
-                                 on_fixed=lambda session: self._save(OutputFolder(self.adapter.folder), session))
+                                 on_fixed=lambda session, names: self._save(OutputFolder(self.adapter.folder), session, names))
         record = self.adapter.record
         for path in (record.micrographs if record else [])[: self.config.cluster.session_micrographs]:
             try:
@@ -105,7 +127,7 @@ class ModelSwitcher:
         with self.recorder.journal.batch():
             self.adapter.finish(self.model)
             again = self._repick_old()
-        self.recorder.forget_picked(again)
+        self.recorder.pick_again(again)
         self.switching = False
         log.info("switched to the adapted model %s%s", self.model,
                  f"; the {len(again)} micrographs the old model picked are picked again" if again else "")
@@ -122,9 +144,9 @@ class ModelSwitcher:
         return Encoder.open(bundle, "fp32", like.backend, like.batch_tiles, self.threads)
 
     @staticmethod
-    def _save(folder: OutputFolder, session: Session) -> None:
+    def _save(folder: OutputFolder, session: Session, names: list[str]) -> None:
         try:
             folder.root.mkdir(parents=True, exist_ok=True)
-            folder.write_session(session, [])
+            folder.write_session(session, names)
         except OSError as exc:
             log.warning("cannot save the session to %s: %s", folder.root, exc)
