@@ -296,3 +296,54 @@ def test_an_unknown_flag_is_answered_with_the_nearest_known_one(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.build_parser().parse_args(["m.mrc", "--treshold", "0.7"])
     assert stop.value.code == 2 and "did you mean --threshold?" in capsys.readouterr().err
+
+
+# --- 7. waiting users -------------------------------------------------------------------------------------------------------
+
+
+class _Recording:
+    """A pipeline that takes every job and remembers the order."""
+
+    in_flight, builder = 0, None
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def has_room(self) -> bool:
+        return True
+
+    def submit(self, job) -> bool:
+        self.submitted.append(job.path.name)
+        return True
+
+
+def test_micrographs_picked_again_wait_behind_new_ones(tmp_path):
+    from emmae.runtime.jobs import Job
+
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    watch.mkdir()
+    config = load_config(None, ["preprocess.diameter_px=24", "stream.poll=\"always\""])
+    live = Daemon(watch, out, config, encoder=None)
+    try:
+        live.recorder.picked["old.mrc"] = None  # type: ignore[assignment]  # picked before, due again
+        live.recorder.repick.add("old.mrc")
+        pipeline, live.pipeline = live.pipeline, _Recording()
+        live._again.append(Job(watch / "old.mrc", "mics/old.mrc", "old"))
+        live._ready.extend([Job(watch / "new1.mrc", "mics/new1.mrc", "new1"), Job(watch / "new2.mrc", "mics/new2.mrc", "new2")])
+        live.feed()
+        assert live.pipeline.submitted == ["new1.mrc", "new2.mrc", "old.mrc"]
+        assert live.journal.get("old.mrc") is None  # not marked processing: it stays picked until picked again
+    finally:
+        live.pipeline = pipeline
+        live.close(StopFlag("test"))
+        live.release()
+
+
+@needs_model
+def test_a_batch_says_how_far_the_session_sample_is(tmp_path, caplog):
+    write_session(tmp_path / "mics", 2, PARAMS, seed=38)
+    caplog.set_level(logging.INFO)
+    assert cli.main([str(tmp_path / "mics"), "--diameter-px", "24", "--out", str(tmp_path / "out")]) == cli.EXIT_OK
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("session sample 1 of 2" in line for line in lines) and any("session sample 2 of 2" in line for line in lines)
+    assert lines.index(next(line for line in lines if "session sample 1 of 2" in line)) < len(lines) - 3  # before the picks

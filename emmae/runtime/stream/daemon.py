@@ -169,8 +169,9 @@ class Daemon:
         """Move admitted micrographs into the pipeline while it has room (back-pressure), new ones before those picked again;
         none while the model is switched."""
         while (self._ready or self._again) and self.pipeline.has_room() and not self.switcher.switching:
-            waiting = self._ready or self._again
-            job = waiting.popleft()
+            if not self._ready and self.pipeline.in_flight:
+                break  # one re-pick at a time, and only when the pipeline is idle: a new micrograph never waits behind many
+            job = (self._ready or self._again).popleft()
             key = self.scanner.key(job.path)
             if key not in self.recorder.repick:
                 self.journal.mark_processing(key, job.name)  # one picked again stays listed as picked until it is
