@@ -34,6 +34,7 @@ from emmae.runtime.commands import pick as cli
 from emmae.runtime.commands import stream as stream_cmd
 from emmae.runtime.outputs import OutputFolder
 from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.stream import recorder as recorder_module
 from emmae.runtime.stream.daemon import IN_HAND_FILE, Daemon, StopFlag
 from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.status import Progress
@@ -143,7 +144,8 @@ def test_names_are_relative_to_the_project_root_whatever_the_spelling(tmp_path):
 # --- 4. the index lists what is due to be picked again ------------------------------------------------------
 
 
-def test_micrographs_due_to_be_picked_again_stay_in_the_index(tmp_path):
+def test_micrographs_due_to_be_picked_again_stay_in_the_index(tmp_path, monkeypatch):
+    monkeypatch.setattr(recorder_module, "ROWS_READ_PER_INDEX", 1)  # an earlier run's saved picks read back one per rewrite
     watch, out = tmp_path / "mics", tmp_path / "out"
     watch.mkdir()
     out.mkdir()
@@ -159,6 +161,12 @@ def test_micrographs_due_to_be_picked_again_stay_in_the_index(tmp_path):
         live.recorder.pick_again(again)
         live.write_index()
         assert sorted(again) == ["m0.mrc", "m1.mrc", "m2.mrc"] and live.progress.count == 3
+        assert live.recorder.index_stale  # autopick.star lists all three; the other index files wait for their picks
+        listed = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
+        assert len(listed) == 3
+        live.write_index()
+        live.write_index()
+        assert not live.recorder.index_stale
     finally:
         live.close(StopFlag("test"))
         live.release()

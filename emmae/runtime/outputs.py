@@ -228,8 +228,15 @@ class OutputFolder:
 
     # --- the whole run ------------------------------------------------------------------------
 
-    def row(self, stem: str, config: EmmaeConfig) -> IndexRow:
-        """``stem``'s index row: remembered, else read back from its saved picks (once; without picks when they cannot be read)."""
+    def remembers(self, stem: str) -> bool:
+        """Its index row is at hand (no file to read)."""
+        return stem in self._rows
+
+    def row(self, stem: str, config: EmmaeConfig, read: bool = True) -> IndexRow:
+        """``stem``'s index row: remembered, else read back from its saved picks (once; without picks when they cannot be
+        read). ``read=False``: a row without picks for now (listed in ``autopick.star`` only), nothing read."""
+        if stem not in self._rows and not read:
+            return IndexRow("", stem, None, None, None, None)
         if stem not in self._rows:
             try:
                 self.remember(stem, repick(self.load(stem), config), config)

@@ -26,6 +26,7 @@ from emmae.runtime.stream.status import Progress
 
 log = logging.getLogger("emmae.stream")
 OUTPUT_RETRY_S = 30.0  # a micrograph whose outputs could not be written (full disk) is retried after this
+ROWS_READ_PER_INDEX = 500  # saved picks read back per index rewrite (micrographs an earlier run picked)
 FAILED_SHOWN = 50  # failed micrographs listed in the final summary (all are in failed.txt)
 RETRY_TEXT = {"config": "; tried again when the configuration changes", "output": f"; tried again in {OUTPUT_RETRY_S:g} s",
               "unexpected": "; tried again when it or the configuration changes"}
@@ -162,14 +163,22 @@ class Recorder:
         return self.journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
     def write_index(self, config: EmmaeConfig) -> None:
-        """The index files of every micrograph picked so far whose outputs are on disk (O(picked): the caller limits how often)."""
-        rows = []
+        """The index files of every micrograph picked so far whose outputs are on disk (O(picked): the caller limits how often).
+
+        ``autopick.star`` always lists them all. The picks of micrographs an earlier run picked are read back from their
+        saved files at most ``ROWS_READ_PER_INDEX`` per rewrite (a long session's restart is not held up): until all are,
+        ``particles.star`` and ``micrographs.star`` lack the rest and the index stays due.
+        """
+        rows, budget = [], ROWS_READ_PER_INDEX
         for entry in self.journal.picked():
             if unsafe_name("", entry.name) or not entry.outputs or not os.path.exists(entry.outputs):
                 continue
-            rows.append(replace(self.outputs.row(self._stem(entry), config), name=entry.name))
+            stem = self._stem(entry)
+            read = budget > 0 or self.outputs.remembers(stem)
+            budget -= not self.outputs.remembers(stem)
+            rows.append(replace(self.outputs.row(stem, config, read=read), name=entry.name))
         self.outputs.write_index(rows)
-        self.index_stale = False
+        self.index_stale = budget < 0
 
     def report_failed(self) -> None:
         """The final summary of failures: each failed micrograph with its reason, also written to ``failed.txt``."""
