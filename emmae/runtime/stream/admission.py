@@ -99,6 +99,10 @@ class Admission:
         """Look at everything again (what a scan recorded was rolled back)."""
         self._known.clear()
 
+    def next_due(self) -> float:
+        """When a settling file will have been stable long enough to be looked at again (see ``Gate.next_due``)."""
+        return self.gate.next_due()
+
     @property
     def pending(self) -> int:
         """Files still settling or incomplete."""

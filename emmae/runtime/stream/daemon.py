@@ -114,7 +114,7 @@ class Daemon:
             self._last_scan = -float("inf")
         now = time.monotonic()
         spread_s = min(self._scan_cost_s / SCAN_SHARE, MAX_SCAN_INTERVAL_S)
-        due = now - self._last_scan >= max(self.config.stream.poll_interval_s, spread_s)
+        due = now - self._last_scan >= max(self.config.stream.poll_interval_s, spread_s) or now >= self.admission.next_due()
         woken = self.changed.is_set() and now - self._last_scan >= max(MIN_SCAN_INTERVAL_S, spread_s)
         if due or woken:
             self.changed.clear()
@@ -293,5 +293,6 @@ def _loop(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] 
             return
         if daemon.status is not None:
             daemon.status.show(daemon.summary())
-        daemon.wake.wait(poll)
+        settled_in = daemon.admission.next_due() - time.monotonic()  # a settling file is looked at when it has settled
+        daemon.wake.wait(min(poll, max(settled_in, MIN_SCAN_INTERVAL_S)))
         daemon.wake.clear()

@@ -161,6 +161,11 @@ class Gate:
             self._ready[path] = seen.layout
         return "ready"
 
+    def next_due(self) -> float:
+        """When (``time.monotonic()``) the earliest settling file will have been stable for ``settle_s`` (inf when none)."""
+        settling = [w.since for w in self._watched.values() if not w.verdict]
+        return min(settling) + self.settle_s if settling else float("inf")
+
     def take_layout(self, path: Path) -> MrcLayout | None:
         """The header ``path`` was just let through with (once; None if it was not)."""
         return self._ready.pop(path, None)
