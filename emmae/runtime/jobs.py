@@ -58,6 +58,11 @@ class Job:
         return self.size, self.mtime_ns, self.ctime_ns, self.ino
 
 
+def signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written, replaced or truncated: size, mtime, ctime, inode."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
 class ChangedError(EmmaeError):
     """The file changed (written to, replaced, truncated) while it was being read."""
 
@@ -93,10 +98,9 @@ def admit(path: Path, name: str, stem: str, config: EmmaeConfig, layout: MrcLayo
 def unchanged(job: Job) -> bool:
     """The file still has the size, mtime, ctime and inode it was admitted with."""
     try:
-        stat = os.stat(job.path)
+        return signature(os.stat(job.path)) == job.signature
     except OSError:
         return False
-    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino) == job.signature
 
 
 def failure_kind(exc: BaseException) -> str:

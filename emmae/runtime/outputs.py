@@ -5,7 +5,7 @@ An :class:`OutputFolder` owns, in one folder:
 * ``emmae.lock``: one writer at a time (an ``emmae-pick``, an ``emmae-stream``, a re-threshold);
 * each micrograph's files beside its stem: ``<stem>_autopick.star`` (RELION coordinates),
   ``<stem>_emmae.npz`` (what a re-threshold needs), ``<stem>.box``, ``<stem>.cbox``,
-  ``<stem>_preview.png``; stems mirror the micrographs' sub-folders (:func:`stem_below`);
+  ``<stem>_preview.png``; stems mirror the micrographs' sub-folders;
 * the index files of everything picked: ``autopick.star`` (RELION 4/5's coordinate list),
   ``particles.star`` (every pick with its micrograph name) and ``micrographs.star``;
 * ``failed.txt``: micrograph, kind of cause and reason, tab-separated;
@@ -62,11 +62,6 @@ SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far
 INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
 OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's files beside its stem
 WRITE_TEST_BYTES = 1 << 16  # written (and removed) when opened: a folder without room for this cannot be used
-
-
-def stem_below(path: str | PurePath, root: str | PurePath) -> str:
-    """``path``'s place below ``root`` without its suffix (both taken as spelled, made absolute, not resolved)."""
-    return str(PurePath(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).with_suffix(""))
 
 
 def star_stem(name: str) -> str | None:
@@ -262,7 +257,7 @@ class OutputFolder:
         if not failures:
             path.unlink(missing_ok=True)
             return path
-        lines = ["# micrograph\tkind\treason", *(f"{_cell(f.micrograph)}\t{f.kind}\t{_cell(f.reason)}" for f in failures)]
+        lines = ["# micrograph\tkind\treason", *(f"{printable(f.micrograph)}\t{f.kind}\t{printable(f.reason)}" for f in failures)]
         write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
         return path
 
@@ -322,8 +317,8 @@ class OutputFolder:
         return record
 
 
-def _cell(text: str) -> str:
-    """``text`` for one tab-separated cell: control characters escaped."""
+def printable(text: str) -> str:
+    """``text`` for a log line or one tab-separated cell: control characters escaped."""
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 

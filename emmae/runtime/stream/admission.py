@@ -63,9 +63,9 @@ class Admission:
             if known[0] == "failed":
                 return None  # failed, unchanged: no query, no read
         else:  # new this session, or changed: the name, the journal, the file's kind
-            if picked and self.recorder.still_current(key, self.name(path, name), stat, Path(path)):
-                return None  # picked, and still the version that was picked
             name = self.name(path, name)
+            if picked and self.recorder.still_current(key, name, stat, Path(path)):
+                return None  # picked, and still the version that was picked
             unsafe = unsafe_name(self.scanner.key_text(path), name)
             if unsafe:
                 raise UnsafeNameError(path, unsafe)

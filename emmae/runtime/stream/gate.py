@@ -28,6 +28,7 @@ from pathlib import Path
 
 from emmae.errors import IncompleteMRCError, MicrographError, NotRegularFileError, TruncatedMRCError
 from emmae.io.mrc import HEADER_BYTES, MODE_BYTES, MrcLayout, check_complete
+from emmae.runtime.jobs import signature
 
 log = logging.getLogger("emmae.stream")
 ZERO_TAIL_BYTES = 4096  # a data block whose last bytes are all zero may still be filled in (preallocated)
@@ -70,11 +71,6 @@ def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | 
                     yield path
         if not recursive:
             break
-
-
-def signature(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """What changes when a file is written, replaced or truncated: size, mtime, ctime, inode."""
-    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def stat_regular(path: Path) -> os.stat_result | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from emmae.runtime.outputs import printable
 from emmae.runtime.stream.journal import journal_key
 
 UNSAFE_CHARACTERS = frozenset("#'\"")  # break a STAR value (a comment, a quote)
@@ -28,5 +29,4 @@ def unsafe_name(relative: str, name: str) -> str:
 
 def shown(text: str) -> str:
     """``text`` for a log line or a tab-separated file: control characters and undecodable bytes escaped."""
-    text = journal_key(text)
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return printable(journal_key(text))

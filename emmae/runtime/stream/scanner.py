@@ -19,6 +19,7 @@ from pathlib import Path
 
 from emmae.config import EmmaeConfig
 from emmae.io.inputs import micrographs_from_star
+from emmae.runtime.outputs import star_stem
 from emmae.runtime.stream.gate import walk
 from emmae.runtime.stream.journal import journal_key
 
@@ -60,13 +61,13 @@ class Scanner:
         """Outputs mirror the micrograph's place below the watched folder; from a STAR, under its name when relative."""
         if self.watch_star is None:
             return str(Path(self.key_text(path)).with_suffix(""))
-        rel = Path(name)
-        if rel.is_absolute() or ".." in rel.parts:
-            try:
-                rel = Path(path).relative_to(self.watch)
-            except ValueError:
-                rel = Path(Path(path).name)
-        return str(rel.with_suffix(""))
+        stem = star_stem(name)
+        if stem is not None:
+            return stem
+        try:
+            return str(Path(path).relative_to(self.watch).with_suffix(""))
+        except ValueError:
+            return str(Path(Path(path).name).with_suffix(""))
 
     def notice_path(self, path: str) -> None:
         """Called by the file-system observer (its thread) with a changed file: looked at even if picked (a new version?)."""
