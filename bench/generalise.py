@@ -69,7 +69,7 @@ from emmae.config import EmmaeConfig  # noqa: E402
 from emmae.io.mrc import read_micrograph  # noqa: E402
 from emmae.io.truth import read_centres  # noqa: E402
 from emmae.memory import retain_freed_memory  # noqa: E402
-from emmae.metrics import Score, score_micrograph  # noqa: E402
+from emmae.metrics import score_micrograph  # noqa: E402
 from emmae.runtime.picking.bundle import open_bundle  # noqa: E402
 from emmae.runtime.picking.encoder import Encoder  # noqa: E402
 from emmae.io.picks import Picks  # noqa: E402

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from emmae.runtime.kernels.clahe import clahe, clahe_array, tile_luts
+from emmae.runtime.kernels.clahe import clahe_array, tile_luts
 
 
 def _image(rng, shape):

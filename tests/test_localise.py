@@ -15,7 +15,8 @@ from emmae.io.mrc import write_micrograph
 from emmae.runtime.commands import pick as cli
 from emmae.runtime.picking.bundle import default_bundle_path
 from emmae.runtime.picking.encoder import Encoder
-from emmae.runtime.picking.localise import blob_response, confidence, find_peaks, learn_profile, match, radial_profile, template_from_profile
+from emmae.runtime.picking.localise import (blob_response, confidence, find_peaks, learn_profile, match, matching_image, radial_profile,
+                                            relative_change, template_from_profile)
 from emmae.runtime.jobs import Job, Picker, pick_read
 from emmae.runtime.outputs import SESSION_FILE, OutputFolder
 from emmae.runtime.picking.builder import SessionBuilder
@@ -97,6 +98,21 @@ def test_learned_template_finds_touching_particles(rng):
     found = find_peaks(match(image, template_from_profile(profile)), diameter / 2)
     strongest = found.xy[np.argsort(-found.score)[: len(centres)]]
     assert matched(centres, strongest, 0.2 * diameter) > 0.9
+
+
+@needs_model
+def test_alternating_profiles_end_as_the_full_rounds_would(encoder):
+    """On this micrograph the strongest peaks swap between two sets from round 3 on. The
+    rounds stop once a profile repeats, and give the profile that running every round gives
+    (4 and 5 rounds run in full, before any repeat)."""
+    config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 56.0}})
+    grid = prepare(make_micrograph(SynthParams(shape=(1024, 1024), diameter_px=56.0), seed=0).image, config, encoder).grid
+    post = config.postprocess
+    image = matching_image(grid.binned, grid.diameter_grid_px, post.match_sigma_diameters, post.contrast, post.match_clip_sigma)
+    profiles = {k: learn_profile([image], grid.diameter_grid_px, k, post.template_top_fraction) for k in (4, 5, 30, 31)}
+    assert relative_change(profiles[5], profiles[4]) > 1e-3  # two different profiles alternate
+    np.testing.assert_array_equal(profiles[30], profiles[4])
+    np.testing.assert_array_equal(profiles[31], profiles[5])
 
 
 @pytest.fixture(scope="module")

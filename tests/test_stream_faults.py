@@ -25,10 +25,10 @@ import starfile
 
 from emmae.io.mrc import write_micrograph
 from emmae.runtime.picking.bundle import default_bundle_path
-from emmae.runtime.stream.daemon import Daemon, StopFlag
+from emmae.runtime.stream.daemon import StopFlag
 from emmae.runtime.stream.gate import Gate
 from emmae.runtime.stream.journal import Journal
-from tests.test_stream_hardening import PARAMS, daemon, micrograph, ready, session
+from tests.test_stream_hardening import daemon, micrograph, ready, session
 
 needs_model = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
 BAD_NAMES = ["tab\there.mrc", "new\nline.mrc", "hash#tag.mrc", "it's.mrc", 'say "x".mrc']

@@ -138,6 +138,8 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
     Round 0 takes the strongest blob-filter peaks; each further round matches the
     current template and re-averages around its strongest peaks, until the profile
     changes by less than ``tolerance`` (relative L2) or ``iterations`` rounds are done.
+    A profile equal to an earlier round's starts a cycle: the last round's profile is
+    then returned at once, the same as running every round gives.
     ``avoid``: per image, centres ``[M, 2]`` (grid x, y) of what is not a particle
     (atypical peaks); no peak within one diameter of them enters the profile.
     """
@@ -145,6 +147,7 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
     responses = [blob_response(image, diameter_grid_px) for image in images]
     avoid = avoid if avoid is not None else [np.zeros((0, 2))] * len(images)
     profile = np.zeros(radius + 1)
+    history: list[np.ndarray] = []  # each round's profile
     for round_ in range(iterations + 1):
         total, count = np.zeros(radius + 1), 0
         for image, response, away in zip(images, responses, avoid):
@@ -154,13 +157,26 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
         if count == 0:
             break
         previous, profile = profile, total / count
-        change = np.linalg.norm(profile - previous) / max(np.linalg.norm(profile), 1e-12)
+        history.append(profile)
+        change = relative_change(profile, previous)
         log.debug("template round %d: profile change %.2g", round_, change)
         if round_ == iterations or change < tolerance:
             break
+        repeated = [j for j in range(round_ - 1) if np.array_equal(profile, history[j])]
+        if repeated:
+            # The same peaks as in round j, so the same profile: the rounds left would only
+            # cycle through the profiles since, and the last round's is known now.
+            j = repeated[0]
+            log.debug("template round %d: repeats round %d", round_, j)
+            return history[j + (iterations - j) % (round_ - j)]
         template = template_from_profile(profile)
         responses = [match(image, template) for image in images]
     return profile
+
+
+def relative_change(profile: np.ndarray, before: np.ndarray) -> float:
+    """``|profile - before| / |profile|`` (L2)."""
+    return float(np.linalg.norm(profile - before) / max(np.linalg.norm(profile), 1e-12))
 
 
 def far_from(found: Candidates, centres_xy: np.ndarray, distance_px: float) -> Candidates:
