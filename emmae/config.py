@@ -131,6 +131,10 @@ class OutputConfig(_Section):
     add_prefix: str = ""
     project_root: Path | None = None
     preview: bool = False  # <stem>_preview.png: the micrograph with its picks circled
+    # particles.star's optics block: None takes a micrographs STAR's own, else RELION's import defaults (300 kV, 2.7 mm, 0.1)
+    voltage_kV: float | None = Field(None, gt=0, le=3000)
+    spherical_aberration_mm: float | None = Field(None, ge=0, le=100)
+    amplitude_contrast: float | None = Field(None, ge=0, le=1)
 
 
 class StreamConfig(_Section):

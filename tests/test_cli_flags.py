@@ -144,5 +144,5 @@ def test_stream_takes_threads_batch_tiles_and_verbosity(tmp_path, monkeypatch):
     assert daemon.main([*common, "--threads", "1", "--batch-tiles", "64", "-q"]) == 0
     assert opened["args"][3:] == (64, 1)  # batch_tiles, threads reach the encoder
     assert logging.getLogger().getEffectiveLevel() == logging.WARNING
-    assert (watch / "emmae_picks" / "mic_00000_autopick.star").is_file()
+    assert (watch / "emmae_picks" / "w" / "mic_00000_autopick.star").is_file()
     logging.getLogger().setLevel(logging.INFO)

@@ -25,7 +25,7 @@ COMMON = ["--diameter-px", "24", "--threads", "1", "-q"]
 
 def _picks(out: Path) -> dict[str, np.ndarray]:
     found = {}
-    for star in sorted(out.glob("*_autopick.star")):
+    for star in sorted(out.rglob("*_autopick.star")):
         table = starfile.read(star)
         found[star.name] = np.zeros((0, 2)) if len(table) == 0 else table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy()
     return found
@@ -62,7 +62,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
 
         def kill_after_first_output() -> None:
             deadline = time.monotonic() + 120
-            while not list(out.glob("*_autopick.star")) and time.monotonic() < deadline:
+            while not list(out.rglob("*_autopick.star")) and time.monotonic() < deadline:
                 time.sleep(0.02)
             os.kill(victim, signal.SIGKILL)
             killed.set()
@@ -107,7 +107,7 @@ def test_stream_on_a_cluster_survives_a_worker_death(tmp_path):
                 "--scheduler", cluster.scheduler_address, "--once", "--progress", "plain"]
         daemon = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
-        while not list(out.glob("*_autopick.star")) and time.monotonic() < deadline and daemon.poll() is None:
+        while not list(out.rglob("*_autopick.star")) and time.monotonic() < deadline and daemon.poll() is None:
             time.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         output, _ = daemon.communicate(timeout=180)

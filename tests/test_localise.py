@@ -168,6 +168,7 @@ def test_one_session_choice_for_every_micrograph_of_a_batch(tmp_path):
     sessions = {json.loads(str(np.load(p)["meta"]))["session"]["id"] for p in out.glob("*_emmae.npz")}
     assert sessions == {record["id"]}
     before = {p.name: starfile.read(p) for p in out.glob("*_autopick.star")}
+    assert len(before) == 3
     assert cli.main(["--rethreshold", str(out), "--threshold", "0.9", "-q"]) == cli.EXIT_OK
     for name, old in before.items():
         new = starfile.read(out / name)

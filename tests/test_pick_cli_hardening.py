@@ -114,7 +114,7 @@ def test_one_missing_star_micrograph_is_reported_and_skipped(mics, tmp_path, cap
     assert cli.main([str(star), "--project-root", str(project), "--diameter-px", "24", "-o", str(out)]) == cli.EXIT_PARTIAL
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert index["rlnMicrographName"].tolist() == ["MotionCorr/job002/mic_00000.mrc"]
-    assert (out / "MotionCorr" / "job002" / "mic_00000_autopick.star").is_file()  # outputs mirror the STAR names
+    assert (out / "mic_00000_autopick.star").is_file()  # where RELION looks: the STAR name without its job folder
     failed = (out / FAILED_FILE).read_text().splitlines()
     assert failed == ["# micrograph\tkind\treason", f"{project / 'MotionCorr' / 'job002' / 'gone.mrc'}\tmicrograph\tno such file"]
     assert any("gone.mrc" in e for e in _error_lines(caplog))

@@ -7,7 +7,9 @@ import pytest
 import starfile
 
 from emmae.config import OutputConfig
+from emmae.io.layout import coordinate_stem
 from emmae.io.picks import (
+    Optics,
     micrograph_name,
     transform_xy,
     write_box,
@@ -36,7 +38,7 @@ def test_index_and_particles(tmp_path):
     index = starfile.read(tmp_path / "autopick.star", always_dict=True)
     assert list(index) == ["coordinate_files"]
     assert index["coordinate_files"]["rlnMicrographName"].tolist() == ["MotionCorr/job002/Movies/a.mrc"]
-    write_particles(tmp_path / "particles.star", [("a.mrc", XY, SCORE), ("b.mrc", XY[:1], SCORE[:1])])
+    write_particles(tmp_path / "particles.star", [("a.mrc", XY, SCORE, None), ("b.mrc", XY[:1], SCORE[:1], None)])
     particles = starfile.read(tmp_path / "particles.star", always_dict=True)["particles"]
     assert particles["rlnMicrographName"].tolist() == ["a.mrc", "a.mrc", "b.mrc"]
     write_particles(tmp_path / "empty.star", [])
@@ -91,3 +93,39 @@ def test_cbox_keeps_boxes_inside_the_micrograph_and_reads_back(tmp_path):
     np.testing.assert_allclose(boxes["EstWidth"], 26.0)
     np.testing.assert_allclose(boxes["EstHeight"], 26.0)
     np.testing.assert_allclose(read_centres(tmp_path / "a.cbox"), xy[inside])
+
+
+@pytest.mark.parametrize(("name", "stem"), [
+    ("MotionCorr/job002/Movies/a.mrc", "Movies/a"),  # the job folder dropped, as RELION 3.1's --coord_dir expects
+    ("a/b/job017/c/d.tiff.mrc", "c/d.tiff"),
+    ("Micrographs/a.mrc", "Micrographs/a"),  # no job folder: the whole name
+    ("./Micrographs/a.mrc", "Micrographs/a"),
+    ("job001/a.mrc", "job001/a"),  # a job folder is a part after the first
+    ("Movies/job001.mrc", "Movies/job001"),  # a file is no job folder
+    ("/data/a.mrc", None),
+    ("../a.mrc", None),
+])
+def test_coordinate_stem_is_where_relion_looks(name, stem):
+    assert coordinate_stem(name) == stem
+
+
+def test_particles_with_optics_are_a_relion_particles_file(tmp_path):
+    write_particles(tmp_path / "p.star", [("a.mrc", XY, SCORE, 1.1), ("b.mrc", XY[:1], SCORE[:1], 0.9), ("c.mrc", XY, SCORE, 1.1)],
+                    Optics(200.0, 1.4, 0.07))
+    blocks = starfile.read(tmp_path / "p.star", always_dict=True)
+    optics, particles = blocks["optics"], blocks["particles"]
+    assert optics["rlnMicrographPixelSize"].tolist() == [0.9, 1.1] and optics["rlnOpticsGroup"].tolist() == [1, 2]
+    assert optics["rlnVoltage"].tolist() == [200.0, 200.0] and optics["rlnSphericalAberration"].tolist() == [1.4, 1.4]
+    assert optics["rlnAmplitudeContrast"].tolist() == [0.07, 0.07]
+    group = dict(zip(particles["rlnMicrographName"], particles["rlnOpticsGroup"]))
+    assert group == {"a.mrc": 2, "b.mrc": 1, "c.mrc": 2}
+    write_particles(tmp_path / "q.star", [("a.mrc", XY, SCORE, 1.1), ("b.mrc", XY, SCORE, None)], Optics())
+    assert list(starfile.read(tmp_path / "q.star", always_dict=True)) == ["particles"]  # a pixel size unknown: no optics block
+
+
+def test_micrograph_names_are_below_the_project_folder(tmp_path, monkeypatch):
+    (tmp_path / "Micrographs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert micrograph_name(tmp_path / "Micrographs" / "a.mrc", OutputConfig()) == "Micrographs/a.mrc"  # absolute, below the current folder
+    assert micrograph_name("Micrographs/a.mrc", OutputConfig()) == "Micrographs/a.mrc"
+    assert micrograph_name("/elsewhere/a.mrc", OutputConfig()) == "/elsewhere/a.mrc"

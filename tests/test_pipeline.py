@@ -194,7 +194,7 @@ def test_outputs_mirror_subfolders_so_equal_names_do_not_collide(tmp_path):
     daemon.run(session, StopFlag(), once=True)
     session.release()
     stars = sorted(str(p.relative_to(out)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star")
-    assert stars == ["GridSquare_1/mic_00000_autopick.star", "GridSquare_2/mic_00000_autopick.star"]
+    assert stars == ["session/GridSquare_1/mic_00000_autopick.star", "session/GridSquare_2/mic_00000_autopick.star"]
     from emmae.runtime.commands.pick import rethreshold
 
     before = {p: len(starfile.read(p)) for p in out.rglob("*_autopick.star") if p.name != "autopick.star"}

@@ -119,8 +119,8 @@ def test_kill_9_then_restart_gives_one_set_of_picks(tmp_path):
     second = _stream([*args, "--once"])
     output, _ = second.communicate(timeout=120)
     assert second.returncode == 3, output  # stopped cleanly, one micrograph (broken.mrc) failed
-    stars = sorted(p.name for p in out.glob("*_autopick.star"))
-    assert stars == [f"{m.stem}_autopick.star" for m in mics]
+    stars = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_autopick.star") if p.parent != out)
+    assert stars == [f"session/{m.stem}_autopick.star" for m in mics]  # where RELION looks: the name below the project root
     journal = Journal(out)
     assert sorted(Path(e.path).name for e in journal.picked()) == [m.name for m in mics]
     failed = journal.get("broken.mrc")  # keyed relative to the watched folder
@@ -161,11 +161,11 @@ def test_once_picks_the_backlog_and_exits(tmp_path):
     daemon = _stream(args)
     output, _ = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, output
-    assert len(list(out.glob("*_autopick.star"))) == len(mics)
-    assert len(list(out.glob("*_preview.png"))) == len(mics)
+    assert len(list(out.glob("session/*_autopick.star"))) == len(mics)
+    assert len(list(out.glob("session/*_preview.png"))) == len(mics)
     assert "2 picked, 0 failed" in output and "particles per micrograph" in output
     assert "\x1b[K" in output  # the live status line is redrawn in place (text mode reads its \r as a newline)
-    picked = starfile.read(out / "mic_00000_autopick.star")
+    picked = starfile.read(out / "session" / "mic_00000_autopick.star")
     assert np.all(picked["rlnCoordinateX"].between(0, 256))
 
 
@@ -176,7 +176,7 @@ def test_demo_simulates_and_picks_a_session(tmp_path):
     output, _ = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, output
     assert "demo done: 2 micrographs picked" in output
-    assert len(list(out.glob("demo_*_autopick.star"))) == 2
+    assert len(list(out.glob("*/demo_*_autopick.star"))) == 2
     starfile.read(out / "autopick.star")
 
 

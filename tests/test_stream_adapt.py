@@ -37,7 +37,7 @@ def _one_set_of_picks(out: Path, mics: list[Path], model: str) -> None:
     assert {e.model for e in picked} == {model}
     assert journal.adaptation().state == "done"
     journal.close()
-    assert sorted(p.name for p in out.glob("*_autopick.star")) == [f"{m.stem}_autopick.star" for m in mics]
+    assert sorted(p.name for p in out.rglob("*_autopick.star")) == [f"{m.stem}_autopick.star" for m in mics]
     index = starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == sorted(os.path.relpath(m, m.parent.parent) for m in mics)
 

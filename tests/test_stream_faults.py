@@ -246,7 +246,7 @@ def test_two_spellings_of_the_watched_folder_share_one_journal(tmp_path, monkeyp
         with session(spelling, out, "preprocess.diameter_px=24") as live:
             live.scan()
             keys += [live.scanner.key(job.path) for job in live._ready]
-            assert [job.stem for job in live._ready] == ["sub/a"]  # never a second sub-tree
+            assert [job.stem for job in live._ready] == ["session/sub/a"]  # never a second sub-tree
     assert keys == ["sub/a.mrc"] * 4
 
 
@@ -459,7 +459,7 @@ def test_replaced_file_and_two_spellings_across_restarts(tmp_path):
     assert "nopix.mrc" not in second.stderr.split("micrographs failed")[0]  # same configuration: not tried again
     assert sorted(Path(n).name for n in _index_names(out)) == ["a.mrc", "b.mrc"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_autopick.star") if p.name != "autopick.star") == [
-        "a_autopick.star", "b_autopick.star"]
+        "session/a_autopick.star", "session/b_autopick.star"]
     journal = Journal(out)
     assert journal.counts() == {"picked": 2, "failed": 1}
     journal.close()

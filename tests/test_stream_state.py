@@ -66,7 +66,7 @@ def picked_sessions(out: Path) -> set[str]:
 
 def stars(out: Path) -> dict[str, np.ndarray]:
     return {p.name: starfile.read(p)[["rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit"]].to_numpy()
-            for p in sorted(out.glob("*_autopick.star")) if p.name != "autopick.star"}
+            for p in sorted(out.rglob("*_autopick.star"))}
 
 
 # --- 1. a restart carries on the same session ---------------------------------------------------------
@@ -104,13 +104,14 @@ def test_a_copied_session_is_not_picked_again_but_a_rewrite_is(tmp_path, caplog)
     watch, out = tmp_path / "a" / "mics", tmp_path / "out"
     mics = write_session(watch, 2, PARAMS, seed=32)
     assert stream(watch, out) == 0
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*_autopick.star")}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*_autopick.star")}
+    assert len(before) == 2
     moved = tmp_path / "b" / "mics"
     shutil.copytree(watch, moved, copy_function=shutil.copy2)  # cp -a: other inodes, same sizes and mtimes
     caplog.set_level(logging.INFO, logger="emmae.stream")
     assert stream(moved, out) == 0
     assert not [r for r in caplog.records if "changed since it was picked" in r.getMessage()]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*_autopick.star")} == before  # nothing picked again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*_autopick.star")} == before  # nothing picked again
     target = moved / mics[0].name
     stat = target.stat()
     data = bytearray(target.read_bytes())

@@ -29,6 +29,20 @@ def micrographs_from_star(path: str | Path, root: str | Path | None = None) -> l
     return [(base / name, str(name)) for name in blocks[0]["rlnMicrographName"]]
 
 
+def star_optics(path: str | Path) -> dict[str, float]:
+    """Voltage (``voltage_kV``), spherical aberration (``spherical_aberration_mm``) and amplitude contrast
+    (``amplitude_contrast``) of a micrographs STAR's first optics group; those it lacks are left out.
+
+    Raises:
+        OSError, ValueError: the file cannot be read as STAR.
+    """
+    optics = read_star(path).get("optics")
+    if optics is None or len(optics) == 0:
+        return {}
+    columns = {"rlnVoltage": "voltage_kV", "rlnSphericalAberration": "spherical_aberration_mm", "rlnAmplitudeContrast": "amplitude_contrast"}
+    return {field: float(optics[column].iloc[0]) for column, field in columns.items() if column in optics.columns}
+
+
 def folder_files(folder: Path, patterns: tuple[str, ...] = ("*.mrc",), recursive: bool = False) -> list[Path]:
     """The files in ``folder`` (and its sub-folders when ``recursive``) whose names match one of
     ``patterns`` regardless of case (``*.mrc`` finds ``a.MRC``). Hidden names (``.x.mrc``, e.g.

@@ -8,8 +8,8 @@
 * ``autopick.star``: RELION 4/5 index (``data_coordinate_files``: ``_rlnMicrographName
   _rlnMicrographCoordinates``), names copied verbatim;
 * ``particles.star``: every pick with ``_rlnMicrographName``, for cryoSPARC's "Import
-  Particle Stack"/coordinate import; RELION takes the coordinates through ``autopick.star``
-  (this file has no optics block and is not a RELION particles file);
+  Particle Stack"/coordinate import; with every pixel size known, a ``data_optics`` block
+  makes it a RELION 3.1+ particles file (e.g. for ``relion_preprocess --reextract_data_star``);
 * ``micrographs.star``: each micrograph's width, height and pixel size (a summary for
   cryoSPARC and scripts, not a RELION micrographs file: no optics block);
 * ``<stem>.box``: EMAN boxes (lower-left corner, box size); ``<stem>.cbox``: crYOLO CBOX 1.0
@@ -25,6 +25,7 @@ Nothing is ever flipped or scaled silently.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -110,15 +111,21 @@ def transform_xy(xy: np.ndarray, shape: tuple[int, int], output: OutputConfig) -
 
 
 def micrograph_name(path: str | PurePath, output: OutputConfig) -> str:
-    """The name written as ``_rlnMicrographName``: relative to ``project_root`` when set,
-    then ``strip_prefix`` removed and ``add_prefix`` added, as explicit switches."""
-    name = str(path)
-    if output.project_root is not None:
+    """The name written as ``_rlnMicrographName``: the path below the project folder (``project_root``, else the
+    current folder) when the file lies there, else the path as given; then ``strip_prefix`` removed and
+    ``add_prefix`` added, as explicit switches."""
+    root = Path(output.project_root) if output.project_root is not None else Path.cwd()
+    return prefixed(below(Path(path), root) or str(path), output)
+
+
+def below(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root`` when it lies below it (as spelled, else both resolved), or None."""
+    for inner, outer in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
         try:
-            name = str(Path(path).resolve().relative_to(Path(output.project_root).resolve()))
+            return str(inner.relative_to(outer))
         except ValueError:
-            pass
-    return prefixed(name, output)
+            continue
+    return None
 
 
 def prefixed(name: str, output: OutputConfig) -> str:
@@ -147,11 +154,39 @@ def write_index(path: Path, entries: Sequence[tuple[str, str]]) -> None:
     write_star(path, {"coordinate_files": frame})
 
 
-def write_particles(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
-    """All picks of a session with their micrograph names: (name, xy, score) per micrograph."""
-    frames = [relion_coordinates(xy, score).assign(rlnMicrographName=name) for name, xy, score in rows]
-    frame = pd.concat(frames, ignore_index=True) if frames else relion_coordinates(np.zeros((0, 2)), np.zeros(0)).assign(rlnMicrographName=[])
-    write_star(path, {"particles": frame[["rlnMicrographName", *relion_coordinates(np.zeros((0, 2)), np.zeros(0)).columns]]})
+@dataclass(frozen=True)
+class Optics:
+    """What a RELION optics block holds beside the pixel size (RELION's import defaults unless known)."""
+
+    voltage_kV: float = 300.0
+    spherical_aberration_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+
+
+def write_particles(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, float | None]], optics: Optics | None = None) -> None:
+    """All picks of a session with their micrograph names: (name, xy, score, pixel size in A of ``xy``) per micrograph.
+
+    With ``optics``, and every pixel size known, it is a RELION 3.1+ particles file: a
+    ``data_optics`` block (one group per pixel size) and each particle's ``rlnOpticsGroup``;
+    otherwise one ``data_particles`` block (cryoSPARC and scripts read either).
+    """
+    empty = relion_coordinates(np.zeros((0, 2)), np.zeros(0))
+    frames = [relion_coordinates(xy, score).assign(rlnMicrographName=name) for name, xy, score, _ in rows]
+    frame = pd.concat(frames, ignore_index=True) if frames else empty.assign(rlnMicrographName=[])
+    frame = frame[["rlnMicrographName", *empty.columns]]
+    sizes = [px for *_, px in rows]
+    if optics is None or not all(px and px > 0 for px in sizes):
+        write_star(path, {"particles": frame})
+        return
+    groups = {px: i + 1 for i, px in enumerate(sorted({round(float(px), 5) for px in sizes}))}
+    per_particle = np.concatenate([np.full(len(xy), groups[round(float(px), 5)]) for _, xy, _, px in rows]) if rows else np.zeros(0, int)
+    block = pd.DataFrame({
+        "rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups.values()], "rlnOpticsGroup": list(groups.values()),
+        "rlnMicrographOriginalPixelSize": list(groups), "rlnMicrographPixelSize": list(groups),
+        "rlnVoltage": optics.voltage_kV, "rlnSphericalAberration": optics.spherical_aberration_mm,
+        "rlnAmplitudeContrast": optics.amplitude_contrast,
+    })
+    write_star(path, {"optics": block, "particles": frame.assign(rlnOpticsGroup=per_particle.astype(int))})
 
 
 def write_micrographs(path: Path, rows: Sequence[tuple[str, tuple[int, int], float | None]]) -> None:

@@ -337,7 +337,7 @@ def run_batch(jobs: list[Job], executor: Executor, config: EmmaeConfig, outputs:
     order = {str(job.path): i for i, job in enumerate(jobs)}
     result.picked.sort(key=lambda done: order[str(done.job.path)])
     result.failures.sort(key=lambda failure: order.get(failure.micrograph, -1))
-    outputs.write_index([outputs.row(done.job.stem, config) for done in result.picked])
+    outputs.write_index([outputs.row(done.job.stem, config) for done in result.picked], config)
     outputs.write_failed(result.failures)
     return result
 

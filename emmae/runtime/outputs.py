@@ -5,7 +5,8 @@ An :class:`OutputFolder` owns, in one folder:
 * ``emmae.lock``: one writer at a time (an ``emmae-pick``, an ``emmae-stream``, a re-threshold);
 * each micrograph's files beside its stem: ``<stem>_autopick.star`` (RELION coordinates),
   ``<stem>_emmae.npz`` (what a re-threshold needs), ``<stem>.box``, ``<stem>.cbox``,
-  ``<stem>_preview.png``; stems mirror the micrographs' sub-folders;
+  ``<stem>_preview.png``; a stem is where RELION looks for the micrograph's coordinates
+  (:mod:`emmae.io.layout`);
 * the index files of everything picked: ``autopick.star`` (RELION 4/5's coordinate list),
   ``particles.star`` (every pick with its micrograph name) and ``micrographs.star``;
 * ``failed.txt``: micrograph, kind of cause and reason, tab-separated;
@@ -26,7 +27,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -34,8 +35,10 @@ import numpy as np
 from emmae.config import EmmaeConfig
 from emmae.errors import EmmaeError, OutputError
 from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries, write_bytes_atomic
+from emmae.io.inputs import star_optics
 from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import (
+    Optics,
     Picks,
     load_picks,
     save_picks,
@@ -62,14 +65,6 @@ SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far
 INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
 OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's files beside its stem
 WRITE_TEST_BYTES = 1 << 16  # written (and removed) when opened: a folder without room for this cannot be used
-
-
-def star_stem(name: str) -> str | None:
-    """A micrographs STAR row's relative name without its suffix, or None for an absolute or upward name."""
-    rel = PurePath(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        return None
-    return str(rel.with_suffix(""))
 
 
 @dataclass(frozen=True)
@@ -240,7 +235,7 @@ class OutputFolder:
                 self._rows[stem] = IndexRow("", stem, None, None, None, None)
         return self._rows[stem]
 
-    def write_index(self, rows: list[IndexRow]) -> None:
+    def write_index(self, rows: list[IndexRow], config: EmmaeConfig) -> None:
         """``autopick.star``, ``particles.star`` and ``micrographs.star`` of ``rows``, in their order.
 
         Raises:
@@ -248,7 +243,9 @@ class OutputFolder:
         """
         write_index(self.root / INDEX_FILE, [(r.name, str(self.path(r.stem))) for r in rows])
         known = [r for r in rows if r.shape is not None]
-        write_particles(self.root / PARTICLES_FILE, [(r.name, r.xy, r.score) for r in known])
+        scale = config.output.coordinate_scale
+        write_particles(self.root / PARTICLES_FILE, [(r.name, r.xy, r.score, r.pixel_size_A and r.pixel_size_A / scale) for r in known],
+                        optics_of(config))
         write_micrographs(self.root / MICROGRAPHS_FILE, [(r.name, r.shape, r.pixel_size_A) for r in known])
 
     def write_failed(self, failures: list[Failure]) -> Path:
@@ -315,6 +312,27 @@ class OutputFolder:
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
             raise EmmaeError(f"{path} holds no configuration")
         return record
+
+
+def optics_of(config: EmmaeConfig) -> Optics:
+    """``particles.star``'s optics: the configured values, RELION's import defaults for those not given."""
+    output, default = config.output, Optics()
+    return Optics(default.voltage_kV if output.voltage_kV is None else output.voltage_kV,
+                  default.spherical_aberration_mm if output.spherical_aberration_mm is None else output.spherical_aberration_mm,
+                  default.amplitude_contrast if output.amplitude_contrast is None else output.amplitude_contrast)
+
+
+def with_star_optics(config: EmmaeConfig, stars: list[str | Path]) -> EmmaeConfig:
+    """``config`` with the optics that it leaves open taken from the first micrographs STAR of ``stars`` that has them."""
+    for star in stars:
+        try:
+            found = star_optics(star)
+        except (OSError, ValueError):
+            continue  # reported where its micrographs are read
+        update = {k: v for k, v in found.items() if getattr(config.output, k) is None}
+        if found:
+            return config.model_copy(update={"output": config.output.model_copy(update=update)})
+    return config
 
 
 def printable(text: str) -> str:

@@ -2,13 +2,16 @@
 
 Writes, in the output folder (see emmae.runtime.outputs; the same files as emmae-stream):
 <stem>_autopick.star per micrograph (RELION coordinates), the RELION index autopick.star,
-particles.star (every pick with its micrograph name, for cryoSPARC), micrographs.star (each
+particles.star (every pick with its micrograph name; a RELION particles file when every
+pixel size is known, for cryoSPARC too), micrographs.star (each
 micrograph's width, height and pixel size), emmae-config.json (configuration, version and
 command line), emmae-session.json (the session and the micrographs it was fitted on),
 <stem>_emmae.npz (what --rethreshold needs) and, when some micrographs could not be picked,
-failed.txt (each with the kind of cause and the reason, tab-separated). Outputs mirror the
-input sub-folders, so micrographs of the same name in two folders do not collide. One
-command at a time writes to an output folder (emmae.lock).
+failed.txt (each with the kind of cause and the reason, tab-separated). A micrograph's
+files go where RELION's Extract looks for its coordinates: its name below the project
+folder (--project-root, default the current folder) without a job folder, so
+relion_preprocess --coord_dir OUT/ --coord_suffix _autopick.star finds them. One command
+at a time writes to an output folder (emmae.lock).
 
 Exit status: 0 all micrographs picked; 1 some could not be read (reported, skipped);
 2 nothing could be done (bad arguments, configuration, model, an output folder that
@@ -35,11 +38,12 @@ from emmae.backend import check_threads, limit_cpu_threads
 from emmae.config import EmmaeConfig, _apply_override, add_config_arguments, config_from_args, config_record, validate_config
 from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError
 from emmae.io.inputs import expand_inputs, micrographs_from_star
+from emmae.io.layout import coordinate_stem
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
 from emmae.runtime.options import Parser, add_common_arguments, add_output_arguments, output_switches, progress_bar, setup_logging
-from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, star_stem
+from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.picker import repick
 
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             with OutputFolder.open(args.rethreshold) as outputs:
                 record = outputs.read_record()
                 return rethreshold(outputs, rethreshold_config(record["config"], args), command, record)
-        config = _config(args)
+        config = with_star_optics(_config(args), [i for i in args.inputs if i.lower().endswith(".star")])
         if args.batch_tiles is not None and args.batch_tiles < 1:
             raise ConfigError(f"--batch-tiles must be at least 1, got {args.batch_tiles}")
         jobs, rejected = admit_all(collect_inputs(args.inputs, config, args.recursive), config)
@@ -202,8 +206,10 @@ class Item:
 def collect_inputs(inputs: list[str], config: EmmaeConfig, recursive: bool = False) -> list[Item]:
     """Every micrograph named on the command line, with names and output stems.
 
-    Stems mirror the micrographs' folders below the folder all of them share (a STAR's
-    relative names as they are), so equal file names in different folders stay apart.
+    A file's name is its path below the project folder (``--project-root``, else the
+    current folder; a STAR's names as they are); its stem is where RELION looks for its
+    coordinates (:func:`emmae.io.layout.coordinate_stem`). Files outside the project
+    folder mirror their folders below the folder all of them share.
 
     Raises:
         EmmaeError: nothing to pick, no row of a STAR resolves, or two micrographs would
@@ -214,15 +220,16 @@ def collect_inputs(inputs: list[str], config: EmmaeConfig, recursive: bool = Fal
         raise EmmaeError("no micrographs given (files, folders, globs or a micrographs .star)")
     stars = [item for item in inputs if item.lower().endswith(".star")]
     others = [item for item in inputs if not item.lower().endswith(".star")]
-    pairs: list[tuple[Path, str, str | None]] = []
+    pairs: list[tuple[Path, str]] = []
     for star in stars:
-        pairs += [(path, name, star_stem(name)) for path, name in star_micrographs(star, config.output.project_root)]
+        pairs += star_micrographs(star, config.output.project_root)
     files = expand_inputs(others, recursive=recursive) if others else []
-    pairs += [(path, micrograph_name(path, config.output), None) for path in files]
-    loose = [path for path, _, stem in pairs if stem is None]
+    pairs += [(path, micrograph_name(path, config.output)) for path in files]
+    stems = [coordinate_stem(name) for _, name in pairs]
+    loose = [path for (path, _), stem in zip(pairs, stems) if stem is None]
     root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in loose])) if loose else None
     items = [Item(path, name, stem if stem is not None else str(Path(os.path.abspath(path)).relative_to(root).with_suffix("")))
-             for path, name, stem in pairs]
+             for (path, name), stem in zip(pairs, stems)]
     _check_unique_stems(items)
     return items
 
@@ -234,6 +241,8 @@ def star_micrographs(star: str | Path, project_root: Path | None) -> list[tuple[
         EmmaeError: the STAR cannot be read, or none of its rows resolves under the project folder.
     """
     root = Path(project_root) if project_root is not None else Path.cwd()
+    if not Path(star).is_file():
+        raise EmmaeError(f"{star}: no such file; give a micrographs STAR (e.g. MotionCorr/job002/corrected_micrographs.star)")
     try:
         rows = micrographs_from_star(star, root)
     except (OSError, ValueError) as exc:
@@ -377,7 +386,7 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         rows.append(outputs.row(stem, config))
         particles += len(picks)
     rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
-    outputs.write_index(sorted(rows, key=lambda row: row.stem))
+    outputs.write_index(sorted(rows, key=lambda row: row.stem), config)
     if no_preview:
         log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
     log.info("re-picked %d micrographs: %d particles", len(rows), particles)

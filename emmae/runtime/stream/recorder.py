@@ -177,7 +177,7 @@ class Recorder:
             read = budget > 0 or self.outputs.remembers(stem)
             budget -= not self.outputs.remembers(stem)
             rows.append(replace(self.outputs.row(stem, config, read=read), name=entry.name))
-        self.outputs.write_index(rows)
+        self.outputs.write_index(rows, config)
         self.index_stale = budget < 0
 
     def report_failed(self) -> None:

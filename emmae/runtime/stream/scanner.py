@@ -2,7 +2,7 @@
 
 Every micrograph is keyed on its path relative to the watched folder (so two spellings
 of the folder, absolute, relative or through a link, are one stream) and its outputs
-mirror that place (:meth:`Scanner.stem`). A scan lists the files not yet picked; a
+go where RELION looks for them (:meth:`Scanner.stem`). A scan lists the files not yet picked; a
 sweep (every ``SWEEP_INTERVAL_S``, or for a file the file-system observer reported)
 lists the picked ones too, so a replaced micrograph is noticed. It never opens a file
 and never writes anything.
@@ -18,8 +18,8 @@ from collections.abc import Container
 from pathlib import Path
 
 from emmae.config import EmmaeConfig
+from emmae.io.layout import coordinate_stem
 from emmae.io.inputs import micrographs_from_star
-from emmae.runtime.outputs import star_stem
 from emmae.runtime.stream.gate import walk
 from emmae.runtime.stream.journal import journal_key
 
@@ -58,14 +58,13 @@ class Scanner:
         return Path(key) if os.path.isabs(key) else self.watch / key
 
     def stem(self, path: Path, name: str) -> str:
-        """Outputs mirror the micrograph's place below the watched folder; from a STAR, under its name when relative."""
-        if self.watch_star is None:
-            return str(Path(self.key_text(path)).with_suffix(""))
-        stem = star_stem(name)
+        """Where RELION looks for the micrograph's coordinates (:func:`emmae.io.layout.coordinate_stem` of its name); for
+        a name outside the project folder, its place below the watched folder (or its file name, from a STAR)."""
+        stem = coordinate_stem(name)
         if stem is not None:
             return stem
         try:
-            return str(Path(path).relative_to(self.watch).with_suffix(""))
+            return str(Path(self.key_text(path) if self.watch_star is None else Path(path).relative_to(self.watch)).with_suffix(""))
         except ValueError:
             return str(Path(Path(path).name).with_suffix(""))
 
