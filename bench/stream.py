@@ -11,6 +11,11 @@ micrograph picked again once the session is fixed counts at its first pick), the
 micrograph's latency less the settle time, throughput (every pick, re-picks included,
 done), CPU use (cores busy) and the resident memory after every pick (its growth shows a
 leak). Results: ``bench/results/stream-cpu.json``.
+
+With ``--http`` each scenario runs twice, without and with the web view served by the
+daemon's process (``emmae-stream --http``) and a client that, as an open page does, fetches
+``/api/status`` every 2 s and the overlay of each new latest micrograph; throughput and
+latency side by side, with their ratios: ``bench/results/stream-http-cpu.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,9 @@ from emmae.memory import retain_freed_memory
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
 from emmae.runtime.stream.demo import write_in_chunks
+from emmae.runtime.web.folder import FolderView
+from emmae.runtime.web.live import LiveFigures
+from emmae.runtime.web.server import serve
 from emmae.synth import SynthParams, make_micrograph
 
 log = logging.getLogger("bench.stream")
@@ -55,11 +64,41 @@ def acquire(folder: Path, images: list[bytes], interval_s: float, completed: dic
         time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
 
 
-def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder, settle_s: float, root: Path) -> dict:
+PAGE_REFRESH_S = 2.0  # the page's own refresh
+
+
+def browse(base: str, stop: threading.Event, counts: dict[str, int]) -> None:
+    """What an open page fetches: the page once, then /api/status every ``PAGE_REFRESH_S`` and each new latest overlay."""
+    def fetch(path: str) -> bytes:
+        try:
+            with urllib.request.urlopen(f"{base}{path}", timeout=30) as answer:
+                counts["requests"] += 1
+                return answer.read()
+        except OSError:
+            counts["errors"] += 1
+            return b""
+
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        fetch(path)
+    shown = None
+    while not stop.wait(PAGE_REFRESH_S):
+        body = fetch("/api/status")
+        latest = (json.loads(body).get("latest") or {}).get("stem") if body else None
+        if latest is not None and latest != shown:
+            shown = latest
+            counts["overlays"] += len(fetch(f"/overlay.png?stem={urllib.request.quote(latest)}")) > 0
+
+
+def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder, settle_s: float, root: Path,
+             http: bool = False) -> dict:
     watch, out = root / name, root / f"{name}-out"
     watch.mkdir()
     config = validate_config({"preprocess": {"diameter_px": 56.0 * SIZE / 1024}, "stream": {"settle_s": settle_s, "poll_interval_s": 0.5}})
     session = Daemon(watch, out, config, encoder)
+    server, page, browsing = None, threading.Event(), {"requests": 0, "errors": 0, "overlays": 0}
+    if http:  # as emmae-stream --http serves it, and a page open on it
+        server = serve(FolderView(out, config, live=LiveFigures(session), path_of=session.scanner.path_of, watch=watch), "127.0.0.1:0")
+        threading.Thread(target=browse, args=(f"http://127.0.0.1:{server.port}", page, browsing), daemon=True).start()
     completed: dict[str, float] = {}
     writer = threading.Thread(target=acquire, args=(watch, images, interval_s, completed), daemon=True)
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
@@ -74,6 +113,9 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
     run(session, StopFlag(), once=True, until=lambda: not writer.is_alive())  # the daemon's own loop
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall0
     done = {e.path: e for e in session.journal.picked()}
+    page.set()
+    if server is not None:
+        server.stop()
     session.release()
     latency = np.array([first_pick[name] - completed[name] for name in completed if name in first_pick])
     first = min(completed, key=completed.get)
@@ -84,7 +126,27 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
         "latency_max_s": float(latency.max()), "first_latency_less_settle_s": first_pick[first] - completed[first] - settle_s,
         "throughput_per_hour": len(done) / wall * 3600, "wall_s": wall,
         "cpu_cores_busy": busy, "rss_mb_after_each_pick": [round(m, 1) for m in memory],
+        **({"http": browsing} if http else {}),
     }
+
+
+def side_by_side(rows: list[dict]) -> list[dict]:
+    """Each scenario without and with the web view (rows in pairs): throughput and latency, and their ratios."""
+    pairs = []
+    for without, served in zip(rows[::2], rows[1::2]):
+        pairs.append({
+            "scenario": without["scenario"], "throughput_per_hour": [without["throughput_per_hour"], served["throughput_per_hour"]],
+            "throughput_ratio": served["throughput_per_hour"] / without["throughput_per_hour"],
+            "latency_p50_s": [without["latency_p50_s"], served["latency_p50_s"]],
+            "latency_p95_s": [without["latency_p95_s"], served["latency_p95_s"]],
+            "latency_p50_ratio": served["latency_p50_s"] / without["latency_p50_s"],
+            "cpu_cores_busy": [without["cpu_cores_busy"], served["cpu_cores_busy"]], "page_requests": served["http"],
+        })
+        p = pairs[-1]
+        print(f"{p['scenario']:<24} per hour {p['throughput_per_hour'][0]:6.0f} / {p['throughput_per_hour'][1]:6.0f} "
+              f"(x{p['throughput_ratio']:.3f}) | p50 {p['latency_p50_s'][0]:5.2f} / {p['latency_p50_s'][1]:5.2f} s "
+              f"| p95 {p['latency_p95_s'][0]:5.2f} / {p['latency_p95_s'][1]:5.2f} s | {served['http']['requests']} requests")
+    return pairs
 
 
 SIZE = 1024
@@ -99,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--settle-s", type=float, default=1.0)
     parser.add_argument("--long", type=int, default=0, help="also a long run: this many micrographs at once (memory plateau)")
+    parser.add_argument("--http", action="store_true",
+                        help="each scenario without and with the web view served and a page refreshing (stream-http-cpu.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("emmae").setLevel(logging.WARNING)
@@ -118,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(staged.read_bytes())
             return out
 
+        served = (False, True) if args.http else (False,)
         for rate in args.rate:
-            rows.append(scenario(f"paced-{rate:g}-per-hour", images(args.count, 0), 3600 / rate, encoder, args.settle_s, root))
-        rows.append(scenario(f"burst-{args.burst}", images(args.burst, 10_000), 0.0, encoder, args.settle_s, root))
+            paced = images(args.count, 0)
+            for http in served:
+                rows.append(scenario(f"paced-{rate:g}-per-hour{'-http' * http}", paced, 3600 / rate, encoder, args.settle_s, root, http))
+        burst = images(args.burst, 10_000)
+        for http in served:
+            rows.append(scenario(f"burst-{args.burst}{'-http' * http}", burst, 0.0, encoder, args.settle_s, root, http))
         if args.long:
             cycle = images(50, 20_000)  # 50 distinct micrographs, written over and over under new names
             rows.append(scenario(f"long-{args.long}", [cycle[i % 50] for i in range(args.long)], 0.0, encoder, args.settle_s, root))
@@ -134,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             tenth = len(mem) // 10
             print(f"  RSS MB by tenth of the run: {[round(float(np.median(mem[i * tenth:(i + 1) * tenth])), 1) for i in range(10)]}")
     print(f"({args.size}^2 micrographs, settle {args.settle_s} s, 0.5 s polling, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
-    out = RESULTS / ("stream-long-cpu.json" if args.long else "stream-cpu.json")
+    pairs = side_by_side(rows) if args.http else None
+    out = RESULTS / ("stream-http-cpu.json" if args.http else "stream-long-cpu.json" if args.long else "stream-cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": args.size, "cpu_count": os.cpu_count(), "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"size": args.size, "cpu_count": os.cpu_count(), **({"with_web_view": pairs} if pairs else {}),
+                               "results": rows}, indent=2) + "\n")
     log.info("wrote %s", out)
     return 0
 

@@ -47,8 +47,25 @@ def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._Argum
     group.add_argument("--pixel-size-A", type=float, metavar="A",
                        help="pixel size in Angstrom, overriding the micrograph headers (used with --diameter-A)")
     group.add_argument("--project-root", type=Path, metavar="DIR",
-                       help="folder that the names in a micrographs STAR are relative to, and that written names are made "
-                            "relative to; default: the current folder for STAR names, the watched folder's parent for emmae-stream")
+                       help="the RELION project folder: names in a micrographs STAR are relative to it, and written names are made "
+                            "relative to it; default: the current folder (emmae-pick), the watched folder's parent (emmae-stream)")
+    group.add_argument("--voltage-kV", type=float, metavar="KV",
+                       help="particles.star's optics block: voltage (default: the micrographs STAR's, else 300)")
+    group.add_argument("--spherical-aberration-mm", type=float, metavar="MM",
+                       help="particles.star's optics block: spherical aberration (default: the micrographs STAR's, else 2.7)")
+    group.add_argument("--amplitude-contrast", type=float, metavar="FRACTION",
+                       help="particles.star's optics block: amplitude contrast (default: the micrographs STAR's, else 0.1)")
+
+
+def add_http_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--http [HOST:]PORT`` and ``--http-token`` (shared with emmae-stream)."""
+    group = parser.add_argument_group("web view")
+    group.add_argument("--http", metavar="[HOST:]PORT", default=default,
+                       help="serve the read-only web view at this address; 127.0.0.1 when only a port is given; any other host "
+                            f"needs a token{f' (default {default})' if default else ' (default: off)'}")
+    group.add_argument("--http-token", metavar="TOKEN",
+                       help="the token every request must carry (?token=TOKEN; the page passes it on); beyond loopback one is "
+                            "generated and logged when none is given")
 
 
 def output_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
@@ -58,6 +75,8 @@ def output_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
         ("output", "coordinate_scale"): args.scale, ("output", "strip_prefix"): args.strip_prefix,
         ("output", "add_prefix"): args.add_prefix, ("preprocess", "pixel_size_A"): args.pixel_size_A,
         ("output", "project_root"): args.project_root and str(args.project_root),
+        ("output", "voltage_kV"): args.voltage_kV, ("output", "spherical_aberration_mm"): args.spherical_aberration_mm,
+        ("output", "amplitude_contrast"): args.amplitude_contrast,
     }
 
 

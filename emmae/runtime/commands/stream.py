@@ -21,8 +21,12 @@ micrographs.star) are those of emmae-pick. SIGINT, SIGTERM or a file named ``EMM
 watched folder while the daemon runs stop it after the micrograph in hand (those queued
 behind it are rolled back; one left from an earlier run is reported and ignored);
 ``--once`` picks the backlog and exits. Restarting resumes from the journal. Outputs
-mirror the micrographs' sub-folders. One daemon per output folder (``emmae.lock``).
+go where RELION's Extract looks for them (the micrograph's name below the project root,
+without a job folder). One daemon per output folder (``emmae.lock``).
 On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
+With ``--http [HOST:]PORT`` a read-only web view of the session is served while the daemon
+runs (127.0.0.1 when only a port is given; another host needs a token, see emmae-view);
+with ``--demo`` it stays up after the demo until Ctrl-C.
 With ``--adapt N`` the model is fine-tuned on the first N picked micrographs in a separate
 process (emmae-adapt; needs torch) while picking goes on; then, between two micrographs,
 the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
@@ -31,7 +35,8 @@ fits its session on those micrographs and picks again what the old model picked
 Exit status: 0 stopped cleanly, every micrograph picked; 3 stopped cleanly, some micrographs
 failed (listed in failed.txt); 2 bad arguments (no diameter), configuration, model, a
 --watch-star file that is missing or not a micrographs STAR, or an output folder that
-cannot be used (busy, read-only, full, not a folder).
+cannot be used (busy, read-only, full, not a folder), or a --http address that cannot be served
+(malformed, in use).
 """
 
 from __future__ import annotations
@@ -42,20 +47,26 @@ import math
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import ConfigError, EmmaeError, OutputError
+from emmae.errors import ConfigError, EmmaeError
 from emmae.io.inputs import micrographs_from_star
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
-from emmae.runtime.options import Parser, add_common_arguments, add_output_arguments, output_switches, plain_text, setup_logging
+from emmae.runtime.outputs import with_star_optics
+from emmae.runtime.options import (Parser, add_common_arguments, add_http_arguments, add_output_arguments, output_switches, plain_text,
+                                   setup_logging)
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.adapter import check_can_adapt
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.status import StatusLine
+from emmae.runtime.web.folder import FolderView
+from emmae.runtime.web.live import LiveFigures
+from emmae.runtime.web.server import ViewServer, parse_address, serve
 
 log = logging.getLogger("emmae.stream")
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: WATCH/emmae_picks)")
     add_output_arguments(parser, output)
+    add_http_arguments(parser, None)
     add_common_arguments(parser)
     add_config_arguments(parser)
     return parser
@@ -170,11 +182,40 @@ def check_watch_star(path: Path, config: EmmaeConfig) -> None:
         raise ConfigError(f"--watch-star {path}: {exc}; a micrographs STAR has a loop with the column _rlnMicrographName") from None
 
 
+def check_http(args: argparse.Namespace) -> None:
+    """Refuse a malformed ``--http`` address, or ``--http-token`` without ``--http``, before anything starts.
+
+    Raises:
+        ConfigError: as said.
+    """
+    if args.http_token is not None and args.http is None:
+        raise ConfigError("--http-token needs --http [HOST:]PORT")
+    if args.http is not None:
+        parse_address(args.http)
+
+
+def start_view(args: argparse.Namespace, daemon: Daemon) -> ViewServer | None:
+    """The web view of ``--http`` on the daemon's output folder, with its live figures (None without ``--http``).
+
+    Raises:
+        EmmaeError: the address cannot be served.
+    """
+    if args.http is None:
+        return None
+    view = FolderView(daemon.outputs.root, daemon.config, live=LiveFigures(daemon), path_of=daemon.scanner.path_of, watch=daemon.watch)
+    return serve(view, args.http, args.http_token)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     status = status_line(args.progress)
     setup_logging(args, status)
     retain_freed_memory()
+    try:
+        check_http(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     if args.demo:
         return demo(args, argv, status)
     try:
@@ -187,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         if args.watch_star is not None:
             check_watch_star(args.watch_star, config)
+            config = with_star_optics(config, [args.watch_star])
         check_threads(args.threads)
         client = connect_cluster(args.scheduler, config)
         encoder = Encoder.configured(config, args.threads) if client is None else None
@@ -197,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv))
-    except OutputError as exc:
+        server = start_view(args, daemon)
+    except EmmaeError as exc:
         daemon.release()
         log.error("%s", exc)
         return EXIT_USAGE
@@ -208,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         run(daemon, stop, args.once)
         failed = bool(daemon.journal.failed())
     finally:
+        if server is not None:
+            server.stop()  # before the journal closes: no reader left behind
         daemon.release()
         if client is not None:
             client.close()
@@ -229,6 +274,12 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    try:
+        server = start_view(args, daemon)
+    except EmmaeError as exc:
+        log.error("%s", exc)
+        daemon.release()
+        return EXIT_USAGE
     stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop.handle)
@@ -237,12 +288,25 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
         run(daemon, stop, once=True, until=acquisition.finished.is_set)
     finally:
         acquisition.cancelled.set()
+        if server is not None:
+            server.view.live = None  # from now on the journal's figures
         daemon.release()
     picked = Journal(out)
     entries = picked.picked()
     log.info("demo done: %d micrographs picked, %d particles; outputs in %s", len(entries), sum(e.particles or 0 for e in entries), out)
     picked.close()
+    if server is not None:
+        keep_serving(server, stop)
     return 0
+
+
+def keep_serving(server: ViewServer, stop: StopFlag) -> None:
+    """Serve the finished demo's page until SIGINT or SIGTERM (at once when one came during the demo)."""
+    if not stop:
+        log.info("the web view stays up at %s: press Ctrl-C to stop", server.url())
+    while not stop:
+        time.sleep(0.2)
+    server.stop()
 
 
 if __name__ == "__main__":
