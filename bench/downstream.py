@@ -280,13 +280,14 @@ def run_dataset(folder: Path, root: Path, args) -> tuple[Setup, list[dict], dict
 
 
 def bar(rows: list[dict]) -> dict:
-    """Per dataset: emmae-pick's good share against LoG's (at least minus 0.02) and the labels' (within 0.05)."""
+    """Per dataset: emmae-pick's good share against LoG's (at least minus 0.02) and the labels' (at least minus 0.05:
+    a share above the labels' is no failure)."""
     out = {}
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         share = {row["method"]: row["good_share"] for row in rows if row["dataset"] == dataset}
         ours, other, truth = share["emmae-pick"], share["LoG"], share["labels"]
         out[dataset] = {"emmae_minus_log": round(ours - other, 4), "emmae_minus_labels": round(ours - truth, 4),
-                        "met": bool(ours >= other - 0.02 and abs(ours - truth) <= 0.05)}
+                        "met": bool(ours >= other - 0.02 and ours >= truth - 0.05)}
     return out
 
 
