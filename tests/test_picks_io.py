@@ -129,3 +129,19 @@ def test_micrograph_names_are_below_the_project_folder(tmp_path, monkeypatch):
     assert micrograph_name(tmp_path / "Micrographs" / "a.mrc", OutputConfig()) == "Micrographs/a.mrc"  # absolute, below the current folder
     assert micrograph_name("Micrographs/a.mrc", OutputConfig()) == "Micrographs/a.mrc"
     assert micrograph_name("/elsewhere/a.mrc", OutputConfig()) == "/elsewhere/a.mrc"
+
+
+def test_particles_optics_come_from_the_micrographs_star_unless_given(tmp_path):
+    import pandas as pd
+
+    from emmae.config import validate_config
+    from emmae.runtime.outputs import optics_of, with_star_optics
+
+    star = tmp_path / "micrographs.star"
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnMicrographPixelSize": [1.1],
+                           "rlnVoltage": [200.0], "rlnSphericalAberration": [1.4], "rlnAmplitudeContrast": [0.07]})
+    starfile.write({"optics": optics, "micrographs": pd.DataFrame({"rlnMicrographName": ["a.mrc"], "rlnOpticsGroup": [1]})}, star)
+    assert optics_of(validate_config({})) == Optics(300.0, 2.7, 0.1)  # RELION's import defaults
+    assert optics_of(with_star_optics(validate_config({}), [tmp_path / "missing.star", star])) == Optics(200.0, 1.4, 0.07)
+    given = validate_config({"output": {"voltage_kV": 300.0}})
+    assert optics_of(with_star_optics(given, [star])) == Optics(300.0, 1.4, 0.07)  # a value given wins over the STAR's
