@@ -29,6 +29,11 @@ def micrographs_from_star(path: str | Path, root: str | Path | None = None) -> l
     return [(base / name, str(name)) for name in blocks[0]["rlnMicrographName"]]
 
 
+def star_inputs(inputs: list[str]) -> list[str]:
+    """The micrographs STAR files among a command line's inputs (by their ``.star`` suffix, in any case)."""
+    return [item for item in inputs if item.lower().endswith(".star")]
+
+
 def star_optics(path: str | Path) -> dict[str, float]:
     """Voltage (``voltage_kV``), spherical aberration (``spherical_aberration_mm``) and amplitude contrast
     (``amplitude_contrast``) of a micrographs STAR's first optics group; those it lacks are left out.

@@ -316,10 +316,8 @@ class OutputFolder:
 
 def optics_of(config: EmmaeConfig) -> Optics:
     """``particles.star``'s optics: the configured values, RELION's import defaults for those not given."""
-    output, default = config.output, Optics()
-    return Optics(default.voltage_kV if output.voltage_kV is None else output.voltage_kV,
-                  default.spherical_aberration_mm if output.spherical_aberration_mm is None else output.spherical_aberration_mm,
-                  default.amplitude_contrast if output.amplitude_contrast is None else output.amplitude_contrast)
+    given = {name: getattr(config.output, name) for name in ("voltage_kV", "spherical_aberration_mm", "amplitude_contrast")}
+    return Optics(**{name: value for name, value in given.items() if value is not None})
 
 
 def with_star_optics(config: EmmaeConfig, stars: list[str | Path]) -> EmmaeConfig:
@@ -329,8 +327,8 @@ def with_star_optics(config: EmmaeConfig, stars: list[str | Path]) -> EmmaeConfi
             found = star_optics(star)
         except (OSError, ValueError):
             continue  # reported where its micrographs are read
-        update = {k: v for k, v in found.items() if getattr(config.output, k) is None}
         if found:
+            update = {k: v for k, v in found.items() if getattr(config.output, k) is None}
             return config.model_copy(update={"output": config.output.model_copy(update=update)})
     return config
 

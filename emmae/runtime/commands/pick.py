@@ -37,7 +37,7 @@ from typing import Any
 from emmae.backend import check_threads, limit_cpu_threads
 from emmae.config import EmmaeConfig, _apply_override, add_config_arguments, config_from_args, config_record, validate_config
 from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError
-from emmae.io.inputs import expand_inputs, micrographs_from_star
+from emmae.io.inputs import expand_inputs, micrographs_from_star, star_inputs
 from emmae.io.layout import coordinate_stem
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             with OutputFolder.open(args.rethreshold) as outputs:
                 record = outputs.read_record()
                 return rethreshold(outputs, rethreshold_config(record["config"], args), command, record)
-        config = with_star_optics(_config(args), [i for i in args.inputs if i.lower().endswith(".star")])
+        config = with_star_optics(_config(args), star_inputs(args.inputs))
         if args.batch_tiles is not None and args.batch_tiles < 1:
             raise ConfigError(f"--batch-tiles must be at least 1, got {args.batch_tiles}")
         jobs, rejected = admit_all(collect_inputs(args.inputs, config, args.recursive), config)
@@ -218,8 +218,8 @@ def collect_inputs(inputs: list[str], config: EmmaeConfig, recursive: bool = Fal
     """
     if not inputs:
         raise EmmaeError("no micrographs given (files, folders, globs or a micrographs .star)")
-    stars = [item for item in inputs if item.lower().endswith(".star")]
-    others = [item for item in inputs if not item.lower().endswith(".star")]
+    stars = star_inputs(inputs)
+    others = [item for item in inputs if item not in stars]
     pairs: list[tuple[Path, str]] = []
     for star in stars:
         pairs += star_micrographs(star, config.output.project_root)

@@ -162,11 +162,10 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
         log.debug("template round %d: profile change %.2g", round_, change)
         if round_ == iterations or change < tolerance:
             break
-        repeated = [j for j in range(round_ - 1) if np.array_equal(profile, history[j])]
-        if repeated:
+        j = next((j for j in range(round_ - 1) if np.array_equal(profile, history[j])), None)
+        if j is not None:
             # The same peaks as in round j, so the same profile: the rounds left would only
             # cycle through the profiles since, and the last round's is known now.
-            j = repeated[0]
             log.debug("template round %d: repeats round %d", round_, j)
             return history[j + (iterations - j) % (round_ - j)]
         template = template_from_profile(profile)

@@ -10,15 +10,26 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TextIO
+
+RATE_WINDOW = 20  # the last this many events set a rate
+
+
+def rate_per_hour(times: Iterable[float | None]) -> float | None:
+    """Events per hour over the last ``RATE_WINDOW`` of ``times`` (seconds, any order; None skipped); None with fewer
+    than two, or all at one time."""
+    last = sorted(t for t in times if t is not None)[-RATE_WINDOW:]
+    span_s = last[-1] - last[0] if len(last) > 1 else 0.0
+    return (len(last) - 1) / span_s * 3600 if span_s > 0 else None
 
 
 class Progress:
-    """Running figures: micrographs per hour (last 20 picks), last latency, particles per micrograph."""
+    """Running figures: micrographs per hour (last ``RATE_WINDOW`` picks), last latency, particles per micrograph."""
 
     def __init__(self, count: int = 0, particles: int = 0) -> None:
         """``count``, ``particles``: what earlier runs of the stream picked."""
-        self.times: deque[float] = deque(maxlen=20)
+        self.times: deque[float] = deque(maxlen=RATE_WINDOW)
         self.count = count
         self.failed = 0
         self.particles = particles
@@ -37,8 +48,7 @@ class Progress:
         self.last_latency_s = latency_s
 
     def rate_per_hour(self) -> float:
-        span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
-        return (len(self.times) - 1) / span * 3600 if span > 0 else 0.0
+        return rate_per_hour(self.times) or 0.0
 
     def summary(self, queued: int, settling: int) -> str:
         latency = "-" if self.last_latency_s is None else f"{self.last_latency_s:.2f} s"

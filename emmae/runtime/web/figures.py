@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from emmae.runtime.stream.status import RATE_WINDOW as WINDOW  # micrographs the rates and latencies are taken over, as on the status line
+from emmae.runtime.stream.status import rate_per_hour
 from emmae.runtime.web.reading import Micrograph
-
-WINDOW = 20  # micrographs the rates and latencies are taken over (the daemon's status line takes the same)
 BEHIND_MARGIN = 1.05  # acquiring this much faster than picking, with a backlog, is falling behind
 FOM_BINS = 20
 
@@ -28,13 +28,6 @@ def counts(micrographs: Sequence[Micrograph]) -> dict:
         "waiting": sum(m.state in ("seen", "processing") for m in micrographs), "particles": particles,
         "particles_per_micrograph": particles / len(picked) if picked else None,
     }
-
-
-def rate_per_hour(times: Sequence[float | None]) -> float | None:
-    """Events per hour over the last ``WINDOW`` of ``times`` (seconds); None with fewer than two."""
-    last = sorted(t for t in times if t is not None)[-WINDOW:]
-    span_s = last[-1] - last[0] if len(last) > 1 else 0.0
-    return (len(last) - 1) / span_s * 3600 if span_s > 0 else None
 
 
 def pace(micrographs: Sequence[Micrograph], queue_depth: int, live: dict | None = None) -> dict:
