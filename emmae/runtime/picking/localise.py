@@ -132,7 +132,7 @@ def match(image: Array, template: np.ndarray) -> Array:
 
 
 def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int, top_fraction: float,
-                  tolerance: float = 1e-3, avoid: list[np.ndarray] | None = None) -> np.ndarray:
+                  tolerance: float = 1e-3, avoid: list[np.ndarray] | None = None, responses: list[Array] | None = None) -> np.ndarray:
     """The session's radial particle profile, learned from ``images`` (outputs of :func:`matching_image`).
 
     Round 0 takes the strongest blob-filter peaks; each further round matches the
@@ -142,9 +142,12 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
     then returned at once, the same as running every round gives.
     ``avoid``: per image, centres ``[M, 2]`` (grid x, y) of what is not a particle
     (atypical peaks); no peak within one diameter of them enters the profile.
+    ``responses``: per image, its :func:`blob_response` at ``diameter_grid_px`` when
+    the caller has it already (computed here otherwise).
     """
     radius = max(2, int(round(TEMPLATE_RADIUS_DIAMETERS * diameter_grid_px)))
-    responses = [blob_response(image, diameter_grid_px) for image in images]
+    if responses is None:
+        responses = [blob_response(image, diameter_grid_px) for image in images]
     avoid = avoid if avoid is not None else [np.zeros((0, 2))] * len(images)
     profile = np.zeros(radius + 1)
     history: list[np.ndarray] = []  # each round's profile

@@ -143,8 +143,10 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     top, chosen, centroids, scores = best  # type: ignore[misc]
     runner_up = sorted(scores)[-2] if len(scores) > 1 else 0.0
     confidence = float(1 - runner_up / top) if top > 0 else 0.0
-    atypical = atypical_peaks(samples, diameter, patch_px, post.template_top_fraction, post.latent_limit) if post.latent_vetting else None
-    profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=atypical)
+    blobs = [blob_response(s.image, diameter) for s in samples]  # round 0 of the template, and what vetting looks at
+    atypical = atypical_peaks(samples, blobs, diameter, patch_px, post.template_top_fraction, post.latent_limit) if post.latent_vetting else None
+    profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=atypical,
+                            responses=blobs)
     calibration, population = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
     session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
                       level_scores=level_scores, confidence=confidence, ambiguous=confidence < cluster.ambiguous_below,
@@ -157,14 +159,17 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     return session
 
 
-def atypical_peaks(samples: list[SessionSample], diameter_grid_px: float, patch_px: int, top_fraction: float, limit: float) -> list[np.ndarray] | None:
+def atypical_peaks(samples: list[SessionSample], blobs: list[Array], diameter_grid_px: float, patch_px: int, top_fraction: float,
+                   limit: float) -> list[np.ndarray] | None:
     """Per sample, the strongest blob peaks ``[M, 2]`` whose latents lie beyond ``limit`` from the population of them all.
+
+    ``blobs``: per sample, its :func:`blob_response` at ``diameter_grid_px``.
 
     The strongest ``top_fraction`` of each sample's peaks are those the template is
     first learned from: mostly particles, and the darkest junk. None when there are
     too few to fit a population.
     """
-    peaks = [strongest(find_peaks(blob_response(s.image, diameter_grid_px), diameter_grid_px / 2), top_fraction) for s in samples]
+    peaks = [strongest(find_peaks(blob, diameter_grid_px / 2), top_fraction) for blob in blobs]
     described = [descriptors(s.latents, xy, patch_px) for s, xy in zip(samples, peaks)]
     population = fit_population(np.concatenate(described), keep=CORE_KEEP, rounds=CORE_ROUNDS)
     if population is None:
