@@ -162,3 +162,10 @@ def limit_cpu_threads(threads: int | None) -> None:
     import cv2
 
     cv2.setNumThreads(threads)
+
+
+def cpu_threads() -> int:
+    """Threads one process's CPU work may use: OpenCV's count (set by :func:`limit_cpu_threads`; all cores by default)."""
+    import cv2
+
+    return max(1, int(cv2.getNumThreads()))

@@ -15,6 +15,7 @@ from emmae.io.mrc import write_micrograph
 from emmae.runtime.commands import pick as cli
 from emmae.runtime.picking.bundle import default_bundle_path
 from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking import localise
 from emmae.runtime.picking.localise import (blob_response, confidence, find_peaks, learn_profile, match, matching_image, radial_profile,
                                             relative_change, template_from_profile)
 from emmae.runtime.jobs import Job, Picker, pick_read
@@ -98,6 +99,24 @@ def test_learned_template_finds_touching_particles(rng):
     found = find_peaks(match(image, template_from_profile(profile)), diameter / 2)
     strongest = found.xy[np.argsort(-found.score)[: len(centres)]]
     assert matched(centres, strongest, 0.2 * diameter) > 0.9
+
+
+def test_several_images_learn_in_threads_the_profile_one_thread_learns(rng, monkeypatch):
+    """Host images are matched in threads; the profile is the one a plain loop over them gives, bit for bit."""
+    diameter = 16.0
+    images = []
+    for _ in range(4):
+        centres = rng.uniform(20, 236, (40, 2))
+        image = disks((256, 256), centres, diameter - 1) + rng.normal(0, 0.5, (256, 256)).astype(np.float32)
+        images.append((image - image.mean()) / image.std())
+    threaded = learn_profile(images, diameter, iterations=6, top_fraction=0.3, tolerance=0.0)
+    monkeypatch.setattr(localise, "cpu_threads", lambda: 1)  # a pool of one thread
+    single = learn_profile(images, diameter, iterations=6, top_fraction=0.3, tolerance=0.0)
+    radius = len(threaded) - 1
+    looped = localise._rounds(images, None, [np.zeros((0, 2))] * 4, diameter, radius, 6, 0.3, 0.0, map)  # no pool at all
+    np.testing.assert_array_equal(threaded, looped)
+    np.testing.assert_array_equal(single, looped)
+    assert looped[0] < looped[-1]  # a particle profile, not an empty one
 
 
 @needs_model

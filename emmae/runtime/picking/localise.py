@@ -17,12 +17,15 @@ come back to the host.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from emmae.backend import backend_of, to_host
+from emmae.backend import backend_of, cpu_threads, to_host
 from emmae.runtime.kernels.filters import Array
 from emmae.runtime.picking.postprocess import Candidates
 
@@ -146,16 +149,28 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
     the caller has it already (computed here otherwise).
     """
     radius = max(2, int(round(TEMPLATE_RADIUS_DIAMETERS * diameter_grid_px)))
-    if responses is None:
-        responses = [blob_response(image, diameter_grid_px) for image in images]
     avoid = avoid if avoid is not None else [np.zeros((0, 2))] * len(images)
+    on_host = len(images) > 1 and all(backend_of(image).xp is np for image in images)
+    with ThreadPoolExecutor(min(len(images), cpu_threads())) if on_host else nullcontext() as pool:
+        each = pool.map if pool is not None else map  # NumPy images in threads (the FFTs and filters release the GIL), in order
+        return _rounds(images, responses, avoid, diameter_grid_px, radius, iterations, top_fraction, tolerance, each)
+
+
+def _rounds(images: list[Array], responses: list[Array] | None, avoid: list[np.ndarray], diameter_grid_px: float, radius: int,
+            iterations: int, top_fraction: float, tolerance: float, each: Callable) -> np.ndarray:
+    """:func:`learn_profile`'s rounds; ``each(function, items)`` maps over the images (in order)."""
+
+    def peaks_profile(image: Array, response: Array, away: np.ndarray) -> tuple[np.ndarray, int]:
+        found = far_from(find_peaks(response, diameter_grid_px / 2), away, diameter_grid_px)
+        return radial_profile(image, strongest(found, top_fraction), radius)
+
+    if responses is None:
+        responses = list(each(lambda image: blob_response(image, diameter_grid_px), images))
     profile = np.zeros(radius + 1)
     history: list[np.ndarray] = []  # each round's profile
     for round_ in range(iterations + 1):
         total, count = np.zeros(radius + 1), 0
-        for image, response, away in zip(images, responses, avoid):
-            found = far_from(find_peaks(response, diameter_grid_px / 2), away, diameter_grid_px)
-            part, n = radial_profile(image, strongest(found, top_fraction), radius)
+        for part, n in each(peaks_profile, images, responses, avoid):  # summed in image order: the same profile as one thread gives
             total, count = total + part * n, count + n
         if count == 0:
             break
@@ -172,7 +187,7 @@ def learn_profile(images: list[Array], diameter_grid_px: float, iterations: int,
             log.debug("template round %d: repeats round %d", round_, j)
             return history[j + (iterations - j) % (round_ - j)]
         template = template_from_profile(profile)
-        responses = [match(image, template) for image in images]
+        responses = list(each(lambda image: match(image, template), images))
     return profile
 
 
