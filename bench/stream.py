@@ -41,9 +41,7 @@ from emmae.memory import retain_freed_memory
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
 from emmae.runtime.stream.demo import write_in_chunks
-from emmae.runtime.web.folder import FolderView
-from emmae.runtime.web.live import LiveFigures
-from emmae.runtime.web.server import serve
+from emmae.runtime.web.live import serve_daemon
 from emmae.synth import SynthParams, make_micrograph
 
 log = logging.getLogger("bench.stream")
@@ -97,7 +95,7 @@ def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder
     session = Daemon(watch, out, config, encoder)
     server, page, browsing = None, threading.Event(), {"requests": 0, "errors": 0, "overlays": 0}
     if http:  # as emmae-stream --http serves it, and a page open on it
-        server = serve(FolderView(out, config, live=LiveFigures(session), path_of=session.scanner.path_of, watch=watch), "127.0.0.1:0")
+        server = serve_daemon(session, "127.0.0.1:0")
         threading.Thread(target=browse, args=(f"http://127.0.0.1:{server.port}", page, browsing), daemon=True).start()
     completed: dict[str, float] = {}
     writer = threading.Thread(target=acquire, args=(watch, images, interval_s, completed), daemon=True)

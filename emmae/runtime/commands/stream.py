@@ -64,9 +64,8 @@ from emmae.runtime.stream.daemon import Daemon, StopFlag, run
 from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
 from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.status import StatusLine
-from emmae.runtime.web.folder import FolderView
-from emmae.runtime.web.live import LiveFigures
-from emmae.runtime.web.server import ViewServer, parse_address, serve
+from emmae.runtime.web.live import serve_daemon
+from emmae.runtime.web.server import ViewServer, parse_address
 
 log = logging.getLogger("emmae.stream")
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
@@ -200,10 +199,7 @@ def start_view(args: argparse.Namespace, daemon: Daemon) -> ViewServer | None:
     Raises:
         EmmaeError: the address cannot be served.
     """
-    if args.http is None:
-        return None
-    view = FolderView(daemon.outputs.root, daemon.config, live=LiveFigures(daemon), path_of=daemon.scanner.path_of, watch=daemon.watch)
-    return serve(view, args.http, args.http_token)
+    return None if args.http is None else serve_daemon(daemon, args.http, args.http_token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 from emmae.runtime.stream.status import RATE_WINDOW as WINDOW  # micrographs the rates and latencies are taken over, as on the status line
 from emmae.runtime.stream.status import rate_per_hour
 from emmae.runtime.web.reading import Micrograph
+
 BEHIND_MARGIN = 1.05  # acquiring this much faster than picking, with a backlog, is falling behind
 FOM_BINS = 20
 

@@ -185,7 +185,6 @@ class FolderView:
         return self.overlays.png(self.find(stem))[0]
 
 
-
 def _adaptation(recorded: dict | None, progress: str | None) -> dict | None:
     """The journal's record of the adaptation with the running daemon's progress text; None when the stream does not adapt."""
     if recorded is None and not progress:

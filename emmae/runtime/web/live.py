@@ -14,6 +14,8 @@ from collections import deque
 
 from emmae.runtime.stream.daemon import Daemon
 from emmae.runtime.stream.health import PACE_INTERVAL_S
+from emmae.runtime.web.folder import FolderView
+from emmae.runtime.web.server import ViewServer, serve
 
 SAMPLES = 256  # backlog samples kept (one per status computed, at most one a second)
 
@@ -39,3 +41,13 @@ class LiveFigures:
             "latency_last_s": daemon.progress.last_latency_s, "backlog_growing": bool(older) and queued > older[-1],
             "model": daemon.switcher.model, "adapting": daemon.switcher.status() or None,
         }
+
+
+def serve_daemon(daemon: Daemon, address: str, token: str | None = None) -> ViewServer:
+    """The web view of a running daemon's output folder, with its live figures, served at ``address`` (``[HOST:]PORT``).
+
+    Raises:
+        ConfigError: a malformed address; EmmaeError: it cannot be bound.
+    """
+    view = FolderView(daemon.outputs.root, daemon.config, live=LiveFigures(daemon), path_of=daemon.scanner.path_of, watch=daemon.watch)
+    return serve(view, address, token)
