@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import DEFAULT_DATA, log_picks, split_items  # noqa: E402
 
-from emmae.io.mrc import read_micrograph  # noqa: E402
+from emmae.io.mrc import read_layout, read_micrograph, write_micrograph  # noqa: E402
 from emmae.io.picks import write_relion_coordinates  # noqa: E402
 
 log = logging.getLogger("bench.downstream")
@@ -98,16 +98,9 @@ def even_ceil(value: float) -> int:
     return int(np.ceil(value / 2.0)) * 2
 
 
-def pixel_size(path: Path) -> float:
-    """The header's pixel size (A), the geometric mean of x and y when they differ; 0 when unknown."""
-    with mrcfile.open(path, permissive=True, header_only=True) as mrc:
-        x, y = float(mrc.voxel_size.x), float(mrc.voxel_size.y)
-    return float(np.sqrt(x * y)) if x > 0 and y > 0 else 0.0
-
-
 def setup_for(dataset: str, items: list, args) -> Setup:
     diameter = float(np.median([config.preprocess.diameter_px for _, _, config in items]))
-    header = pixel_size(items[0][0])
+    header = read_micrograph(items[0][0]).pixel_size_A  # the geometric mean of x and y; None when unknown
     pixel = header or NOMINAL_PIXEL_A
     box = even_ceil(args.box_diameters * diameter)
     scaled = min(box, args.binned_box)
@@ -127,13 +120,10 @@ def run_logged(command: list[str], cwd: Path, logfile: Path) -> None:
 
 def link_or_convert(source: Path, target: Path) -> None:
     """A symlink to ``source``; a float32 copy when it is unsigned 16-bit (MRC mode 6), which RELION 3.1 reads as signed."""
-    with mrcfile.open(source, permissive=True) as mrc:
-        unsigned = int(mrc.header.mode) == 6
-        if unsigned:
-            with mrcfile.new(target) as out:
-                out.set_data(np.asarray(mrc.data, dtype=np.float32))
-                out.voxel_size = mrc.voxel_size
-    if not unsigned:
+    if read_layout(source).mode == 6:
+        micrograph = read_micrograph(source)  # float32
+        write_micrograph(target, micrograph.data, micrograph.pixel_size_xy_A)
+    else:
         target.symlink_to(source.resolve())
 
 
