@@ -119,6 +119,12 @@ class PostprocessConfig(_Section):
     # and atypical blobs never shape the session's template (emmae.runtime.picking.vetting)
     latent_vetting: bool = True
     latent_limit: float = Field(40.0, gt=0, le=1e6)
+    # session classes (emmae.runtime.picking.classes): the session's candidates sorted into this many
+    # classes (0: off), each judged particle or junk; a candidate of a junk class is never a pick.
+    # keep_classes / drop_classes overrule the session's choice by class number (emmae-classes.png)
+    session_classes: int = Field(12, ge=0, le=64)
+    keep_classes: tuple[int, ...] = ()
+    drop_classes: tuple[int, ...] = ()
 
 
 class OutputConfig(_Section):

@@ -215,7 +215,7 @@ def test_golden_picks_avoid_the_junk(encoder, kind):
 def test_rethreshold_and_vetting_survive_a_save(encoder, tmp_path):
     synth = make_micrograph(SynthParams(shape=(512, 512), diameter_px=32, pixel_size_A=1.0, n_particles=60, snr=0.2), seed=4)
     picks = pick_session(encoder, [synth], 32.0, [{}])[0][0]
-    assert picks.grid_candidates.shape[1] == 5 and np.isfinite(picks.grid_candidates[:, 4]).all()
+    assert picks.grid_candidates.shape[1] == 6 and np.isfinite(picks.grid_candidates[:, 4]).all()  # x, y, match, merit, latent distance, class
     save_picks(tmp_path / "p.npz", picks)
     config = EmmaeConfig.model_validate({"preprocess": {"diameter_px": 32.0}})
     again = repick(load_picks(tmp_path / "p.npz"), config)

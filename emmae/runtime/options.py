@@ -57,6 +57,28 @@ def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._Argum
                        help="particles.star's optics block: amplitude contrast (default: the micrographs STAR's, else 0.1)")
 
 
+def class_numbers(text: str) -> tuple[int, ...]:
+    """``"1,3"`` -> ``(1, 3)``: session class numbers as ``emmae-classes.png`` shows them."""
+    try:
+        numbers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"class numbers are whole numbers separated by commas (as emmae-classes.png shows them), got {text!r}") from None
+    if any(n < 0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"class numbers start at 0, got {text!r}")
+    return numbers
+
+
+def add_class_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--keep-classes`` / ``--drop-classes``: overrule the session's choice of particle classes."""
+    group.add_argument("--keep-classes", type=class_numbers, metavar="N,N", help="session classes to keep though the session dropped them "
+                       "(numbers as emmae-classes.png shows them); with --rethreshold, re-cuts without encoding")
+    group.add_argument("--drop-classes", type=class_numbers, metavar="N,N", help="session classes to drop though the session kept them")
+
+
+def class_switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    return {("postprocess", "keep_classes"): getattr(args, "keep_classes", None), ("postprocess", "drop_classes"): getattr(args, "drop_classes", None)}
+
+
 def add_http_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     """``--http [HOST:]PORT`` and ``--http-token`` (shared with emmae-stream)."""
     group = parser.add_argument_group("web view")

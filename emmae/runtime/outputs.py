@@ -50,7 +50,7 @@ from emmae.io.picks import (
     write_particles,
     write_relion_coordinates,
 )
-from emmae.io.preview import write_preview
+from emmae.io.preview import write_class_montage, write_preview
 from emmae.io.star import read_star
 from emmae.runtime.picking.picker import repick
 from emmae.runtime.picking.session import Session
@@ -60,6 +60,7 @@ LOCK_FILE = "emmae.lock"
 RECORD_FILE = "emmae-config.json"
 FAILED_FILE = "failed.txt"
 SESSION_FILE = "emmae-session.json"
+CLASSES_FILE = "emmae-classes.png"  # the session classes' averages, each marked kept or dropped
 OLD_SESSION_FILES = ("session.json",)
 SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far (before the session is fixed)  # written by emmae-pick before the two commands shared one name
 INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
@@ -263,7 +264,28 @@ class OutputFolder:
         record = {"summary": session.summary(), "sample": sample, "session": json.loads(session.to_json())}
         path = self.root / SESSION_FILE
         write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+        if session.classes is not None:
+            self.write_classes(session)
         return path
+
+    def write_classes(self, session: Session, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> Path:
+        """``emmae-classes.png``: each session class's average, its number and count, kept or dropped (a user's ``keep``/``drop`` over
+        the session's choice). Raises OutputError."""
+        classes = session.classes.classes
+        kept = [(c.kept or c.index in keep) and c.index not in drop for c in classes]
+        labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}" for c, k in zip(classes, kept)]
+        path = self.root / CLASSES_FILE
+        try:
+            write_class_montage(path, [c.average for c in classes], labels, kept)
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path}: cannot write the class montage ({exc})") from exc
+        return path
+
+    def redraw_classes(self, keep: tuple[int, ...], drop: tuple[int, ...]) -> None:
+        """``emmae-classes.png`` drawn again with a user's ``keep``/``drop`` over the saved session's choice (nothing without classes)."""
+        session = self.read_session()
+        if session is not None and session.classes is not None:
+            self.write_classes(session, keep, drop)
 
     def read_session(self) -> Session | None:
         """The session saved here (this version's file, or an older stream's); None when there is none to read back."""

@@ -42,7 +42,8 @@ from emmae.io.layout import coordinate_stem
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
-from emmae.runtime.options import Parser, add_common_arguments, add_output_arguments, output_switches, progress_bar, setup_logging
+from emmae.runtime.options import (Parser, add_class_arguments, add_common_arguments, add_output_arguments, class_switches, output_switches,
+                                   progress_bar, setup_logging)
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.picker import repick
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rethreshold", type=Path, metavar="DIR",
                        help="re-pick an earlier output folder DIR from its saved particle maps, without encoding: the run's recorded "
                             "options are kept and the options given now (--set, --min-distance-A, output options) change them")
+    add_class_arguments(group)
     cluster = parser.add_argument_group("cluster (needs the dask extra)")
     cluster.add_argument("--scheduler", metavar="ADDRESS",
                          help="pick on the Dask cluster of this scheduler (e.g. tcp://head:8786); the output folder must be shared with its workers")
@@ -103,7 +105,7 @@ def _switches(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
         ("model", "bundle"): args.model and str(args.model), ("model", "batch_tiles"): args.batch_tiles,
         ("backend", "device"): args.device, ("output", "preview"): args.preview or None,
         ("postprocess", "threshold"): args.threshold,
-        **output_switches(args),
+        **output_switches(args), **class_switches(args),
     }
 
 
@@ -387,6 +389,7 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         particles += len(picks)
     rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
     outputs.write_index(sorted(rows, key=lambda row: row.stem), config)
+    outputs.redraw_classes(config.postprocess.keep_classes, config.postprocess.drop_classes)  # the montage shows the user's choice
     if no_preview:
         log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
     log.info("re-picked %d micrographs: %d particles", len(rows), particles)

@@ -26,12 +26,13 @@ from emmae.config import EmmaeConfig, PostprocessConfig, PreprocessConfig, resol
 from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import Picks
 from emmae.runtime.kernels.filters import Array
+from emmae.runtime.picking.classes import class_image
 from emmae.runtime.picking.cluster import particle_region, smoothing_window
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.localise import confidence, match_peaks, matching_image
 from emmae.runtime.picking.postprocess import Candidates, candidates, picks
 from emmae.runtime.picking.preprocess import Preprocessed, preprocess
-from emmae.runtime.picking.session import Session, SessionSample, fit_session, particle_membership, particle_share, sample_of
+from emmae.runtime.picking.session import Session, SessionSample, class_features, fit_session, particle_membership, particle_share, sample_of
 from emmae.runtime.picking.vetting import descriptors
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def valid_latents(latents: Array, grid: Preprocessed, patch_px: int) -> Array:
 
 def template_candidates(grid: Preprocessed, session: Session, share: Array | None, config: EmmaeConfig, latents: Array | None = None,
                         patch_px: int | None = None) -> np.ndarray:
-    """Every peak of the session's template match: ``[N, 5]`` grid x, y, match value, figure of merit and latent distance.
+    """Every peak of the session's template match: ``[N, 6]`` grid x, y, match value, figure of merit, latent distance and class.
 
     The match of the session's template on the binned micrograph is weighted by
     ``(1 - latent_gate) + latent_gate * share`` (``share``: the particle cluster's
@@ -155,7 +156,19 @@ def template_candidates(grid: Preprocessed, session: Session, share: Array | Non
     distance = np.full(len(found), np.nan)
     if post.latent_vetting and session.population is not None and latents is not None and patch_px and len(found):
         distance = session.population.distance2(descriptors(latents, found.xy, patch_px))
-    return np.column_stack([found.xy, found.score, merit, distance])
+    return np.column_stack([found.xy, found.score, merit, distance, session_class(grid, session, found.xy, config, latents, patch_px)])
+
+
+def session_class(grid: Preprocessed, session: Session, xy: np.ndarray, config: EmmaeConfig, latents: Array | None, patch_px: int | None) -> np.ndarray:
+    """The session class ``[N]`` of each peak at grid ``xy [N, 2]`` (-1 for all when the session has no classes)."""
+    classes = session.classes
+    if classes is None or len(xy) == 0 or (classes.latent_dims and (latents is None or not patch_px or session.population is None)):
+        return np.full(len(xy), -1.0)
+    sample = SessionSample(image=None, latents=latents, diameter_grid_px=grid.diameter_grid_px,
+                           classes_image=class_image(grid.binned, grid.diameter_grid_px, config.postprocess.contrast))
+    image, latent = class_features(sample, xy, session.population if classes.latent_dims else None, patch_px or 1)
+    features = image if latent is None else np.concatenate([image, latent], axis=1)
+    return classes.assign(features).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -208,7 +221,7 @@ def repick(previous: Picks, config: EmmaeConfig) -> Picks:
     """
     post = config.postprocess
     if previous.grid_candidates is not None:
-        found, typical = scored_candidates(previous.grid_candidates, post)
+        found, typical = scored_candidates(previous.grid_candidates, post, kept_classes(previous.session))
         kept = picks(found.take(np.flatnonzero((found.score >= post.threshold) & typical)), previous.diameter_grid_px, previous.transform.valid_shape, post)
     else:
         found = candidates(previous.region, previous.patch_px, previous.diameter_grid_px, post)
@@ -220,15 +233,27 @@ def repick(previous: Picks, config: EmmaeConfig) -> Picks:
     )
 
 
-def scored_candidates(grid_candidates: np.ndarray, post: PostprocessConfig) -> tuple[Candidates, np.ndarray]:
-    """Template candidates with their figure of merit, and which of them the latents let through (bool ``[N]``).
+def kept_classes(summary: dict | None) -> tuple[int, ...] | None:
+    """The kept classes of a session's summary (:meth:`Session.summary`); None when it sorted none."""
+    classes = (summary or {}).get("classes")
+    return None if not classes else tuple(int(k) for k in classes["kept"])
 
-    ``grid_candidates``: ``[N, 5]`` (:func:`template_candidates`), or ``[N, 3]`` as saved
-    before figures of merit were calibrated per session (scored per micrograph, no vetting).
+
+def scored_candidates(grid_candidates: np.ndarray, post: PostprocessConfig, kept: tuple[int, ...] | None = None) -> tuple[Candidates, np.ndarray]:
+    """Template candidates with their figure of merit, and which of them the latents and the classes let through (bool ``[N]``).
+
+    ``grid_candidates``: ``[N, 6]`` (:func:`template_candidates`), ``[N, 5]`` as saved
+    before session classes, or ``[N, 3]`` as saved before figures of merit were
+    calibrated per session (scored per micrograph, no vetting). ``kept``: the session's
+    particle classes, overruled by ``post.keep_classes`` / ``post.drop_classes``.
     """
     xy = grid_candidates[:, :2]
     if grid_candidates.shape[1] < 5:
         return Candidates(xy, confidence(grid_candidates[:, 2])), np.ones(len(grid_candidates), bool)
     distance = grid_candidates[:, 4]
     typical = ~(distance > post.latent_limit) if post.latent_vetting else np.ones(len(distance), bool)  # NaN: not vetted
+    if grid_candidates.shape[1] >= 6 and kept is not None:
+        chosen = (set(kept) | set(post.keep_classes)) - set(post.drop_classes)
+        label = grid_candidates[:, 5]
+        typical &= (label < 0) | np.isin(label, sorted(chosen))
     return Candidates(xy, grid_candidates[:, 3]), typical

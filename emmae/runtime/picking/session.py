@@ -26,6 +26,10 @@ flip between clusters.
 * **Particle population.** With ``postprocess.latent_vetting``, the latents of the
   sample's candidates at figure of merit >= 0.5 (typical ones) form the population
   that vets every micrograph's candidates.
+* **Classes.** With ``postprocess.session_classes``, the sample's candidates are sorted
+  into classes and each judged particle or junk (:mod:`emmae.runtime.picking.classes`);
+  when some class is junk, the template and the figure of merit are learned again
+  without its members, and its members are never picks.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from emmae.config import EmmaeConfig
 from emmae.runtime.picking.cluster import smooth_latents
 from emmae.runtime.kernels.filters import Array
 from emmae.runtime.kernels.kmeans import assign, fit
+from emmae.runtime.picking.classes import CANDIDATE_MERIT, SessionClasses, class_image, fit_classes, image_features, montage_boxes
 from emmae.runtime.picking.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image, strongest
 from emmae.runtime.picking.vetting import Population, descriptors, fit_population
 
@@ -58,6 +63,7 @@ class SessionSample:
     image: Array
     latents: Array
     diameter_grid_px: float
+    classes_image: np.ndarray | None = None  # [H, W] host: the classes' view of the micrograph (classes.class_image)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Session:
     micrographs: int
     calibration: Calibration | None = None  # match value -> figure of merit (None: per micrograph, as sessions saved before it)
     population: Population | None = None  # the typical candidates' latents (None: no latent vetting)
+    classes: SessionClasses | None = None  # the candidates' classes (None: none sorted)
 
     @property
     def k(self) -> int:
@@ -86,7 +93,9 @@ class Session:
                 "ambiguous": self.ambiguous, "cluster_scores": [round(s, 4) for s in self.cluster_scores],
                 "micrographs": self.micrographs, "diameter_grid_px": round(self.diameter_grid_px, 3), "id": self.digest(),
                 "figure_of_merit": None if self.calibration is None else {"cut": round(self.calibration.cut, 4), "scale": round(self.calibration.scale, 4)},
-                "latent_population": None if self.population is None else self.population.candidates}
+                "latent_population": None if self.population is None else self.population.candidates,
+                "classes": None if self.classes is None else {"kept": list(self.classes.kept), "count": len(self.classes.classes),
+                                                               "judged": self.classes.judged, "each": self.classes.summary()}}
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -94,6 +103,7 @@ class Session:
         data["profile"] = np.asarray(self.profile, np.float64).tolist()
         data["level_scores"] = {str(k): v for k, v in self.level_scores.items()}
         data["population"] = None if self.population is None else self.population.to_dict()
+        data["classes"] = None if self.classes is None else self.classes.to_dict()
         return json.dumps(data)
 
     @classmethod
@@ -106,6 +116,7 @@ class Session:
         data["level_scores"] = {int(k): v for k, v in data["level_scores"].items()}
         data["calibration"] = None if data.get("calibration") is None else Calibration(**data["calibration"])
         data["population"] = None if data.get("population") is None else Population.from_dict(data["population"])
+        data["classes"] = None if data.get("classes") is None else SessionClasses.from_dict(data["classes"])
         return cls(**data)
 
     def digest(self) -> str:
@@ -115,6 +126,8 @@ class Session:
             payload += np.asarray([self.calibration.cut, self.calibration.scale], np.float64).tobytes()
         if self.population is not None:
             payload += np.asarray(self.population.mean, np.float32).tobytes()
+        if self.classes is not None:
+            payload += np.asarray(self.classes.centroids, np.float32).tobytes() + bytes(self.classes.kept)
         return hashlib.sha256(payload + str(self.particle_cluster).encode()).hexdigest()[:12]
 
 
@@ -147,10 +160,22 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     atypical = atypical_peaks(samples, blobs, diameter, patch_px, post.template_top_fraction, post.latent_limit) if post.latent_vetting else None
     profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=atypical,
                             responses=blobs)
-    calibration, population = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
+    calibration, population, found = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
+    classes = None
+    if post.session_classes and calibration is not None:
+        classes = sort_classes(samples, found, calibration, population, patch_px, config)
+        junk, background = junk_members(samples, found, classes, population, patch_px)
+        if classes is not None and any(len(j) for j in junk):
+            avoid = junk if atypical is None else [np.concatenate([a, j]) for a, j in zip(atypical, junk)]
+            profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=avoid,
+                                    responses=blobs)
+            unlike = [xy[~b] for xy, b in zip(junk, background)]  # the background stays in the calibration
+            avoid = unlike if atypical is None else [np.concatenate([a, u]) for a, u in zip(atypical, unlike)]
+            calibration, population, _ = fit_figure_of_merit(samples, profile, diameter, patch_px, config, avoid)
     session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
                       level_scores=level_scores, confidence=confidence, ambiguous=confidence < cluster.ambiguous_below,
-                      profile=profile, diameter_grid_px=diameter, micrographs=len(samples), calibration=calibration, population=population)
+                      profile=profile, diameter_grid_px=diameter, micrographs=len(samples), calibration=calibration, population=population,
+                      classes=classes)
     log.info("session %s from %d micrograph(s): particle cluster %d of k=%d, confidence %.2f, %s", session.digest(), len(samples), chosen, session.k,
              confidence, "no latent population" if population is None else f"latent population of {population.candidates} candidates")
     if session.ambiguous:
@@ -180,32 +205,82 @@ def atypical_peaks(samples: list[SessionSample], blobs: list[Array], diameter_gr
 
 
 def fit_figure_of_merit(samples: list[SessionSample], profile: np.ndarray, diameter_grid_px: float, patch_px: int, config: EmmaeConfig,
-                        atypical: list[np.ndarray] | None) -> tuple[Calibration | None, Population | None]:
-    """The session's figure-of-merit calibration, and (with ``atypical``) the latent population of its likely particles.
+                        atypical: list[np.ndarray] | None) -> tuple[Calibration | None, Population | None, list]:
+    """The session's figure-of-merit calibration, (with ``atypical``) the latent population of its likely particles, and each
+    sample's template peaks (:class:`Candidates`, match values as scores).
 
     The template is matched on every sample micrograph; candidates near an atypical
     peak do not set the calibration; those scoring >= 0.5 then fit the population.
     """
     post = config.postprocess
-    values, described = [], []
+    values, described, peaks = [], [], []
     for i, sample in enumerate(samples):
         found = match_peaks(sample.image, profile, diameter_grid_px, sample.diameter_grid_px, post.min_distance_diameters * sample.diameter_grid_px)
         if atypical is not None:
             found = far_from(found, atypical[i], sample.diameter_grid_px)
             described.append(descriptors(sample.latents, found.xy, patch_px))
         values.append(found.score)
+        peaks.append(found)
     calibration = calibrate(np.concatenate(values))
     if atypical is None or calibration is None:
-        return calibration, None
+        return calibration, None, peaks
     likely = [d[calibration.figure_of_merit(v) >= 0.5] for d, v in zip(described, values)]
-    return calibration, fit_population(np.concatenate(likely))
+    return calibration, fit_population(np.concatenate(likely)), peaks
+
+
+def class_features(sample: SessionSample, xy: np.ndarray, population: Population | None, patch_px: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A sample's candidates' image features ``[N, R + 1]`` and, with a population, their whitened latents ``[N, m]``."""
+    image = image_features(sample.classes_image, xy, sample.diameter_grid_px)
+    if population is None:
+        return image, None
+    return image, population.whitened(descriptors(sample.latents, xy, patch_px))
+
+
+def sort_classes(samples: list[SessionSample], found: list, calibration: Calibration, population: Population | None, patch_px: int,
+                 config: EmmaeConfig) -> SessionClasses | None:
+    """The session's classes of its sample's candidates at figure of merit >= ``CANDIDATE_MERIT``; None without class images or with too few."""
+    if any(s.classes_image is None for s in samples):
+        return None
+    images, latents, boxes, merits = [], [], [], []
+    for sample, peaks in zip(samples, found):
+        merit = calibration.figure_of_merit(peaks.score)
+        xy = peaks.xy[merit >= CANDIDATE_MERIT]
+        merits.append(merit[merit >= CANDIDATE_MERIT])
+        image, latent = class_features(sample, xy, population, patch_px)
+        images.append(image)
+        latents.append(latent)
+        boxes.append(montage_boxes(sample.classes_image, xy, sample.diameter_grid_px))
+    whitened = None if population is None else np.concatenate(latents)
+    classes = fit_classes(np.concatenate(images), whitened, np.concatenate(boxes), np.concatenate(merits), config.postprocess.session_classes,
+                          config.cluster.seed)
+    if classes is not None:
+        log.info("session classes: %d of %d kept%s", len(classes.kept), len(classes.classes), "" if classes.judged else " (too faint to judge: all kept)")
+    return classes
+
+
+def junk_members(samples: list[SessionSample], found: list, classes: SessionClasses | None, population: Population | None,
+                 patch_px: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per sample, the centres ``[M, 2]`` of its template peaks that fall in a junk class, and which of them (bool ``[M]``) in an
+    empty one."""
+    if classes is None or len(classes.kept) == len(classes.classes):
+        return [np.zeros((0, 2)) for _ in samples], [np.zeros(0, bool) for _ in samples]
+    empty = np.array([c.empty for c in classes.classes])
+    junk, background = [], []
+    for sample, peaks in zip(samples, found):
+        image, latent = class_features(sample, peaks.xy, population, patch_px)
+        labels = classes.assign(image if latent is None else np.concatenate([image, latent], axis=1))
+        dropped = ~classes.kept_mask(labels)
+        junk.append(peaks.xy[dropped])
+        background.append(empty[labels[dropped]])
+    return junk, background
 
 
 def sample_of(prepared_image_binned: Array, latents: Array, diameter_grid_px: float, config: EmmaeConfig) -> SessionSample:
     """A :class:`SessionSample` from a micrograph's binned grid image and its (valid) latent map."""
-    image = matching_image(prepared_image_binned, diameter_grid_px, config.postprocess.match_sigma_diameters, config.postprocess.contrast,
-                           config.postprocess.match_clip_sigma)
-    return SessionSample(image=image, latents=latents, diameter_grid_px=diameter_grid_px)
+    post = config.postprocess
+    image = matching_image(prepared_image_binned, diameter_grid_px, post.match_sigma_diameters, post.contrast, post.match_clip_sigma)
+    classes = class_image(prepared_image_binned, diameter_grid_px, post.contrast) if post.session_classes else None
+    return SessionSample(image=image, latents=latents, diameter_grid_px=diameter_grid_px, classes_image=classes)
 
 
 def cluster_score(labels: list[Array], darkness: list[Array], cluster: int, diameter_latents: float) -> float:

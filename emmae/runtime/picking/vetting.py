@@ -48,6 +48,10 @@ class Population:
         projected = (np.asarray(descriptors, np.float64) - self.mean) @ self.axes.T  # [N, m]
         return np.sum(projected**2 / self.variances, axis=1)
 
+    def whitened(self, descriptors: np.ndarray) -> np.ndarray:
+        """``descriptors [N, D]`` in the population's principal axes, each scaled to unit variance: ``[N, m]``."""
+        return ((np.asarray(descriptors, np.float64) - self.mean) @ self.axes.T) / np.sqrt(self.variances)
+
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "axes": self.axes.tolist(), "variances": self.variances.tolist(), "candidates": self.candidates}
 

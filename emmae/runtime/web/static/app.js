@@ -201,6 +201,8 @@ function showSession(session, model, adaptation) {
     ["fitted on", session.micrographs === undefined ? "\u2013" : `${session.micrographs} micrographs`],
     ["particle cluster", session.particle_cluster === undefined ? "\u2013" : `${session.particle_cluster} of k = ${session.k}`],
     ["confidence", number(session.confidence, 2) + (session.ambiguous ? " (ambiguous)" : ""), session.ambiguous],
+    ["classes", session.classes ? `${session.classes.kept.length} of ${session.classes.count} kept` +
+      (session.classes.judged ? "" : " (too faint to judge)") : "\u2013"],
     ["model", model || "\u2013"],
   ];
   if (adaptation) {
@@ -208,6 +210,24 @@ function showSession(session, model, adaptation) {
       (adaptation.micrographs ? ` on ${adaptation.micrographs} micrographs` : ""), adaptation.state === "failed"]);
   }
   definitions(document.getElementById("session"), rows);
+}
+
+function showClasses(session) {
+  const card = document.getElementById("classes-card");
+  const classes = session.fixed && session.classes ? session.classes.each : null;
+  card.hidden = !classes;
+  if (!classes) return;
+  const image = document.getElementById("classes-image");
+  const source = `files/emmae-classes.png?session=${encodeURIComponent(session.id || "")}`;
+  if (image.getAttribute("src") !== source) image.setAttribute("src", source);
+  const body = document.querySelector("#classes tbody");
+  body.replaceChildren();
+  for (const c of classes) {
+    const row = node("tr");
+    row.append(node("td", String(c.class)), node("td", String(c.count)), node("td", c.kept ? "kept" : "dropped"), node("td", c.why));
+    if (!c.kept) row.className = "bad";
+    body.append(row);
+  }
 }
 
 function showFailed(failed) {
@@ -234,6 +254,7 @@ function show(status) {
   showList(status.micrographs);
   showLatest(status);
   showSession(status.session, status.model, status.adaptation);
+  showClasses(status.session);
   showFailed(status.failed);
   document.body.dataset.ready = "1";
 }
