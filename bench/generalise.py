@@ -4,8 +4,9 @@
 
 For each real dataset D (``../shared/data/real/*``), the fold model never saw D: it
 was trained with the bundled default's recipe on the other datasets' train splits
-(``bench/generalise_models.py``, cached, trained here when missing). D's test split
-is then picked, all methods on the same micrographs:
+(``bench/generalise_models.py``, cached, trained here when missing), or read from
+``--models DIR`` (``DIR/without-D/model.onnx``, e.g. what ``bench/gpu_train_import.py``
+wrote). D's test split is then picked, all methods on the same micrographs:
 
 * ``fold model``: the picker as shipped (session-level particle choice, template
   localisation, latent vetting), with the fold model; the session is fitted on the
@@ -16,7 +17,7 @@ is then picked, all methods on the same micrographs:
 * ``fold model, reference rule``: the same model with the authors' per-micrograph
   hierarchy and connected components (``cluster.selection=reference``,
   ``postprocess.method=components``);
-* ``bundled default``: the shipped model (which may have seen D's train split);
+* ``bundled default``: the shipped model, or ``--default BUNDLE`` (which may have seen D's train split);
 * ``LoG (Otsu)``: ``bench/quality.py``'s diameter-matched LoG with an Otsu cut;
 * ``LoG (top-N)``: the same peaks, the N strongest kept, N from a 25 % coverage
   prior (the middle of the 5-45 % that real micrographs span): label-free;
@@ -179,7 +180,7 @@ def score_rows(label: str, picks: dict[str, list[np.ndarray]], items, resamples:
 
 def real_fold(data: Path, fold: Fold, default: Encoder, args) -> list[dict]:
     items = split_items(data / fold.held_out, "test")
-    model = ensure_model(data, fold, args.micrograph_epochs, args.seed)
+    model = fold_model(data, fold, args)
     encoder = Encoder.open(model)
     start = time.perf_counter()
     shipped, unused, reference = pick_split_results(encoder, items, [{}, LATENTS_UNUSED, REFERENCE_RULE])
@@ -208,6 +209,16 @@ def real_fold(data: Path, fold: Fold, default: Encoder, args) -> list[dict]:
             row["adaptation"] = {k: v for k, v in adapted.items() if k != "bundle"}
     log.info("%s: %d test micrographs, %.2f s per micrograph for both fold-model rules", fold.held_out, len(items), seconds)
     return rows
+
+
+def fold_model(data: Path, fold: Fold, args) -> Path:
+    """The fold's bundle: from ``--models`` when given (never trained here), else the CPU recipe's (cached)."""
+    if args.models is None:
+        return ensure_model(data, fold, args.micrograph_epochs, args.seed)
+    bundle = args.models / fold.name / "model.onnx"
+    if not bundle.is_file():
+        raise FileNotFoundError(f"--models {args.models}: no {fold.name}/model.onnx")
+    return bundle
 
 
 def adapt(parent: Path, micrographs: list, folder: Path, args) -> dict:
@@ -342,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", action="store_true", help="also adapt each fold model to its held-out dataset (and time 20 micrographs)")
     parser.add_argument("--adapt-epochs", type=int, default=5)
     parser.add_argument("--adapt-budget-s", type=float, default=600.0)
+    parser.add_argument("--models", type=Path, help="fold models from DIR/without-<dataset>/model.onnx (bench/gpu_train_import.py)")
+    parser.add_argument("--default", type=Path, help="this bundle in the 'bundled default' rows and the junk and synthetic sessions")
     parser.add_argument("--output", type=Path, default=RESULTS / "generalise.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         log.error("no real data at %s", args.data)
         return 2
-    default = Encoder.open(None)
+    default = Encoder.open(args.default)
     real = [row for fold in folds(args.data) for row in real_fold(args.data, fold, default, args)]
     print_table(real, "lead_minus_this")
     summary = bar_summary(real)
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dataset}: AP {fold['average_precision']:.3f}; picks at 0.9 / at 0.1 {fold['picks_0.9_over_0.1']:.2f}; precision rises "
               f"{fold['precision_rises']}; F1 at the default threshold {fold['default_f1']:.3f}, best {fold['best_f1']:.3f} at {fold['best_threshold']}")
     record = {"bundle": default.bundle.path.name, "split": "test", "summary": summary, "real": real, "synthetic": [],
-              "micrograph_epochs": args.micrograph_epochs, "seed": args.seed}
+              "micrograph_epochs": args.micrograph_epochs, "seed": args.seed, "models": str(args.models) if args.models else None}
     if args.adapt:
         twenty = items_from_manifest(args.data / "EMPIAR-10146" / "manifest.json", "train") + items_from_manifest(args.data / "EMPIAR-10146" / "manifest.json", "valid") \
             + items_from_manifest(args.data / "EMPIAR-10146" / "manifest.json", "test")

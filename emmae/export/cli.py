@@ -200,6 +200,8 @@ def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice
         "weights": weights,
         "parent": checkpoint["extra"].get("parent"),  # the bundle a fine-tuning started from (None: trained from scratch)
     }
+    # what another trainer recorded (bench/gpu_train_import.py: the device, micrograph-epochs, its own loss curve)
+    provenance |= checkpoint["extra"].get("provenance") or {}
     return BundleInfo(
         arch=dict(checkpoint["arch"]),
         standardisation=dict(checkpoint["standardisation"]),

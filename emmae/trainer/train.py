@@ -19,24 +19,9 @@ import torch
 from emmae.io.atomic import atomic_path
 from emmae.trainer.data import Standardisation
 from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
+from emmae.trainer.optim import TrainSettings, learning_rate, make_optimizer, pick_device, validation_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation schedule; the defaults are the reference's."""
-
-    epochs: int = 400
-    batch_size: int = 128
-    base_lr: float = 5e-4  # at batch 128; scaled linearly with the batch size
-    min_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 1e-5
-    seed: int = 0
-    checkpoint_every: int = 10
-    budget_s: float = 0.0  # stop training after this many seconds (0: no limit); the epochs are fitted to it after the first
-    device: str = "auto"  # "cpu", "cuda" or "auto"
 
 
 @dataclass
@@ -45,45 +30,6 @@ class TrainState:
 
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def learning_rate(settings: TrainSettings, epoch_float: float) -> float:
-    """Linear warm-up for ``warmup_epochs``, then half-cosine from the peak to ``min_lr``."""
-    peak = settings.base_lr * settings.batch_size / 128
-    if epoch_float < settings.warmup_epochs:
-        return peak * epoch_float / settings.warmup_epochs
-    span = max(settings.epochs - settings.warmup_epochs, 1e-9)
-    progress = min((epoch_float - settings.warmup_epochs) / span, 1.0)
-    return settings.min_lr + (peak - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.999) with no weight decay on biases, norms and tokens (1-D or fewer dims)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1 and p.shape[:2] != (1, 1)]
-    keep = [p for p in model.parameters() if p.requires_grad and not (p.ndim > 1 and p.shape[:2] != (1, 1))]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.base_lr, betas=(0.9, 0.999))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def validation_loss(model: MaskedAutoencoder, tiles: torch.Tensor, batch_size: int, seed: int) -> float:
-    """Masked-patch MSE over ``tiles`` with a fixed masking seed (comparable across epochs)."""
-    model.eval()
-    generator = torch.Generator(device=tiles.device).manual_seed(seed)
-    total, count = 0.0, 0
-    for start in range(0, len(tiles), batch_size):
-        batch = tiles[start : start + batch_size]
-        loss, _, _ = model(batch, generator=generator)
-        total += float(loss) * len(batch)
-        count += len(batch)
-    model.train()
-    return total / max(count, 1)
 
 
 def save_checkpoint(
