@@ -22,7 +22,9 @@ when larger, normalised, contrast inverted: the particles are dark in all three
 datasets). Every method of a dataset is then classified on the same number of
 particles: a class's estimated resolution grows with the particles in it, so shares
 of sets of different sizes would compare their sizes as much as their content. That
-number is the fewest any method kept, at most ``--particles``; each seed of
+number is the fewest any method kept, at most ``--particles``; a method that kept fewer
+than ``--min-particles`` is reported as too few and not classified (it caps no other
+method, and a share of ours that is missing fails the bar); each seed of
 ``--seeds`` draws its own random subset of that size from every method's particles
 and runs ``relion_refine`` in 2D without CTF with that seed (classes: one per
 ``--particles-per-class`` particles, 5 to 20, unless ``--classes`` is given; the same
@@ -36,7 +38,12 @@ read on the means over the seeds, and per seed. A second reading, beside the bar
 holds the three methods of a dataset and seed to one threshold: ``--good-factor``
 times the best class's resolution of any of them (the bar's own-best threshold is
 stricter for the method whose best class resolves furthest). ``--rescore JSON``
-reads a written JSON's figures again without running RELION.
+reads a written JSON's figures again without running RELION. Resolutions stand beside
+the boxes' Nyquist limit (two rescaled pixels): a best class at it is saturated, and a
+dataset where every classified method's best class is saturated in every seed is
+flagged: its shares do not discriminate. emmae-pick's own session classes (its
+``emmae-classes.png``, kept and dropped) are copied beside the montages as
+``<dataset>_emmae-pick_session-classes.png`` and listed in the JSON's ``runs``.
 
 Writes ``bench/results/downstream.json`` (settings, the RELION command lines, figures
 per dataset, method and seed, wall time) and one PNG montage of the first seed's class
@@ -52,6 +59,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +100,11 @@ class Setup:
     scaled_px: int
     bg_radius_px: int
     mask_diameter_A: float
+
+
+def nyquist_A(setup: Setup) -> float:
+    """The finest resolution the classified boxes can show: two of their (rescaled) pixels."""
+    return 2 * setup.pixel_A * setup.box_px / setup.scaled_px
 
 
 def even_ceil(value: float) -> int:
@@ -149,6 +162,18 @@ def pick_emmae(project: Path, setup: Setup, args) -> tuple[Path, list[str]]:
                "-o", "Picks/emmae-pick", "-j", str(args.j), "--device", "cpu"]
     run_logged(command, project, project / "Picks" / "emmae-pick.log")
     return project / "Picks" / "emmae-pick", command
+
+
+def keep_session_classes(picked: Path, montage_path: Path) -> dict | None:
+    """The classes emmae-pick kept and dropped (its ``emmae-session.json``); its ``emmae-classes.png`` copied to ``montage_path``."""
+    try:
+        classes = json.loads((picked / "emmae-session.json").read_text())["summary"].get("classes")
+    except (OSError, ValueError, KeyError):
+        return None
+    if (picked / "emmae-classes.png").is_file():
+        montage_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(picked / "emmae-classes.png", montage_path)
+    return classes
 
 
 def write_coordinates(folder: Path, items: list, centres: list[np.ndarray]) -> Path:
@@ -223,6 +248,8 @@ def summarise(stem: str, setup: Setup, good_factor: float) -> tuple[dict, np.nda
     figures = {
         "weighted_resolution_A": float(np.sum(share[used] * resolution[used]) / np.sum(share[used])),
         "best_resolution_A": best,
+        "nyquist_A": round(nyquist_A(setup), 3),
+        "best_at_nyquist": bool(best <= 1.02 * nyquist_A(setup)),  # saturated: the box's sampling, not the particles, sets it
         "good_share": float(share[good].sum() / share[used].sum()),
         "good_classes": int(good.sum()),
         "unresolved_classes": int(unresolved.sum()),
@@ -289,6 +316,7 @@ def run_dataset(folder: Path, root: Path, args) -> tuple[Setup, list[dict], dict
     start = time.perf_counter()
     picked, pick_command = pick_emmae(project, setup, args)
     pick_s = time.perf_counter() - start
+    session_classes = keep_session_classes(picked, args.montages / f"{setup.dataset}_emmae-pick_session-classes.png")
     raw = [read_micrograph(path).data for path, _, _ in items]
     coords = {
         "emmae-pick": picked,
@@ -296,12 +324,18 @@ def run_dataset(folder: Path, root: Path, args) -> tuple[Setup, list[dict], dict
         "labels": write_coordinates(project / "Picks" / "labels", items, [truth for _, truth, _ in items]),
     }
     extracted = {method: extract(project, method, coords[method], setup) for method in METHODS}
-    size = min(args.particles, *(kept for kept, _, _ in extracted.values()))
+    enough = [kept for kept, _, _ in extracted.values() if kept >= args.min_particles]  # too few: reported, not a cap on the others
+    size = min(args.particles, *enough) if enough else 0
     classes = classes_for(size, args)
     log.info("%s: %d particles of every method in %d classes, seeds %s", folder.name, size, classes, args.seeds)
     rows = []
     for method in METHODS:
         kept, extract_line, extract_s = extracted[method]
+        if kept < args.min_particles or not size:
+            log.warning("%s %s: %d particles, fewer than --min-particles %d: not classified", setup.dataset, method, kept, args.min_particles)
+            rows.append({"dataset": setup.dataset, "method": method, "picks": count_coordinates(coords[method], items), "particles_kept": kept,
+                         "too_few_particles": True, "particles_classified": 0, "seeds": []})
+            continue
         seeds = []
         for seed in args.seeds:
             figures, averages = classify(project, method, setup, size, classes, seed, args)
@@ -314,16 +348,21 @@ def run_dataset(folder: Path, root: Path, args) -> tuple[Setup, list[dict], dict
                      "particles_classified": size, "classes": classes,
                      "good_share": spread([s["good_share"] for s in seeds]),
                      "weighted_resolution_A": spread([s["weighted_resolution_A"] for s in seeds]),
-                     "best_resolution_A": spread([s["best_resolution_A"] for s in seeds]),
+                     "best_resolution_A": spread([s["best_resolution_A"] for s in seeds]), "nyquist_A": round(nyquist_A(setup), 3),
+                     "saturated": all(s["best_at_nyquist"] for s in seeds),
                      "montage": str(path.relative_to(RESULTS.parent.parent)) if path.is_relative_to(RESULTS.parent.parent) else str(path),
                      "extract_s": extract_s, "extract_command": extract_line, "seeds": seeds})
-    return setup, rows, {"pick": shlex.join(pick_command), "pick_s": round(pick_s, 1), "micrographs": [path.name for path, _, _ in items],
+    return setup, rows, {"pick": shlex.join(pick_command), "pick_s": round(pick_s, 1), "session_classes": session_classes,
+                         "micrographs": [path.name for path, _, _ in items],
                          "particles_classified": size, "classes": classes}
 
 
-def meets(ours: float, other: float, truth: float) -> bool:
-    """The bar: at least LoG's share minus 0.02 and at least the labels' minus 0.05 (a share above the labels' is no failure)."""
-    return bool(ours >= other - 0.02 and ours >= truth - 0.05)
+def meets(ours: float | None, other: float | None, truth: float | None) -> bool:
+    """The bar: at least LoG's share minus 0.02 and at least the labels' minus 0.05 (a share above the labels' is no failure).
+
+    None: a method with too few particles to classify; ours too few is no pass, another's sets no bar.
+    """
+    return bool(ours is not None and (other is None or ours >= other - 0.02) and (truth is None or ours >= truth - 0.05))
 
 
 def share_within(classes: list[dict], limit_A: float) -> float:
@@ -339,8 +378,8 @@ def common_reference(rows: list[dict], good_factor: float) -> None:
     so a method whose best class resolves one shell further is held to a stricter one.
     """
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
-        found = [row for row in rows if row["dataset"] == dataset]
-        for k in range(len(found[0]["seeds"])):
+        found = [row for row in rows if row["dataset"] == dataset and row["seeds"]]
+        for k in range(len(found[0]["seeds"]) if found else 0):
             reference = min(row["seeds"][k]["best_resolution_A"] for row in found)
             for row in found:
                 row["seeds"][k]["good_share_common_reference"] = share_within(row["seeds"][k]["classes"], good_factor * reference)
@@ -353,27 +392,35 @@ def bar(rows: list[dict], seeds: int, key: str = "good_share") -> dict:
     out = {}
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         found = {row["method"]: row for row in rows if row["dataset"] == dataset}
-        mean = {method: found[method][key]["mean"] for method in METHODS}
-        per_seed = [meets(*(found[method]["seeds"][k][key] for method in METHODS)) for k in range(seeds)]
-        out[dataset] = {"emmae_minus_log": round(mean["emmae-pick"] - mean["LoG"], 4),
-                        "emmae_minus_labels": round(mean["emmae-pick"] - mean["labels"], 4),
-                        "within_0.05_of_labels": bool(abs(mean["emmae-pick"] - mean["labels"]) <= 0.05),
-                        "met": meets(mean["emmae-pick"], mean["LoG"], mean["labels"]),
-                        "met_per_seed": per_seed}
+        mean = {method: found[method][key]["mean"] if found[method]["seeds"] else None for method in METHODS}
+        per_seed = [meets(*(found[method]["seeds"][k][key] if found[method]["seeds"] else None for method in METHODS)) for k in range(seeds)]
+        difference = {other: None if mean["emmae-pick"] is None or mean[other] is None else round(mean["emmae-pick"] - mean[other], 4)
+                      for other in ("LoG", "labels")}
+        classified = [row for row in found.values() if row["seeds"]]
+        out[dataset] = {"emmae_minus_log": difference["LoG"], "emmae_minus_labels": difference["labels"],
+                        "within_0.05_of_labels": difference["labels"] is not None and abs(difference["labels"]) <= 0.05,
+                        "met": meets(mean["emmae-pick"], mean["LoG"], mean["labels"]), "met_per_seed": per_seed,
+                        "too_few_particles": [m for m in METHODS if not found[m]["seeds"]],
+                        "saturated": bool(classified) and all(row.get("saturated", False) for row in classified)}
     return out
 
 
 def print_table(rows: list[dict], verdict: dict, common: dict) -> None:
     print(f"{'dataset':<14} {'method':<11} {'picks':>6} {'kept':>6} {'classified':>10} {'weighted res (A)':>22} {'good share':>22} {'common reference':>22}")
     for row in rows:
+        if not row["seeds"]:
+            print(f"{row['dataset']:<14} {row['method']:<11} {row['picks']:6d} {row['particles_kept']:6d}  too few particles to classify")
+            continue
         res, share, same = row["weighted_resolution_A"], row["good_share"], row["good_share_common_reference"]
         print(f"{row['dataset']:<14} {row['method']:<11} {row['picks']:6d} {row['particles_kept']:6d} {row['particles_classified']:10d} "
               f"{res['mean']:8.1f} [{res['min']:5.1f}, {res['max']:5.1f}] {share['mean']:8.3f} [{share['min']:.2f}, {share['max']:.2f}] "
               f"{same['mean']:8.3f} [{same['min']:.2f}, {same['max']:.2f}]")
     for reading, checks in (("bar", verdict), ("common reference", common)):
         for dataset, check in checks.items():
-            print(f"{reading}, {dataset}: emmae-pick - LoG {check['emmae_minus_log']:+.3f}, emmae-pick - labels {check['emmae_minus_labels']:+.3f}: "
-                  f"{'met' if check['met'] else 'NOT met'} on the means; seed by seed {sum(check['met_per_seed'])} of {len(check['met_per_seed'])}")
+            print(f"{reading}, {dataset}: emmae-pick - LoG {check['emmae_minus_log']}, emmae-pick - labels {check['emmae_minus_labels']}: "
+                  f"{'met' if check['met'] else 'NOT met'} on the means; seed by seed {sum(check['met_per_seed'])} of {len(check['met_per_seed'])}"
+                  + (f"; too few particles: {', '.join(check['too_few_particles'])}" if check.get("too_few_particles") else "")
+                  + ("; SATURATED: every method's best class at Nyquist, the shares do not discriminate" if check.get("saturated") else ""))
 
 
 def record_of(rows: list[dict], seeds: int, good_factor: float) -> dict:
@@ -402,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-micrographs", type=int, help="micrographs per dataset, the first by name, the same for every method (default: all of the split)")
     parser.add_argument("--particles", type=int, default=500, help="particles classified per method and seed: the fewest any method of the dataset kept, "
                         "at most this (default 500: three seeds keep the run within 20 minutes on 2 cores)")
+    parser.add_argument("--min-particles", type=int, default=100, help="a method that keeps fewer is reported as too few, not classified, "
+                        "and sets no cap on the others (default 100)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one subset and relion_refine --random_seed each (default 0 1 2)")
     parser.add_argument("--box-diameters", type=float, default=1.5, help="extraction box in particle diameters (default 1.5)")
     parser.add_argument("--binned-box", type=int, default=64, help="boxes larger than this are rescaled to it (default 64)")

@@ -38,7 +38,8 @@ Junk sessions (``JUNK_SESSIONS``, bundled model) hold what facility sessions hol
 beside the particles, never in the truth: faint particles among dark round
 contaminants 0.5-3 diameters wide at 3-10x their contrast, carbon edges and a
 carbon-only micrograph, aggregates (clumps of overlapping particles), empty and
-crystalline-ice micrographs mixed in, faint particles alone. Each reports F1 and the
+crystalline-ice micrographs mixed in, faint particles alone, faint particles among many small dark
+specks (a third of the diameter, darker than the particles). Each reports F1 and the
 share of picks on junk (within ``JUNK_REACH_DIAMETERS`` of it) for the shipped
 picker, the same picker with the latents unused, the reference rule and LoG. The
 synthetic sessions vary what real data varies (diameter 16-120 grid px, 5-45 %
@@ -102,6 +103,7 @@ JUNK_SESSIONS = {
     "empty-and-crystalline-ice": [(4, _MEDIUM_40), (1, {**_MEDIUM_40, "n_particles": 0}),
                                   (1, {**_MEDIUM_40, "n_particles": 0, "n_contaminants": 14, "contaminant_contrast": (2.0, 4.0)})],
     "faint": [(6, {"diameter_px": 50.0, "n_particles": 150, "snr": 0.02})],
+    "dark-specks": [(6, {**_FAINT_60, "n_contaminants": 60, "contaminant_contrast": (1.5, 3.0), "contaminant_width_diameters": (0.3, 0.36)})],
 }
 LATENTS_UNUSED = {"postprocess": {"latent_gate": 0.0, "latent_vetting": False}}  # the same picker, template only
 SWEEP = np.round(np.arange(0.05, 1.0, 0.05), 3)  # figure-of-merit thresholds of the precision-recall sweep
