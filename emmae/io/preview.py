@@ -35,9 +35,10 @@ def write_preview(path: Path, image: np.ndarray, xy: np.ndarray, diameter_px: fl
 
 
 def render_class_montage(averages: list[np.ndarray], labels: list[str], kept: list[bool], tile_px: int = 128, columns: int = 6) -> np.ndarray:
-    """BGR uint8 montage of class averages: each contrast-stretched on its own, framed green (kept) or red (dropped), labelled below."""
+    """BGR uint8 montage of class averages: each contrast-stretched on its own, framed green (kept) or red (dropped), labelled below
+    (a label's lines split at ``|``)."""
     rows = max(1, -(-len(averages) // columns))
-    label_px = 18
+    label_px = 32
     canvas = np.full((rows * (tile_px + label_px), min(columns, max(1, len(averages))) * tile_px, 3), 255, np.uint8)
     for i, (average, label, keep) in enumerate(zip(averages, labels, kept)):
         tile = cv2.resize(np.asarray(average, np.float32), (tile_px, tile_px), interpolation=cv2.INTER_LINEAR)
@@ -46,7 +47,8 @@ def render_class_montage(averages: list[np.ndarray], labels: list[str], kept: li
         top, left = (i // columns) * (tile_px + label_px), (i % columns) * tile_px
         canvas[top : top + tile_px, left : left + tile_px] = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
         cv2.rectangle(canvas, (left + 1, top + 1), (left + tile_px - 2, top + tile_px - 2), (60, 180, 60) if keep else (40, 40, 220), 3)
-        cv2.putText(canvas, label, (left + 4, top + tile_px + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for line, text in enumerate(label.split("|")):
+            cv2.putText(canvas, text, (left + 4, top + tile_px + 13 + 14 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
 
 

@@ -273,7 +273,8 @@ class OutputFolder:
         the session's choice). Raises OutputError."""
         classes = session.classes.classes
         kept = [(c.kept or c.index in keep) and c.index not in drop for c in classes]
-        labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}" for c, k in zip(classes, kept)]
+        labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}|{c.short_reason if not c.kept else 'by you' if not k else ''}"
+                  f"{'' if not c.kept or not k else f'x{c.darkness:.1f} dark, {c.blob_diameters:.2f} d'}" for c, k in zip(classes, kept)]
         path = self.root / CLASSES_FILE
         try:
             write_class_montage(path, [c.average for c in classes], labels, kept)

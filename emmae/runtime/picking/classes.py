@@ -73,6 +73,12 @@ class SessionClass:
     average: np.ndarray  # [MONTAGE_PX, MONTAGE_PX] mean of its members' class images (1.5 diameters across)
 
     @property
+    def short_reason(self) -> str:
+        """A word or two for the montage: why the session dropped it (empty when it is kept)."""
+        words = {"far darker": "far darker", "empty": "empty", "larger": "larger", "on a body": "on a dark body"}
+        return ", ".join(next((w for start, w in words.items() if r.startswith(start)), "junk") for r in self.reasons)
+
+    @property
     def empty(self) -> bool:
         """Dropped only for lack of contrast: background, which a figure-of-merit calibration needs to see."""
         return not self.kept and all(reason.startswith("empty") for reason in self.reasons)
