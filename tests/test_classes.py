@@ -165,3 +165,18 @@ def test_real_contamination_is_not_picked(tmp_path, diameter_px):
     inside = int(mask[xy[:, 1].clip(0, mask.shape[0] - 1), xy[:, 0].clip(0, mask.shape[1] - 1)].sum())
     assert len(xy) > 20
     assert inside <= max(1, 0.01 * len(xy))
+
+
+def test_the_web_view_shows_a_users_overrule():
+    from emmae.runtime.web.folder import overruled
+
+    session = {"id": "s", "classes": {"kept": [0, 1], "count": 3, "judged": True,
+                                      "each": [{"class": 0, "kept": True, "why": "like the session's particles"},
+                                               {"class": 1, "kept": True, "why": "like the session's particles"},
+                                               {"class": 2, "kept": False, "why": "far darker"}]}}
+    config = EmmaeConfig.model_validate({"postprocess": {"keep_classes": [2], "drop_classes": [1]}})
+    shown = overruled(session, config)["classes"]
+    assert shown["kept"] == [0, 2]
+    assert [c["kept"] for c in shown["each"]] == [True, False, True]
+    assert shown["each"][1]["why"].startswith("dropped by you") and shown["each"][2]["why"].startswith("kept by you")
+    assert overruled(session, EmmaeConfig()) is session

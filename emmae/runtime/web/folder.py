@@ -44,6 +44,18 @@ class UnknownMicrograph(KeyError):
     """A stem the folder does not list as picked."""
 
 
+def overruled(session: dict, config: EmmaeConfig) -> dict:
+    """A session summary whose classes show the run's ``--keep-classes`` / ``--drop-classes`` over the session's choice."""
+    classes = session.get("classes")
+    keep, drop = set(config.postprocess.keep_classes), set(config.postprocess.drop_classes)
+    if not classes or not (keep or drop):
+        return session
+    each = [{**c, "kept": (c["kept"] or c["class"] in keep) and c["class"] not in drop,
+             "why": f"{'kept' if c['class'] in keep else 'dropped'} by you (session: {c['why']})" if c["class"] in keep | drop else c["why"]}
+            for c in classes["each"]]
+    return {**session, "classes": {**classes, "each": each, "kept": [c["class"] for c in each if c["kept"]]}}
+
+
 class FolderView:
     """The figures of ``folder`` (see the module docstring).
 
@@ -136,7 +148,7 @@ class FolderView:
         for folder in folders:
             fixed = session_file(folder)
             if fixed is not None:
-                return {**fixed, "fixed": True, "samples": len(fixed.get("sample") or []), "samples_needed": needed}
+                return {**overruled(fixed, self.config), "fixed": True, "samples": len(fixed.get("sample") or []), "samples_needed": needed}
         provisional = {}
         if latest is not None:
             try:
