@@ -26,13 +26,13 @@ from emmae.config import EmmaeConfig, PostprocessConfig, PreprocessConfig, resol
 from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import Picks
 from emmae.runtime.kernels.filters import Array
-from emmae.runtime.picking.classes import class_image
+from emmae.runtime.picking.classes import class_image, image_features
 from emmae.runtime.picking.cluster import particle_region, smoothing_window
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.localise import confidence, match_peaks, matching_image
 from emmae.runtime.picking.postprocess import Candidates, candidates, picks
 from emmae.runtime.picking.preprocess import Preprocessed, preprocess
-from emmae.runtime.picking.session import Session, SessionSample, class_features, fit_session, particle_membership, particle_share, sample_of
+from emmae.runtime.picking.session import Session, SessionSample, fit_session, particle_membership, particle_share, sample_of
 from emmae.runtime.picking.vetting import descriptors
 
 log = logging.getLogger(__name__)
@@ -154,20 +154,25 @@ def template_candidates(grid: Preprocessed, session: Session, share: Array | Non
     found = match_peaks(image, session.profile, session.diameter_grid_px, diameter, post.min_distance_diameters * diameter, weight)
     merit = session.calibration.figure_of_merit(found.score) if session.calibration is not None else confidence(found.score)
     distance = np.full(len(found), np.nan)
-    if post.latent_vetting and session.population is not None and latents is not None and patch_px and len(found):
-        distance = session.population.distance2(descriptors(latents, found.xy, patch_px))
-    return np.column_stack([found.xy, found.score, merit, distance, session_class(grid, session, found.xy, config, latents, patch_px)])
+    described = None
+    if session.population is not None and latents is not None and patch_px and len(found):
+        described = descriptors(latents, found.xy, patch_px)  # [N, D], for the vetting and the classes
+        if post.latent_vetting:
+            distance = session.population.distance2(described)
+    return np.column_stack([found.xy, found.score, merit, distance, session_class(grid, session, found.xy, config, described)])
 
 
-def session_class(grid: Preprocessed, session: Session, xy: np.ndarray, config: EmmaeConfig, latents: Array | None, patch_px: int | None) -> np.ndarray:
-    """The session class ``[N]`` of each peak at grid ``xy [N, 2]`` (-1 for all when the session has no classes)."""
+def session_class(grid: Preprocessed, session: Session, xy: np.ndarray, config: EmmaeConfig, described: np.ndarray | None) -> np.ndarray:
+    """The session class ``[N]`` of each peak at grid ``xy [N, 2]`` (-1 for all when the session has no classes).
+
+    ``described``: the peaks' latent descriptors ``[N, D]`` (None without a latent population).
+    """
     classes = session.classes
-    if classes is None or len(xy) == 0 or (classes.latent_dims and (latents is None or not patch_px or session.population is None)):
+    if classes is None or len(xy) == 0 or (classes.latent_dims and described is None):
         return np.full(len(xy), -1.0)
-    sample = SessionSample(image=None, latents=latents, diameter_grid_px=grid.diameter_grid_px,
-                           classes_image=class_image(grid.binned, grid.diameter_grid_px, config.postprocess.contrast))
-    image, latent = class_features(sample, xy, session.population if classes.latent_dims else None, patch_px or 1)
-    features = image if latent is None else np.concatenate([image, latent], axis=1)
+    features = image_features(class_image(grid.binned, grid.diameter_grid_px, config.postprocess.contrast), xy, grid.diameter_grid_px)
+    if classes.latent_dims:
+        features = np.concatenate([features, session.population.whitened(described)], axis=1)
     return classes.assign(features).astype(np.float64)
 
 
