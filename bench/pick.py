@@ -8,8 +8,9 @@ default (``session``: the session fitted once on the warm-up micrograph, as a st
 does, then template localisation) and the authors' (``reference``: per-micrograph
 hierarchy, connected components). The table shows the median of each stage over the
 micrographs (after the warm-up one), the encoder's share of the total and each rule's
-total over the reference rule's and over the ``previous`` one's (the template picker
-before latent vetting), measured in the same run.
+total over the reference rule's, over the ``previous`` one's (the template picker
+before latent vetting) and over ``without classes`` (the picker as shipped less its
+session classes, with a session fitted without them), measured in the same run.
 Results: ``bench/results/pick-<device>.json``.
 """
 
@@ -40,9 +41,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ["read", "preprocess", "encode", "cluster", "postprocess", "write"]
 
 
-# session: as shipped; previous: the template picker before latent vetting (the cluster's share
+# session: as shipped; without classes: the same without session classes (its own session, fitted
+# without them); previous: the template picker before latent vetting (the cluster's share
 # weighting the match by half, no vetting); reference: the authors' rule (kept last: the ratios' base).
-RULES = {"session": {}, "previous": {"postprocess": {"latent_gate": 0.5, "latent_vetting": False}},
+RULES = {"session": {}, "without classes": {"postprocess": {"session_classes": 0}}, "previous": {"postprocess": {"latent_gate": 0.5, "latent_vetting": False, "session_classes": 0}},
          "reference": {"cluster": {"selection": "reference"}, "postprocess": {"method": "components"}}}
 
 
@@ -51,14 +53,14 @@ def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> list[di
     paths = write_session(folder / str(size), count + 1, SynthParams(shape=(size, size), diameter_px=diameter), seed=size)
     configs = {rule: EmmaeConfig.model_validate({"preprocess": {"diameter_px": diameter}, **extra}) for rule, extra in RULES.items()}
     samples: dict[str, dict[str, list[float]]] = {rule: {stage: [] for stage in [*STAGES, "total"]} for rule in RULES}
-    session = None
+    sessions: dict = {}
     for i, path in enumerate(paths):
         encoded = encode(prepare(path, configs["session"], encoder), encoder)
         if i == 0:  # warm-up; the stream's session is fitted on its first micrograph
-            session = fit([encoded], configs["session"], encoder)
+            sessions = {rule: fit([encoded], configs[rule], encoder) for rule in ("session", "without classes")}
             continue
         for rule, config in configs.items():
-            result = pick(encoded, config, encoder, session if rule != "reference" else None)
+            result = pick(encoded, config, encoder, sessions.get(rule, sessions["session"]) if rule != "reference" else None)
             start = time.perf_counter()
             write_relion_coordinates(folder / f"{path.stem}_autopick.star", result.xy, result.score)
             timings = {**result.timings_s, "write": time.perf_counter() - start}
@@ -74,6 +76,7 @@ def bench_size(size: int, count: int, encoder: Encoder, folder: Path) -> list[di
     for row in rows:
         row["total_over_reference_rule"] = row["median_s"]["total"] / totals["reference"]
         row["total_over_previous"] = row["median_s"]["total"] / totals["previous"]
+        row["total_over_without_classes"] = row["median_s"]["total"] / totals["without classes"]
     return rows
 
 
@@ -97,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             rows.extend(bench_size(size, args.count, encoder, Path(folder)))
-    print(f"{'size':>6} {'rule':>9} " + " ".join(f"{s:>11}" for s in [*STAGES, "total"]) + f" {'encoder share':>13} {'/ reference':>11} {'/ previous':>10}")
+    print(f"{'size':>6} {'rule':>15} " + " ".join(f"{s:>11}" for s in [*STAGES, "total"])
+          + f" {'encoder share':>13} {'/ reference':>11} {'/ previous':>10} {'/ no classes':>12}")
     for r in rows:
-        print(f"{r['size']:>6} {r['rule']:>9} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"])
-              + f" {r['encode_share']:13.0%} {r['total_over_reference_rule']:11.2f} {r['total_over_previous']:10.2f}")
+        print(f"{r['size']:>6} {r['rule']:>15} " + " ".join(f"{r['median_s'][s] * 1e3:11.1f}" for s in [*STAGES, "total"])
+              + f" {r['encode_share']:13.0%} {r['total_over_reference_rule']:11.2f} {r['total_over_previous']:10.2f} {r['total_over_without_classes']:12.2f}")
     print(f"(milliseconds, medians over {args.count} micrographs; device {backend.device_name}, encoder on {encoder.bundle.providers[0]})")
     out = args.output or RESULTS / f"pick-{'cpu' if backend is CPU else backend.device_name.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

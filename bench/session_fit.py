@@ -7,8 +7,9 @@ fitted on ``--samples`` micrographs, as a batch or a stream's fixed session does
 synthetic ones, and EMPIAR-10146's train+valid micrographs (1240 x 1200) where the real
 data is present. Each is encoded once; the fit alone is timed (median of ``--repeats``)
 with the CPU threads limited to 1 (``-j 1``) and left at the default (every core). The
-sessions must be equal (template profile, calibration, digest). Results:
-``bench/results/session-fit-cpu.json``.
+sessions must be equal (template profile, calibration, digest). At every core, the
+same fit without session classes (``postprocess.session_classes=0``, the fit before
+them) is timed beside it. Results: ``bench/results/session-fit-cpu.json``.
 """
 
 from __future__ import annotations
@@ -79,14 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         name, encoded, config = found
         one_s, one = timed(encoded, config, encoder, 1, args.repeats)
         all_s, many = timed(encoded, config, encoder, every, args.repeats)
+        without_s, _ = timed(encoded, config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"session_classes": 0})}),
+                             encoder, every, args.repeats)
         equal = bool(np.array_equal(one.profile, many.profile) and one.digest() == many.digest())
         if not equal:
             log.error("%s: the session differs between 1 and %d threads", name, every)
         rows.append({"micrographs": name, "samples": len(encoded), "threads": every, "fit_1_thread_s": round(one_s, 3),
-                     "fit_all_threads_s": round(all_s, 3), "speed_up": round(one_s / all_s, 2), "sessions_equal": equal})
-    print(f"{'session of':<30} {'1 thread s':>10} {f'{every} threads s':>12} {'speed-up':>8} {'equal':>6}")
+                     "fit_all_threads_s": round(all_s, 3), "speed_up": round(one_s / all_s, 2), "sessions_equal": equal,
+                     "fit_without_classes_s": round(without_s, 3), "classes_cost": round(all_s / without_s, 3)})
+    print(f"{'session of':<30} {'1 thread s':>10} {f'{every} threads s':>12} {'speed-up':>8} {'equal':>6} {'no classes s':>12} {'ratio':>6}")
     for r in rows:
-        print(f"{r['micrographs']:<30} {r['fit_1_thread_s']:10.2f} {r['fit_all_threads_s']:12.2f} {r['speed_up']:8.2f} {str(r['sessions_equal']):>6}")
+        print(f"{r['micrographs']:<30} {r['fit_1_thread_s']:10.2f} {r['fit_all_threads_s']:12.2f} {r['speed_up']:8.2f} {str(r['sessions_equal']):>6} "
+              f"{r['fit_without_classes_s']:12.2f} {r['classes_cost']:6.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "session-fit-cpu.json").write_text(json.dumps({"cores": os.cpu_count(), "repeats": args.repeats, "results": rows}, indent=1) + "\n")
     return 0 if all(r["sessions_equal"] for r in rows) else 1

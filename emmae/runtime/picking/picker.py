@@ -168,7 +168,7 @@ def session_class(grid: Preprocessed, session: Session, xy: np.ndarray, config: 
     ``described``: the peaks' latent descriptors ``[N, D]`` (None without a latent population).
     """
     classes = session.classes
-    if classes is None or len(xy) == 0 or (classes.latent_dims and described is None):
+    if classes is None or not config.postprocess.session_classes or len(xy) == 0 or (classes.latent_dims and described is None):
         return np.full(len(xy), -1.0)
     features = image_features(class_image(grid.binned, grid.diameter_grid_px, config.postprocess.contrast), xy, grid.diameter_grid_px)
     if classes.latent_dims:
