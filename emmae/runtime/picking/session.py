@@ -29,8 +29,8 @@ flip between clusters.
 * **Classes.** With ``postprocess.session_classes``, the sample's candidates are sorted
   into classes and each judged particle or junk (:mod:`emmae.runtime.picking.classes`);
   a junk class's members are never picks and, unless the class is merely empty (the
-  background, which the calibration separates particles from), the template (from the
-  first template's own peaks) and the figure of merit are learned again without them.
+  background, which the calibration separates particles from), the template and the
+  figure of merit are learned again without them.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ from emmae.runtime.picking.cluster import smooth_latents
 from emmae.runtime.kernels.filters import Array
 from emmae.runtime.kernels.kmeans import assign, fit
 from emmae.runtime.picking.classes import CANDIDATE_MERIT, SessionClasses, class_image, fit_classes, image_features, montage_boxes
-from emmae.runtime.picking.localise import (Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match, match_peaks,
-                                            matching_image, strongest, template_from_profile)
+from emmae.runtime.picking.localise import Calibration, blob_response, calibrate, far_from, find_peaks, learn_profile, match_peaks, matching_image, strongest
 from emmae.runtime.picking.vetting import Population, descriptors, fit_population
 
 log = logging.getLogger(__name__)
@@ -168,11 +167,10 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
         classes = sort_classes(samples, found, calibration, population, patch_px, config)
         junk, background = junk_members(samples, found, classes, population, patch_px)
         unlike = [xy[~b] for xy, b in zip(junk, background)]  # empty classes are the background: the calibration needs them
-        if any(len(u) for u in unlike):  # the template and calibration again without the junk, from the template's own peaks
+        if any(len(u) for u in unlike):  # the template and calibration again without the junk
             avoid = junk if atypical is None else [np.concatenate([a, j]) for a, j in zip(atypical, junk)]
-            matches = [match(s.image, template_from_profile(profile)) for s in samples]
             profile = learn_profile([s.image for s in samples], diameter, post.template_iterations, post.template_top_fraction, avoid=avoid,
-                                    responses=matches)
+                                    responses=blobs)
             avoid = unlike if atypical is None else [np.concatenate([a, u]) for a, u in zip(atypical, unlike)]
             calibration, population, _ = fit_figure_of_merit(samples, profile, diameter, patch_px, config, avoid)
     session = Session(centroids=np.asarray(centroids, np.float32), particle_cluster=chosen, cluster_scores=tuple(float(s) for s in scores),
