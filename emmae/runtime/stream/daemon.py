@@ -71,7 +71,7 @@ class Daemon:
         self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
-        self.in_hand = InHand(out / IN_HAND_FILE)
+        self.in_hand = InHand(out / IN_HAND_FILE, watch)
         self._count_crash()
         self.pipeline = self._pipeline()
         self._ready: deque[Job] = deque()  # admitted, waiting for room in the pipeline
@@ -100,7 +100,7 @@ class Daemon:
         held = self.in_hand.left()
         if held is not None:
             with self.journal.batch():
-                self.recorder.count_crash(self.scanner.key(held), self.config.stream.max_attempts)
+                self.recorder.count_crash(self.scanner.key(held), self.config.stream.max_attempts, any_stat(held))
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, look after the model, feed the pipeline. Returns how many were picked."""
@@ -174,7 +174,7 @@ class Daemon:
             job = (self._ready or self._again).popleft()
             key = self.scanner.key(job.path)
             if key not in self.recorder.repick:
-                self.journal.mark_processing(key, job.name)  # one picked again stays listed as picked until it is
+                self.journal.mark_processing(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
             self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:

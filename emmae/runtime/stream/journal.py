@@ -201,8 +201,9 @@ class Journal:
         """Back to ``seen``: the micrograph was handed on but rolled back before it started."""
         self._upsert(path, name, "seen")
 
-    def mark_processing(self, path: str, name: str) -> None:
-        self._upsert(path, name, "processing", reason=None)
+    def mark_processing(self, path: str, name: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """Handed to the pipeline as the file of this size and mtime (what a crash while it is in hand is counted against)."""
+        self._upsert(path, name, "processing", reason=None, size=size, mtime_ns=mtime_ns)
 
     def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
                     size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None,

@@ -35,13 +35,18 @@ _END = object()
 
 
 class InHand:
-    """The micrograph the pick stage holds, in a small file: one named there at a start was in hand when the daemon died."""
+    """The micrograph the pick stage holds, in a small file: one named there at a start was in hand when the daemon died.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    The micrograph is named relative to ``base`` (the watched folder), so a session moved
+    or copied between a crash and the next start still counts the crash against it.
+    """
+
+    def __init__(self, path: Path, base: Path | None = None) -> None:
+        self.path, self.base = path, base
 
     def hold(self, micrograph: Path) -> None:
-        write_bytes_atomic(self.path, os.fsencode(micrograph))
+        named = os.path.relpath(micrograph, self.base) if self.base is not None else os.fspath(micrograph)
+        write_bytes_atomic(self.path, os.fsencode(named))
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -53,7 +58,7 @@ class InHand:
         except OSError:
             return None
         self.release()
-        return held
+        return held if held.is_absolute() or self.base is None else Path(os.path.normpath(self.base / held))
 
 
 class Pipeline:

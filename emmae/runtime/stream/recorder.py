@@ -141,19 +141,22 @@ class Recorder:
         """``keys``, marked in the journal to be picked again, stay picked and listed until they are (the next scan queues them)."""
         self.repick.update(key for key in keys if key in self.picked)
 
-    def count_crash(self, key: str, limit: int) -> bool:
-        """The micrograph in hand when the daemon last died: one more attempt counted; after ``limit``, failed with its reason.
-        Returns True when it was failed."""
+    def count_crash(self, key: str, limit: int, stat: os.stat_result | None = None) -> bool:
+        """The micrograph in hand when the daemon last died: one more attempt counted (a clean pick resets the count);
+        after ``limit``, failed with its reason as the version that was handed on (else the file as it is now, ``stat``),
+        so it is not picked again until it changes. Returns True when it was failed."""
         attempts = self.journal.count_attempt(key)
         if attempts < limit:
             log.warning("%s was being picked when the daemon stopped without warning (%d of %d attempts)", shown(key), attempts, limit)
             return False
         entry = self.journal.get(key)
+        size, mtime_ns = (entry.size, entry.mtime_ns) if entry is not None and entry.size is not None else (None, None)
+        if size is None and stat is not None:
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
         if key in self.picked:
             self._unlist(key)
         self.failed(key, entry.name if entry else key, f"the daemon died while picking it, {attempts} times (a crash in a native library, "
-                    "or out of memory?); check the file, then touch it to try again", entry.size if entry else None,
-                    entry.mtime_ns if entry else None, "micrograph")
+                    "or out of memory?); check the file, then touch it to try again", size, mtime_ns, "micrograph")
         return True
 
     def wants(self, key: str, stat: os.stat_result, path: Path) -> bool:

@@ -1,0 +1,87 @@
+"""A stream that survives what a facility does to it: poison micrographs, rewritten STARs, moved sessions, early stops.
+
+One test (or two) per item of the reliability audit, numbered as in the README's
+reliability table: a poison micrograph stays failed (1), a rewritten upstream STAR is
+"not ready yet" (2), a moved or copied session keeps its index (3), a stop during start-up
+is a stop (4), a restart after a re-threshold keeps one cut (5), a failed file deleted is
+forgotten (6), tiny files are refused at once and old files are not waited for (7), and the
+smaller ones (8): a micrograph deleted while picked, ``.mrcs`` stacks, ``--demo --adapt``,
+crYOLO's ``--gpu 0``, the web view's Host header. In-process sessions without a model where
+a scan is the point; the command where picks or the exit status are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from emmae.config import load_config
+from emmae.errors import EmmaeError, MicrographError
+from emmae.io.mrc import write_micrograph
+from emmae.runtime.commands import pick as cli
+from emmae.runtime.commands import stream as stream_cmd
+from emmae.runtime.outputs import OutputFolder
+from emmae.runtime.picking.bundle import default_bundle_path
+from emmae.runtime.stream import gate as gate_module
+from emmae.runtime.stream.daemon import IN_HAND_FILE, Daemon, StopFlag
+from emmae.runtime.stream.gate import Gate
+from emmae.runtime.stream.journal import Journal
+from emmae.synth import SynthParams, write_session
+from tests.test_stream_hardening import micrograph, ready, session
+
+needs_model = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
+PARAMS = SynthParams(shape=(256, 256), diameter_px=24.0, pixel_size_A=4.0, snr=0.3)
+FAST = ["--diameter-px", "24", "--settle-s", "0", "--poll-interval-s", "0.05", "--poll", "--progress", "plain", "--threads", "1"]
+
+
+def stream(watch: Path, out: Path, *extra: str) -> int:
+    return stream_cmd.main(["--watch", str(watch), "--out", str(out), "--once", *FAST, *extra])
+
+
+def index_names(out: Path) -> list[str]:
+    return list(starfile.read(out / "autopick.star", always_dict=True)["coordinate_files"]["rlnMicrographName"])
+
+
+def star_rows(path: Path) -> int:
+    """Rows of a STAR file's one loop (0 when it has none)."""
+    blocks = starfile.read(path, always_dict=True)
+    return sum(len(block) for block in blocks.values() if hasattr(block, "columns"))
+
+
+# --- 1. a poison micrograph stays failed --------------------------------------------------------------------
+
+
+def test_1_a_micrograph_failed_for_killing_the_daemon_is_not_picked_again_unchanged(tmp_path, caplog):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    path = micrograph(watch / "poison.mrc", seed=3)
+    caplog.set_level(logging.WARNING, logger="emmae.stream")
+    for start in range(4):
+        out.mkdir(exist_ok=True)
+        if start < 3:
+            (out / IN_HAND_FILE).write_bytes(os.fsencode(path))  # what the pick stage leaves when the daemon dies on it
+        with session(watch, out, "preprocess.diameter_px=24", "stream.max_attempts=3") as live:
+            live.scan()
+            entry = live.journal.get("poison.mrc")
+            if start >= 2:  # failed at the third death, and left alone at that start and the next
+                assert entry.state == "failed" and "died while picking it, 3 times" in entry.reason
+                assert ready(live) == [], f"start {start + 1}: the failed micrograph was handed on again"
+            else:
+                assert ready(live) == ["poison.mrc"] and entry.attempts == start + 1
+    journal = Journal(out)
+    try:
+        journal.count_attempt("good.mrc")
+        journal.count_attempt("good.mrc")
+        journal.mark_picked("good.mrc", "mics/good.mrc", 3, "good_autopick.star", {}, 10, 10)
+        assert journal.get("good.mrc").attempts == 0  # a clean pick resets the count
+    finally:
+        journal.close()
