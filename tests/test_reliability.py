@@ -85,3 +85,48 @@ def test_1_a_micrograph_failed_for_killing_the_daemon_is_not_picked_again_unchan
         assert journal.get("good.mrc").attempts == 0  # a clean pick resets the count
     finally:
         journal.close()
+
+
+# --- 2. an upstream STAR rewritten under the daemon ----------------------------------------------------------
+
+
+def _star(path: Path, names: list[str]) -> None:
+    starfile.write({"optics": pd.DataFrame({"rlnOpticsGroup": [1]}), "micrographs": pd.DataFrame({"rlnMicrographName": names})}, path,
+                   overwrite=True)
+
+
+def test_2_a_watch_star_rewritten_or_emptied_keeps_its_last_good_list(tmp_path, caplog):
+    project, out = tmp_path / "project", tmp_path / "out"
+    micrograph(project / "mics" / "a.mrc", seed=1)
+    micrograph(project / "mics" / "b.mrc", seed=2)
+    star = project / "cm.star"
+    _star(star, ["mics/a.mrc"])
+    config = load_config(None, ["stream.settle_s=0", "stream.poll=\"always\"", "preprocess.diameter_px=24",
+                                f"output.project_root=\"{project}\""])
+    caplog.set_level(logging.INFO, logger="emmae.stream")
+    live = Daemon(project, out, config, encoder=None, watch_star=star)  # type: ignore[arg-type]
+    try:
+        live.scan()
+        assert ready(live) == ["a.mrc"]
+        for text in ("data_optics\n", "data_x\n", "", "data_optics\nloop_\n_rlnOpticsGroup #1\n1\ndata_micr"):
+            star.write_text(text)  # RELION rewrites in place: caught empty, half-written, or before its loop
+            live.scan()
+        said = [r.getMessage() for r in caplog.records if "cm.star" in r.getMessage() and "last" in r.getMessage()]
+        assert len(said) == 1, said  # said once
+        _star(star, ["mics/a.mrc", "mics/b.mrc"])
+        live.scan()
+        assert ready(live) == ["a.mrc", "b.mrc"]
+    finally:
+        live._ready.clear()
+        live.close(StopFlag("test"))
+        live.release()
+
+
+@pytest.mark.parametrize("text", ["data_x\n", "data_optics\n", "# nothing\n"])
+def test_2_emmae_pick_on_a_star_without_micrographs_is_one_line(tmp_path, caplog, text):
+    star = tmp_path / "x.star"
+    star.write_text(text)
+    caplog.set_level(logging.ERROR)
+    assert cli.main([str(star), "--diameter-px", "24", "--out", str(tmp_path / "out")]) == cli.EXIT_FAILED
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "x.star" in errors[0] and "_rlnMicrographName" in errors[0]

@@ -246,7 +246,8 @@ def star_micrographs(star: str | Path, project_root: Path | None) -> list[tuple[
     try:
         rows = micrographs_from_star(star, root)
     except (OSError, ValueError) as exc:
-        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}") from None
+        hint = "" if "_rlnMicrographName" in str(exc) else "; a micrographs STAR has a loop with the column _rlnMicrographName"
+        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}{hint}") from None
     missing = [name for path, name in rows if not path.is_file()]
     if rows and len(missing) == len(rows):
         raise EmmaeError(

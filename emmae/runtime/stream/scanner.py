@@ -40,6 +40,8 @@ class Scanner:
         self._touched: set[str] = set()  # keys the observer reported changed (its thread adds, the daemon's takes)
         self._touched_lock = threading.Lock()
         self._sweep_at = -float("inf")
+        self._star_last: list[tuple[Path, str]] = []  # the upstream STAR's rows when it was last readable
+        self._star_unready = False  # said that it cannot be read now (once, until it can again)
 
     def key(self, path: Path | str) -> str:
         """The journal's key of a file: its path relative to the watched folder (absolute if outside it)."""
@@ -100,11 +102,20 @@ class Scanner:
         return files  # type: ignore[return-value]  # paths as strings: a Path each would cost more than the look itself
 
     def _star_rows(self) -> list[tuple[Path, str]]:
+        """The upstream STAR's rows; while it cannot be read (gone, emptied, caught half-written as RELION rewrites it in
+        place, no loop with ``_rlnMicrographName`` yet), the rows it last had: not ready yet, said once."""
         try:
-            return micrographs_from_star(self.watch_star, self.config.output.project_root)
-        except (OSError, ValueError) as exc:  # absent yet, or caught mid-write by the upstream job
-            log.debug("cannot read %s yet: %s", self.watch_star, exc)
-            return []
+            rows = micrographs_from_star(self.watch_star, self.config.output.project_root)
+        except (OSError, ValueError) as exc:
+            if not self._star_unready:
+                log.warning("%s cannot be read now (%s): keeping its last %d rows until it can", self.watch_star,
+                            getattr(exc, "strerror", None) or exc, len(self._star_last))
+            self._star_unready = True
+            return self._star_last
+        if self._star_unready:
+            log.info("%s can be read again: %d rows", self.watch_star, len(rows))
+        self._star_last, self._star_unready = rows, False
+        return rows
 
 
 class _Without:
