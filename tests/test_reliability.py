@@ -53,9 +53,9 @@ def index_names(out: Path) -> list[str]:
 
 
 def star_rows(path: Path) -> int:
-    """Rows of a STAR file's one loop (0 when it has none)."""
+    """Rows of a STAR file's loops but its optics block (0 when it has none)."""
     blocks = starfile.read(path, always_dict=True)
-    return sum(len(block) for block in blocks.values() if hasattr(block, "columns"))
+    return sum(len(block) for name, block in blocks.items() if hasattr(block, "columns") and name != "optics")
 
 
 # --- 1. a poison micrograph stays failed --------------------------------------------------------------------
@@ -130,3 +130,33 @@ def test_2_emmae_pick_on_a_star_without_micrographs_is_one_line(tmp_path, caplog
     assert cli.main([str(star), "--diameter-px", "24", "--out", str(tmp_path / "out")]) == cli.EXIT_FAILED
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "x.star" in errors[0] and "_rlnMicrographName" in errors[0]
+
+
+# --- 3. a session moved or copied keeps its index -------------------------------------------------------------
+
+
+@needs_model
+def test_3_a_moved_session_keeps_its_index_and_a_copy_does_not_point_back(tmp_path):
+    first = tmp_path / "p1"
+    mics = write_session(first / "mics", 2, PARAMS, seed=41)
+    assert stream(first / "mics", first / "out") == 0
+    moved = tmp_path / "p2"
+    os.rename(first, moved)
+    assert stream(moved / "mics", moved / "out") == 0
+    names = sorted(f"mics/{m.name}" for m in mics)
+    assert sorted(index_names(moved / "out")) == names
+    journal = Journal(moved / "out")
+    try:
+        picked = journal.picked()
+    finally:
+        journal.close()
+    assert len(picked) == 2 and not any(os.path.isabs(e.outputs) for e in picked)
+    assert star_rows(moved / "out" / "particles.star") == sum(e.particles for e in picked) > 0
+    assert star_rows(moved / "out" / "micrographs.star") == 2
+    copy = tmp_path / "p3"
+    shutil.copytree(moved, copy, symlinks=True, copy_function=shutil.copy2)  # cp -a
+    shutil.rmtree(moved)  # the old storage is gone: nothing may point back at it
+    assert cli.main(["--rethreshold", str(copy / "out"), "--threshold", "0.9", "-q"]) == cli.EXIT_OK
+    index = starfile.read(copy / "out" / "autopick.star", always_dict=True)["coordinate_files"]
+    assert sorted(index["rlnMicrographName"]) == names  # not doubled
+    assert not any(os.path.isabs(c) for c in index["rlnMicrographCoordinates"])

@@ -53,6 +53,7 @@ from pathlib import Path
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import ConfigError, EmmaeError
 from emmae.io.inputs import micrographs_from_star
+from emmae.io.layout import relative_folder
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
     try:
-        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv))
+        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv)
+                                    | {"project_folder": relative_folder(daemon.admission.project_root, daemon.outputs.root)})
         server = start_view(args, daemon)
     except EmmaeError as exc:
         daemon.release()

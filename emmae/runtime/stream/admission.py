@@ -34,6 +34,7 @@ class Admission:
         watch = os.path.realpath(scanner.watch)  # one spelling of the folder, whichever the user gave
         root = os.path.realpath(config.output.project_root) if config.output.project_root is not None else os.path.dirname(watch)
         self._watch_name = os.path.relpath(watch, root)
+        self.project_root = Path(root)  # names are written relative to it (and the index's coordinate files)
         self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s)
         self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
 

@@ -68,6 +68,7 @@ class Daemon:
         self.scanner = Scanner(watch, out, config, watch_star)
         self.admission = Admission(config, self.scanner, self.recorder)
         self.recorder.on_failed = self.admission.note_failed
+        self.recorder.project = self.admission.project_root
         self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer

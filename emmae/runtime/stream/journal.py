@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS micrographs (
     size INTEGER,
     mtime_ns INTEGER,
     particles INTEGER,
-    outputs TEXT,
+    outputs TEXT,  -- the coordinate file, relative to the output folder (absolute in older journals)
     reason TEXT,
     timings TEXT,
     updated REAL NOT NULL
@@ -226,6 +226,11 @@ class Journal:
         with self.batch():
             self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
                                  [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
+
+    def set_outputs(self, outputs: dict[str, str]) -> None:
+        """Record the coordinate file of picked entries anew (path -> file, relative to the output folder)."""
+        with self.batch():
+            self._db.executemany("UPDATE micrographs SET outputs = ? WHERE path = ?", [(o, p) for p, o in outputs.items()])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

@@ -47,6 +47,21 @@ class Recorder:
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self.on_failed: Callable[[str, int | None, int | None, str], None] | None = None  # (key, size, mtime_ns, kind)
         self.index_stale = True
+        self.project: Path | None = None  # the folder the index's coordinate files are written relative to
+        self._relocate()
+
+    def _relocate(self) -> None:
+        """Coordinate files an older journal recorded as absolute paths are recorded relative to the output folder (found
+        by their tail when the folder has moved since), so the index finds them wherever the session is."""
+        moved = {}
+        for key, entry in self.picked.items():
+            if entry.outputs and os.path.isabs(entry.outputs):
+                stem = self.outputs.stem_of(entry.outputs)
+                if stem is not None:
+                    moved[key] = self.outputs.recorded(stem)
+        if moved:
+            self.journal.set_outputs(moved)
+            self.picked.update({key: replace(self.picked[key], outputs=outputs) for key, outputs in moved.items()})
 
     def record(self, done: Done, key: str, model: str | None, figures: Callable[[], str] | None = None) -> int:
         """Record a finished job; returns 1 when it was picked."""
@@ -71,7 +86,7 @@ class Recorder:
             return 0
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
-        outputs = str(self.outputs.path(job.stem))
+        outputs = self.outputs.recorded(job.stem)
         session = (result.session or {}).get("id")
         self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, model, session,
                                  job.fingerprint, job.ctime_ns)
@@ -125,12 +140,8 @@ class Recorder:
         self.index_stale = True
 
     def _remove_outputs(self, entry: Entry) -> int:
-        if not entry.outputs or not entry.outputs.endswith("_autopick.star"):
-            return 0
-        return self.outputs.remove_micrograph(self._stem(entry))
-
-    def _stem(self, entry: Entry) -> str:
-        return os.path.relpath(entry.outputs[: -len("_autopick.star")], self.outputs.root)
+        stem = self.outputs.stem_of(entry.outputs)
+        return 0 if stem is None else self.outputs.remove_micrograph(stem)
 
     def adopt(self) -> None:
         """Record the stat of files an older journal picked without one (after a scan)."""
@@ -174,13 +185,13 @@ class Recorder:
         """
         rows, budget = [], ROWS_READ_PER_INDEX
         for entry in self.journal.picked():
-            if unsafe_name("", entry.name) or not entry.outputs or not os.path.exists(entry.outputs):
+            stem = self.outputs.stem_of(entry.outputs)
+            if unsafe_name("", entry.name) or stem is None or not self.outputs.path(stem).exists():
                 continue
-            stem = self._stem(entry)
             read = budget > 0 or self.outputs.remembers(stem)
             budget -= not self.outputs.remembers(stem)
             rows.append(replace(self.outputs.row(stem, config, read=read), name=entry.name))
-        self.outputs.write_index(rows, config)
+        self.outputs.write_index(rows, config, self.project)
         self.index_stale = budget < 0
 
     def report_failed(self) -> None:
