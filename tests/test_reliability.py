@@ -160,3 +160,45 @@ def test_3_a_moved_session_keeps_its_index_and_a_copy_does_not_point_back(tmp_pa
     index = starfile.read(copy / "out" / "autopick.star", always_dict=True)["coordinate_files"]
     assert sorted(index["rlnMicrographName"]) == names  # not doubled
     assert not any(os.path.isabs(c) for c in index["rlnMicrographCoordinates"])
+
+
+# --- 4. a stop during start-up ------------------------------------------------------------------------------------
+
+
+@needs_model
+def test_4_a_stop_file_created_during_start_up_is_a_stop(tmp_path, monkeypatch, caplog):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    write_session(watch, 1, PARAMS, seed=42)
+    real = stream_cmd.Encoder.configured
+
+    def loading(*args, **kwargs):  # the stop file appears while the model loads
+        (watch / "EMMAE_STOP").touch()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_cmd.Encoder, "configured", loading)
+    caplog.set_level(logging.INFO, logger="emmae.stream")
+    assert stream(watch, out) == 0
+    assert "left from an earlier run" not in caplog.text and "stop file found" in caplog.text
+    assert " picked " not in caplog.text and not (watch / "EMMAE_STOP").exists()
+
+
+SIGTERM_WHILE_LOADING = """
+import os, signal, sys
+from emmae.runtime.commands import stream
+real = stream.Encoder.configured
+def loading(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+stream.Encoder.configured = loading
+sys.exit(stream.main(sys.argv[1:]))
+"""
+
+
+@needs_model
+def test_4_sigterm_during_start_up_is_a_clean_stop(tmp_path):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    write_session(watch, 1, PARAMS, seed=43)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_LOADING, "--watch", str(watch), "--out", str(out), *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "SIGTERM received" in done.stderr and " picked " not in done.stderr and "Traceback" not in done.stderr

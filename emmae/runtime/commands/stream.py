@@ -203,10 +203,21 @@ def start_view(args: argparse.Namespace, daemon: Daemon) -> ViewServer | None:
     return None if args.http is None else serve_daemon(daemon, args.http, args.http_token)
 
 
+def stop_flag() -> StopFlag:
+    """The flag SIGINT and SIGTERM set from now on: a stop asked for during the start-up (the model loading, the session
+    samples read back) is a clean stop as any other."""
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = build_parser().parse_args(argv)
     status = status_line(args.progress)
     setup_logging(args, status)
+    stop = stop_flag()
     retain_freed_memory()
     try:
         check_http(args)
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
     if args.demo:
-        return demo(args, argv, status)
+        return demo(args, argv, status, stop)
     try:
         config = _config(args)
         check_diameter(config)  # before any micrograph is touched
@@ -229,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         check_threads(args.threads)
         client = connect_cluster(args.scheduler, config)
         encoder = Encoder.configured(config, args.threads) if client is None else None
+        if stop:
+            log.info("stopped before the daemon started: nothing was picked")
+            return EXIT_OK
         out = args.out or watch / "emmae_picks"
-        daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client)
+        daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client, stop, started)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -242,9 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         daemon.release()
         log.error("%s", exc)
         return EXIT_USAGE
-    stop = StopFlag()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop.handle)
     try:
         run(daemon, stop, args.once)
         failed = bool(daemon.journal.failed())
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None) -> int:
+def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None, stop: StopFlag) -> int:
     """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
     watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
     out = args.out or watch / "emmae_picks"
@@ -268,7 +279,7 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
     try:
         config = _config(demo_args)
         encoder = Encoder.configured(config, demo_args.threads)
-        daemon = Daemon(watch, out, config, encoder, status=status)
+        daemon = Daemon(watch, out, config, encoder, status=status, stop=stop)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -278,9 +289,6 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
         log.error("%s", exc)
         daemon.release()
         return EXIT_USAGE
-    stop = StopFlag()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop.handle)
     acquisition.start()
     try:
         run(daemon, stop, once=True, until=acquisition.finished.is_set)

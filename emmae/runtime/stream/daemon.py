@@ -55,7 +55,10 @@ class Daemon:
     """
 
     def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder | None, watch_star: Path | None = None,
-                 status: StatusLine | None = None, threads: int | None = None, client: object | None = None) -> None:
+                 status: StatusLine | None = None, threads: int | None = None, client: object | None = None,
+                 stop: StopFlag | None = None, started: float | None = None) -> None:
+        """``stop``: the flag the signal handlers set, also set by a stop file seen during the start-up (the session
+        samples are then not read back); ``started``: when the command started (``time.time()``, default now)."""
         self.watch, self.config, self.status, self.client = watch, config, status, client
         self.outputs = OutputFolder.open(out)
         try:
@@ -63,6 +66,7 @@ class Daemon:
         except (OSError, sqlite3.Error) as exc:
             self.outputs.close()
             raise EmmaeError(f"cannot use the output folder {out}: {getattr(exc, 'strerror', None) or exc}") from None
+        self.health = Health(watch, out, journal.path, time.monotonic(), time.time() if started is None else started)
         self.progress = Progress()
         self.recorder = Recorder(journal, self.outputs, self.progress, config_hash(config))
         self.scanner = Scanner(watch, out, config, watch_star)
@@ -70,6 +74,8 @@ class Daemon:
         self.recorder.on_failed = self.admission.note_failed
         self.recorder.project = self.admission.project_root
         self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
+        if stop is not None:
+            self.switcher.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
         self.in_hand = InHand(out / IN_HAND_FILE, watch)
@@ -81,7 +87,6 @@ class Daemon:
         self._repicked_for: str | None = None  # the fixed session whose provisional picks were sent back
         self._last_scan, self._scan_cost_s = -float("inf"), 0.0
         self._index_written, self._index_cost_s = -float("inf"), 0.0
-        self.health = Health(watch, out, journal.path, time.monotonic())
 
     @property
     def journal(self) -> Journal:
