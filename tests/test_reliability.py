@@ -202,3 +202,31 @@ def test_4_sigterm_during_start_up_is_a_clean_stop(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "SIGTERM received" in done.stderr and " picked " not in done.stderr and "Traceback" not in done.stderr
+
+
+# --- 5. one cut per session --------------------------------------------------------------------------------------
+
+
+@needs_model
+def test_5_a_restart_after_a_rethreshold_continues_with_its_cut_or_refuses_in_one_line(tmp_path, caplog):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    mics = write_session(watch, 3, PARAMS, seed=44)
+    os.rename(mics[2], tmp_path / mics[2].name)
+    assert stream(watch, out) == 0
+    assert cli.main(["--rethreshold", str(out), "--threshold", "0.95", "--format", "star", "box", "-q"]) == cli.EXIT_OK
+    os.rename(tmp_path / mics[2].name, mics[2])  # lands after the re-threshold
+    caplog.set_level(logging.INFO)
+    assert stream(watch, out) == 0  # no cut given: the folder's
+    record = OutputFolder(out).read_record()
+    assert record["config"]["postprocess"]["threshold"] == 0.95 and record["config"]["output"]["formats"] == ["star", "box"]
+    assert sorted(p.name for p in out.rglob("*.box")) == sorted(f"{m.stem}.box" for m in mics)
+    journal = Journal(out)
+    try:
+        counts = {e.path: e.particles for e in journal.picked()}
+    finally:
+        journal.close()
+    assert counts == {m.name: star_rows(out / "mics" / f"{m.stem}_autopick.star") for m in mics}
+    caplog.clear()
+    assert stream(watch, out, "--threshold", "0.5") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "--rethreshold" in errors[0] and "0.95" in errors[0]

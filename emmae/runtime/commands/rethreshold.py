@@ -19,8 +19,10 @@ from typing import Any
 
 from emmae.config import EmmaeConfig, _apply_override, config_record, validate_config
 from emmae.errors import ConfigError, EmmaeError
-from emmae.runtime.outputs import OutputFolder
+from emmae.runtime.outputs import RECORD_FILE, OutputFolder
 from emmae.runtime.picking.picker import repick
+from emmae.runtime.stream.journal import FILENAME as JOURNAL_FILE
+from emmae.runtime.stream.journal import Journal
 
 log = logging.getLogger("emmae.pick")
 
@@ -102,9 +104,10 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         **({"project_folder": record["project_folder"]} if project is not None else {}),
     })
     superseded = tuple(s for s, f in (("_autopick.star", "star"), (".box", "box"), (".cbox", "cbox")) if f not in config.output.formats)
-    rows, particles, no_preview = [], 0, 0
+    rows, counts, no_preview = [], {}, 0
     for stem in stems:
         picks = repick(outputs.load(stem), config)
+        counts[stem] = len(picks)
         source = outputs.root / sources[stem] if stem in sources else None  # relative to the folder (absolute in older records)
         if config.output.preview and (source is None or not source.is_file()):
             source = None
@@ -112,10 +115,97 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         outputs.remove_micrograph(stem, superseded + (("_preview.png",) if source is None or not config.output.preview else ()))
         outputs.write_micrograph(stem, picks, config, source)
         rows.append(outputs.row(stem, config))
-        particles += len(picks)
     rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
     outputs.write_index(sorted(rows, key=lambda row: row.stem), config, project)
+    recount_journal(outputs, counts)
     if no_preview:
         log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
-    log.info("re-picked %d micrographs: %d particles", len(rows), particles)
+    log.info("re-picked %d micrographs: %d particles", len(rows), sum(counts.values()))
     return 0
+
+
+def recount_journal(outputs: OutputFolder, counts: dict[str, int]) -> None:
+    """A stream's journal (when the folder has one) records the particles of each micrograph as re-picked (stem -> count)."""
+    if not (outputs.root / JOURNAL_FILE).is_file():
+        return
+    journal = Journal(outputs.root)
+    try:
+        journal.set_particles({e.path: counts[stem] for e in journal.picked() if (stem := outputs.stem_of(e.outputs)) in counts})
+    finally:
+        journal.close()
+
+
+CUT_OUTPUT = ("formats", "flip_y", "coordinate_scale")  # with every postprocess value: how a folder's picks are cut and written
+CUT_OPTIONS = ("threshold", "format", "flip_y", "scale")  # the command-line options that set them
+
+
+def cut_of(config: EmmaeConfig) -> dict[str, Any]:
+    """What decides which candidates a folder lists and in which files: the postprocess values and the output formats and switches."""
+    data = config.model_dump(mode="json")
+    return {**{f"postprocess.{k}": v for k, v in data["postprocess"].items()}, **{f"output.{k}": data["output"][k] for k in CUT_OUTPUT}}
+
+
+def gives_cut(args: argparse.Namespace) -> bool:
+    """The command line sets the cut itself: an option, a --set of one of its values, or a --config file with one."""
+    keys = cut_of(EmmaeConfig())
+    if any(getattr(args, name, None) not in (None, False) for name in CUT_OPTIONS):
+        return True
+    if any(item.replace(" ", "").split("=")[0] in keys for item in getattr(args, "overrides", None) or ()):
+        return True
+    try:
+        given = tomllib.loads(Path(args.config).read_text()) if getattr(args, "config", None) is not None else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return True  # cannot tell (it was read once already): taken as given
+    sections = {section: values for section, values in given.items() if isinstance(values, dict)}
+    return any(f"{section}.{field}" in keys for section, values in sections.items() for field in values)
+
+
+def restart_config(config: EmmaeConfig, folder: Path, args: argparse.Namespace) -> tuple[EmmaeConfig, dict]:
+    """``config`` for a stream started on the output ``folder`` (see :func:`continued_cut`), and what of its run record a
+    new record keeps (the re-thresholds' command lines).
+
+    Raises:
+        ConfigError: the command line asks another cut than the folder's.
+    """
+    try:
+        record = OutputFolder(folder).read_record() if (folder / RECORD_FILE).is_file() else None
+    except EmmaeError:
+        record = None  # unreadable: written anew at the start
+    if record is None:
+        return config, {}
+    kept = {"rethreshold_argv": record["rethreshold_argv"]} if isinstance(record.get("rethreshold_argv"), list) else {}
+    return continued_cut(config, record, folder, gives_cut(args)), kept
+
+
+def continued_cut(config: EmmaeConfig, record: dict, folder: Path, given: bool) -> EmmaeConfig:
+    """``config`` for a stream restarted on ``folder``, whose run record ``record`` says how its picks were cut (by the
+    stream, or by a re-threshold since): one cut per session. Not ``given`` on the command line: the folder's, said in
+    a line. Given and the same: ``config``.
+
+    Raises:
+        ConfigError: given, and not the folder's (one line that says how to choose).
+    """
+    try:
+        recorded = validate_config(record["config"])
+    except (ConfigError, KeyError, TypeError):
+        return config  # a record this version cannot read: nothing to continue
+    mine, theirs = cut_of(config), cut_of(recorded)
+    differ = [k for k in theirs if mine.get(k) != theirs[k]]
+    if not differ:
+        return config
+    shown = ", ".join(f"{k.split('.')[1]} {_shown(theirs[k])}" for k in differ)
+    if given:
+        asked = ", ".join(f"{k.split('.')[1]} {_shown(mine[k])}" for k in differ)
+        how = "re-thresholded to" if record.get("rethreshold_argv") else "picked with"
+        raise ConfigError(f"{folder} was {how} {shown} (its emmae-config.json), this run asks {asked}: leave these options out to "
+                          f"continue with the folder's, or change every micrograph's picks first with emmae-pick --rethreshold {folder} "
+                          "and the new options, or give another --out")
+    data = config.model_dump(mode="json")
+    data["postprocess"] = recorded.model_dump(mode="json")["postprocess"]
+    data["output"].update({k: theirs[f"output.{k}"] for k in CUT_OUTPUT})
+    log.info("continuing %s with the cut its picks were made with (emmae-config.json): %s", folder, shown)
+    return validate_config(data)
+
+
+def _shown(value: object) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)

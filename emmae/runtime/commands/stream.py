@@ -57,6 +57,7 @@ from emmae.io.layout import relative_folder
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
+from emmae.runtime.commands.rethreshold import restart_config
 from emmae.runtime.options import (Parser, add_common_arguments, add_http_arguments, add_output_arguments, output_switches, plain_text,
                                    setup_logging)
 from emmae.runtime.picking.encoder import Encoder
@@ -238,18 +239,19 @@ def main(argv: list[str] | None = None) -> int:
             check_watch_star(args.watch_star, config)
             config = with_star_optics(config, [args.watch_star])
         check_threads(args.threads)
+        out = args.out or watch / "emmae_picks"
+        config, kept = restart_config(config, out, args)  # one cut per session: the folder's, or refused
         client = connect_cluster(args.scheduler, config)
         encoder = Encoder.configured(config, args.threads) if client is None else None
         if stop:
             log.info("stopped before the daemon started: nothing was picked")
             return EXIT_OK
-        out = args.out or watch / "emmae_picks"
         daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client, stop, started)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     try:
-        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv)
+        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv) | kept
                                     | {"project_folder": relative_folder(daemon.admission.project_root, daemon.outputs.root)})
         server = start_view(args, daemon)
     except EmmaeError as exc:

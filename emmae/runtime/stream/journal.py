@@ -227,6 +227,11 @@ class Journal:
             self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
                                  [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
 
+    def set_particles(self, particles: dict[str, int]) -> None:
+        """Record how many particles picked entries have now (path -> count), e.g. after a re-threshold of the folder."""
+        with self.batch():
+            self._db.executemany("UPDATE micrographs SET particles = ? WHERE path = ?", [(n, p) for p, n in particles.items()])
+
     def set_outputs(self, outputs: dict[str, str]) -> None:
         """Record the coordinate file of picked entries anew (path -> file, relative to the output folder)."""
         with self.batch():
