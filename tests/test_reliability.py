@@ -230,3 +230,26 @@ def test_5_a_restart_after_a_rethreshold_continues_with_its_cut_or_refuses_in_on
     assert stream(watch, out, "--threshold", "0.5") == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "--rethreshold" in errors[0] and "0.95" in errors[0]
+
+
+# --- 6. a failed file deleted is forgotten -----------------------------------------------------------------------
+
+
+def test_6_a_failed_file_that_is_deleted_is_forgotten(tmp_path):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    watch.mkdir()
+    (watch / "junk.mrc").write_bytes(b"not an MRC file " * 100)
+    (watch / "gone.mrc").write_bytes(b"not an MRC file either " * 100)
+    with session(watch, out, "preprocess.diameter_px=24") as live:
+        live.scan()
+        assert sorted(e.path for e in live.journal.failed()) == ["gone.mrc", "junk.mrc"]
+        (watch / "junk.mrc").unlink()
+        live.scanner._sweep_at = -float("inf")  # the next scan looks at every known file
+        live.scan()
+        assert [e.path for e in live.journal.failed()] == ["gone.mrc"] and live.progress.failed == 1
+    (watch / "gone.mrc").unlink()
+    with session(watch, out, "preprocess.diameter_px=24") as live:
+        live.scan()
+        live.recorder.report_failed()
+        assert live.journal.failed() == [] and live.progress.failed == 0
+    assert not (out / "failed.txt").exists()

@@ -147,7 +147,13 @@ class Daemon:
             self.admission.clear()  # what this scan recorded was rolled back: look at everything again
             raise
         if sweep:
+            self.forget_gone()
             self.scanner.swept(time.monotonic() - start)
+
+    def forget_gone(self) -> None:
+        """Failed micrographs deleted since are forgotten (at every sweep, and at exit)."""
+        for key in self.recorder.forget_gone(lambda key: any_stat(self.scanner.path_of(key)) is not None):
+            self.admission.forget(self.scanner.path_of(key), key)
 
     def _consider(self, path: Path, name: str | None, stat: os.stat_result | None) -> None:
         key = self.scanner.key(path)
@@ -282,6 +288,7 @@ def run(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] | 
             daemon.status.show(daemon.summary())  # the final figures stay on screen
             daemon.status.finish()
     daemon.write_index()
+    daemon.forget_gone()
     daemon.recorder.report_failed()
     log.info("journal: %s", daemon.journal.counts())
 

@@ -227,6 +227,11 @@ class Journal:
             self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
                                  [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
 
+    def forget_failed(self, paths: list[str]) -> None:
+        """Remove the failed entries of ``paths`` (their files are gone)."""
+        with self.batch():
+            self._db.executemany("DELETE FROM micrographs WHERE path = ? AND state = 'failed'", [(p,) for p in paths])
+
     def set_particles(self, particles: dict[str, int]) -> None:
         """Record how many particles picked entries have now (path -> count), e.g. after a re-threshold of the folder."""
         with self.batch():

@@ -116,6 +116,16 @@ class Recorder:
             self.on_failed(key, size, mtime_ns, kind)
         log.error("failed %s: %s%s", shown(key), reason, RETRY_TEXT.get(kind, "; tried again if it changes"))
 
+    def forget_gone(self, exists: Callable[[str], bool]) -> list[str]:
+        """Failed micrographs whose file no longer exists are forgotten (neither listed in failed.txt nor counted); returns them."""
+        gone = sorted(key for key in self.failed_keys if not exists(key))
+        if gone:
+            self.journal.forget_failed(gone)
+            self.failed_keys.difference_update(gone)
+            self.progress.failed = len(self.failed_keys)
+            log.info("forgot %d failed micrographs that no longer exist (e.g. %s)", len(gone), shown(gone[0]))
+        return gone
+
     def still_current(self, key: str, name: str, stat: os.stat_result, path: Path) -> bool:
         """A picked file is still the version that was picked (moved or copied counts as the same); one that changed
         since (replaced, rewritten, truncated) loses its outputs and is picked again (False)."""
