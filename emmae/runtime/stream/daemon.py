@@ -152,7 +152,7 @@ class Daemon:
 
     def forget_gone(self) -> None:
         """Failed micrographs deleted since are forgotten (at every sweep, and at exit)."""
-        for key in self.recorder.forget_gone(lambda key: any_stat(self.scanner.path_of(key)) is not None):
+        for key in self.recorder.forget_gone(self.scanner.exists):
             self.admission.forget(self.scanner.path_of(key), key)
 
     def _consider(self, path: Path, name: str | None, stat: os.stat_result | None) -> None:

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -74,6 +75,11 @@ _FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, 
 def journal_key(relative: str) -> str:
     """A path as the journal stores it: text SQLite can hold (undecodable bytes written as ``\\xNN``)."""
     return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def key_path(key: str) -> str:
+    """The path a key stands for, as the file system spells it (undecodable bytes, written ``\\xNN`` in the key, back)."""
+    return re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), key) if "\\x" in key else key
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from emmae.config import EmmaeConfig
 from emmae.io.layout import coordinate_stem
 from emmae.io.inputs import micrographs_from_star
 from emmae.runtime.stream.gate import walk
-from emmae.runtime.stream.journal import journal_key
+from emmae.runtime.stream.journal import journal_key, key_path
 
 log = logging.getLogger("emmae.stream")
 SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
@@ -58,6 +58,10 @@ class Scanner:
 
     def path_of(self, key: str) -> Path:
         return Path(key) if os.path.isabs(key) else self.watch / key
+
+    def exists(self, key: str) -> bool:
+        """The file of ``key`` is there (a name that is not UTF-8 included)."""
+        return any(any_stat(self.path_of(text)) is not None for text in {key, key_path(key)})
 
     def stem(self, path: Path, name: str) -> str:
         """Where RELION looks for the micrograph's coordinates (:func:`emmae.io.layout.coordinate_stem` of its name); for
