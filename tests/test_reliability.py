@@ -253,3 +253,33 @@ def test_6_a_failed_file_that_is_deleted_is_forgotten(tmp_path):
         live.recorder.report_failed()
         assert live.journal.failed() == [] and live.progress.failed == 0
     assert not (out / "failed.txt").exists()
+
+
+# --- 7. tiny and old files are not held ----------------------------------------------------------------------------
+
+
+def test_7_tiny_micrographs_are_refused_from_their_header_at_once(tmp_path):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    watch.mkdir()
+    for i in range(5):
+        write_micrograph(watch / f"tiny_{i}.mrc", np.zeros((2, 2), np.float32), 4.0)  # its data block ends in zeros
+    with session(watch, out, "preprocess.diameter_px=24") as live:
+        live.scan()
+        reasons = {e.path: e.reason for e in live.journal.failed()}
+        assert len(reasons) == 5 and all("too small" in r for r in reasons.values()), reasons
+        assert live.admission.pending == 0
+
+
+def test_7_a_file_untouched_for_long_is_not_waited_for_again(tmp_path, monkeypatch):
+    good = micrograph(tmp_path / "good.mrc").read_bytes()
+    cut = tmp_path / "cut.mrc"
+    cut.write_bytes(good[: len(good) // 2])
+    zeros = tmp_path / "zeros.mrc"
+    zeros.write_bytes(good[: len(good) - 8192] + bytes(8192))
+    later = time.time() + 600
+    monkeypatch.setattr(gate_module.time, "time", lambda: later)  # both files last changed 10 minutes ago
+    gate = Gate(settle_s=1.0, stale_after_s=180.0)
+    assert gate.check(cut, now=0.0) == "waiting" and gate.check(zeros, now=0.0) == "waiting"  # settling: watched for 1 s
+    with pytest.raises(MicrographError, match="incomplete and unchanged"):
+        gate.check(cut, now=1.5)
+    assert gate.check(zeros, now=1.5) == "ready"
