@@ -233,6 +233,10 @@ class Journal:
             self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
                                  [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
 
+    def forget(self, path: str) -> None:
+        """Remove ``path``'s entry, whatever its state (its file is gone)."""
+        self._db.execute("DELETE FROM micrographs WHERE path = ?", (path,))
+
     def forget_failed(self, paths: list[str]) -> None:
         """Remove the failed entries of ``paths`` (their files are gone)."""
         with self.batch():

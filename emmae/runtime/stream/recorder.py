@@ -84,6 +84,8 @@ class Recorder:
             else:
                 self.failed(key, job.name, done.error, job.size, job.mtime_ns, done.kind)
             return 0
+        if not os.path.lexists(job.path):  # deleted (or moved away) while it was picked: nothing to list it for
+            return self._discard(key, job.stem)
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
         outputs = self.outputs.recorded(job.stem)
@@ -107,6 +109,14 @@ class Recorder:
         log.info("picked %s: %d particles, on disk %.2f s after it was complete%s", shown(key), len(result), done.latency_s,
                  f" | {figures()}" if figures else "")
         return 1
+
+    def _discard(self, key: str, stem: str) -> int:
+        removed = self.outputs.remove_micrograph(stem)
+        if key in self.picked:
+            self._unlist(key)
+        self.journal.forget(key)
+        log.warning("%s was deleted while it was picked: its picks are not kept (%d files removed)", shown(key), removed)
+        return 0
 
     def failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
         self.journal.mark_failed(key, journal_key(name), journal_key(reason), size, mtime_ns, kind)
