@@ -62,8 +62,9 @@ def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | 
 
 
 def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
-         prefix: str = "") -> Iterator[str]:
-    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files)."""
+         prefix: str = "", stacks: list[str] | None = None) -> Iterator[str]:
+    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files); ``stacks``: gets the ``*.mrcs`` files
+    (movie stacks) that are not candidates."""
     candidate = _matcher(tuple(patterns))
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
@@ -72,6 +73,8 @@ def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | 
                 path = os.path.join(root, name)
                 if path[len(prefix):] not in known:
                     yield path
+            elif stacks is not None and name[-5:].lower() == ".mrcs" and not name.startswith("."):
+                stacks.append(os.path.join(root, name))
         if not recursive:
             break
 

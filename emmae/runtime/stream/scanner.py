@@ -42,6 +42,7 @@ class Scanner:
         self._sweep_at = -float("inf")
         self._star_last: list[tuple[Path, str]] = []  # the upstream STAR's rows when it was last readable
         self._star_unready = False  # said that it cannot be read now (once, until it can again)
+        self._stacks_said = False  # said that .mrcs stacks are not picked (once)
 
     def key(self, path: Path | str) -> str:
         """The journal's key of a file: its path relative to the watched folder (absolute if outside it)."""
@@ -99,8 +100,13 @@ class Scanner:
             return [(path, name, None) for path, name in self._star_rows()
                     if sweep or (key := self.key(path)) not in picked or key in touched]
         known: Container[str] = frozenset() if sweep else _Without(picked, touched)
+        stacks: list[str] | None = None if self._stacks_said else []
         files = [(path, None, any_stat(path)) for path in walk(self.watch, self.config.stream.patterns, self.config.stream.recursive,
-                                                                 skip=self.out.resolve(), known=known, prefix=self._prefix)]
+                                                                 skip=self.out.resolve(), known=known, prefix=self._prefix, stacks=stacks)]
+        if stacks:
+            self._stacks_said = True
+            log.warning("%d .mrcs files in %s (e.g. %s) are not picked: .mrcs are stacks (movies); watch the motion-corrected "
+                        "micrographs (.mrc), or follow the upstream job with --watch-star", len(stacks), self.watch, self.key(stacks[0]))
         newest = self.config.stream.order == "newest"
         files.sort(key=lambda f: f[2].st_mtime_ns if f[2] is not None else 0, reverse=newest)  # stable: by name within a time
         return files  # type: ignore[return-value]  # paths as strings: a Path each would cost more than the look itself
