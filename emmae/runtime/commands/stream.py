@@ -274,12 +274,14 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
     """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
     watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
     out = args.out or watch / "emmae_picks"
-    argv = [*(argv or []), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
+    argv = [*(sys.argv[1:] if argv is None else argv), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
     demo_args = build_parser().parse_args([a for a in argv if a != "--demo"])
     acquisition = Acquisition(watch, args.demo_count, 3600.0 / args.demo_per_hour)
     log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
     try:
         config = _config(demo_args)
+        if config.stream.adapt_after:
+            check_can_adapt()
         encoder = Encoder.configured(config, demo_args.threads)
         daemon = Daemon(watch, out, config, encoder, status=status, stop=stop)
     except (EmmaeError, FileNotFoundError) as exc:
