@@ -283,3 +283,109 @@ def test_7_a_file_untouched_for_long_is_not_waited_for_again(tmp_path, monkeypat
     with pytest.raises(MicrographError, match="incomplete and unchanged"):
         gate.check(cut, now=1.5)
     assert gate.check(zeros, now=1.5) == "ready"
+
+
+# --- 8. the smaller ones ----------------------------------------------------------------------------------------------
+
+
+@needs_model
+def test_8_a_micrograph_deleted_while_it_is_picked_is_not_listed(tmp_path, monkeypatch, caplog):
+    from emmae.runtime.stream import pipeline
+
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    mics = write_session(watch, 2, PARAMS, seed=45)
+    real = pipeline.pick_read
+
+    def deleting(job, prepared, picker):
+        if job.path.name == mics[1].name:
+            os.unlink(job.path)  # deleted while in hand
+        return real(job, prepared, picker)
+
+    monkeypatch.setattr(pipeline, "pick_read", deleting)
+    caplog.set_level(logging.INFO, logger="emmae.stream")
+    assert stream(watch, out) == 0
+    assert index_names(out) == [f"mics/{mics[0].name}"]
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and mics[1].name in r.getMessage() and "deleted" in r.getMessage()]
+    assert not list(out.rglob(f"{mics[1].stem}*"))
+
+
+def test_8_mrcs_stacks_are_named_once_as_not_picked(tmp_path, caplog):
+    watch, out = tmp_path / "mics", tmp_path / "out"
+    watch.mkdir()
+    for name in ("movie_1.mrcs", "movie_2.MRCS"):
+        (watch / name).write_bytes(b"\0" * 2048)
+    caplog.set_level(logging.INFO, logger="emmae.stream")
+    with session(watch, out, "preprocess.diameter_px=24") as live:
+        live.scan()
+        live.scanner._sweep_at = -float("inf")
+        live.scan()
+    said = [r.getMessage() for r in caplog.records if ".mrcs" in r.getMessage()]
+    assert len(said) == 1 and "movie_1.mrcs" in said[0] and "2" in said[0], said
+
+
+def test_8_demo_keeps_the_options_it_is_given(monkeypatch):
+    seen = {}
+
+    def daemon(watch, out, config, *args, **kwargs):
+        seen["config"] = config
+        raise EmmaeError("stop here")
+
+    monkeypatch.setattr(sys, "argv", ["emmae-stream", "--demo", "--demo-count", "1", "--adapt", "3", "-t", "0.7"])
+    monkeypatch.setattr(stream_cmd.Encoder, "configured", lambda *a, **k: None)
+    monkeypatch.setattr(stream_cmd, "Daemon", daemon)
+    monkeypatch.setattr(stream_cmd.Acquisition, "start", lambda self: None)
+    assert stream_cmd.main() == stream_cmd.EXIT_USAGE
+    assert seen["config"].stream.adapt_after == 3 and seen["config"].postprocess.threshold == 0.7
+
+
+def test_8_gpu_takes_a_device_number_as_cryolo_does():
+    from emmae.runtime.options import choose_gpu
+
+    args = cli.build_parser().parse_args(["m.mrc", "--gpu", "0", "--diameter-px", "24"])
+    assert args.inputs == ["m.mrc"] and cli._config(args).backend.device == "gpu"
+    environ: dict[str, str] = {}
+    choose_gpu(args, environ)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "0"}
+    args = cli.build_parser().parse_args(["-g", "1", "m.mrc", "--diameter-px", "24"])
+    environ = {"CUDA_VISIBLE_DEVICES": "4,5"}  # a scheduler's choice: -g counts within it
+    choose_gpu(args, environ)
+    assert args.inputs == ["m.mrc"] and environ["CUDA_VISIBLE_DEVICES"] == "5"
+    args = cli.build_parser().parse_args(["-g", "m.mrc", "--diameter-px", "24"])  # no number: any GPU
+    assert args.inputs == ["m.mrc"] and cli._config(args).backend.device == "gpu"
+    assert stream_cmd._config(stream_cmd.build_parser().parse_args(["--gpu", "0"])).backend.device == "gpu"
+
+
+def test_8_gpu_with_several_numbers_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args(["m.mrc", "-g", "0", "1", "--diameter-px", "24"])
+    assert stop.value.code == 2 and "one GPU" in capsys.readouterr().err
+
+
+def test_8_the_web_view_on_loopback_answers_only_requests_addressed_to_it(tmp_path):
+    import http.client
+
+    from emmae.runtime.web.folder import FolderView
+    from emmae.runtime.web.server import serve
+
+    out = tmp_path / "emmae_picks"
+    out.mkdir()
+    (out / "failed.txt").write_text("# micrograph\tkind\treason\n")
+    running = serve(FolderView(out), "127.0.0.1:0")
+
+    def status_for(host: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        try:
+            connection.putrequest("GET", "/files/failed.txt", skip_host=True)
+            connection.putheader("Host", host)
+            connection.endheaders()
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    try:
+        for host in ("evil.example", f"evil.example:{running.port}", "192.0.2.7", f"127.0.0.1.evil.example:{running.port}"):
+            assert status_for(host) == 403, host  # a page elsewhere that rebinds its name to 127.0.0.1
+        for host in (f"127.0.0.1:{running.port}", f"localhost:{running.port}", "localhost", f"[::1]:{running.port}"):
+            assert status_for(host) == 200, host
+    finally:
+        running.stop()
