@@ -122,6 +122,16 @@ def test_2_a_watch_star_rewritten_or_emptied_keeps_its_last_good_list(tmp_path, 
         live.release()
 
 
+@needs_model
+@pytest.mark.parametrize("text", ["data_optics\n", "", "data_optics\nloop_\n_rlnOpticsGroup #1\n1\ndata_micr"])
+def test_2_a_watch_star_caught_half_written_at_the_start_is_waited_for(tmp_path, caplog, text):
+    star = tmp_path / "cm.star"
+    star.write_text(text)
+    caplog.set_level(logging.INFO)
+    assert stream_cmd.main(["--watch-star", str(star), "--out", str(tmp_path / "out"), "--once", *FAST]) == 0
+    assert "cannot be read" in caplog.text and "Traceback" not in caplog.text
+
+
 @pytest.mark.parametrize("text", ["data_x\n", "data_optics\n", "# nothing\n"])
 def test_2_emmae_pick_on_a_star_without_micrographs_is_one_line(tmp_path, caplog, text):
     star = tmp_path / "x.star"

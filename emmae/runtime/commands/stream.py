@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import ConfigError, EmmaeError
-from emmae.io.inputs import micrographs_from_star
+from emmae.errors import ConfigError, EmmaeError, StarError
 from emmae.io.layout import relative_folder
+from emmae.io.star import read_star
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
@@ -169,18 +169,24 @@ def check_diameter(config: EmmaeConfig) -> None:
 
 
 def check_watch_star(path: Path, config: EmmaeConfig) -> None:
-    """Refuse a ``--watch-star`` that is not there or not a micrographs STAR.
+    """Refuse a ``--watch-star`` that is not there or not a micrographs STAR. One that is empty or caught half-written
+    (the upstream job rewrites it in place) is not ready yet: the daemon starts and waits for it.
 
     Raises:
-        ConfigError: missing, unreadable, or without a loop with ``_rlnMicrographName``.
+        ConfigError: missing, unreadable, or with data blocks but none with a loop with ``_rlnMicrographName``.
     """
     if not path.is_file():
         raise ConfigError(f"--watch-star {path}: no such file; give the micrographs STAR the upstream job writes "
                           "(e.g. MotionCorr/job002/corrected_micrographs.star)")
     try:
-        micrographs_from_star(path, config.output.project_root)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--watch-star {path}: {exc}; a micrographs STAR has a loop with the column _rlnMicrographName") from None
+        blocks = read_star(path)
+    except StarError as exc:
+        log.warning("--watch-star %s cannot be read yet (%s): waiting for the upstream job to write it", path, exc.reason)
+        return
+    except OSError as exc:
+        raise ConfigError(f"--watch-star {path}: {exc.strerror or exc}") from None
+    if blocks and not any("rlnMicrographName" in block.columns for block in blocks.values()):
+        raise ConfigError(f"--watch-star {path}: no loop with _rlnMicrographName; a micrographs STAR has a loop with that column")
 
 
 def check_http(args: argparse.Namespace) -> None:
