@@ -87,6 +87,24 @@ def test_1_a_micrograph_failed_for_killing_the_daemon_is_not_picked_again_unchan
         journal.close()
 
 
+def test_1_a_death_while_the_session_is_fitted_does_not_count_against_the_micrograph(tmp_path, monkeypatch):
+    from emmae.runtime import jobs
+    from emmae.runtime.stream.pipeline import InHand
+
+    marker, seen = InHand(tmp_path / IN_HAND_FILE, tmp_path), []
+    monkeypatch.setattr(jobs, "encode", lambda prepared, encoder: seen.append(("encode", marker.path.exists())) or "encoded")
+    monkeypatch.setattr(jobs, "pick", lambda encoded, config, encoder, session: seen.append(("pick", marker.path.exists())) or "picks")
+
+    class Fitting(jobs.Picker):
+        def session_for(self, encoded):  # fits the session on every sample so far (seconds, at 1, 2, 4 and 8 samples)
+            seen.append(("fit", marker.path.exists()))
+            return None, None
+
+    picker = Fitting(load_config(), None, holding=marker.holding)  # type: ignore[arg-type]
+    assert jobs.pick_read(jobs.Job(tmp_path / "a.mrc", "a.mrc", "a"), None, picker) == ("picks", None)  # type: ignore[arg-type]
+    assert seen == [("encode", True), ("fit", False), ("pick", True)] and not marker.path.exists()
+
+
 # --- 2. an upstream STAR rewritten under the daemon ----------------------------------------------------------
 
 
