@@ -18,9 +18,11 @@ one whose outputs could not be written (a full disk) after 30 s. A picked microg
 replaced by a new version is picked again. At exit the failed micrographs are listed,
 and written to failed.txt; the index files (autopick.star, particles.star,
 micrographs.star) are those of emmae-pick. SIGINT, SIGTERM or a file named ``EMMAE_STOP`` created in the
-watched folder while the daemon runs stop it after the micrograph in hand (those queued
-behind it are rolled back; one left from an earlier run is reported and ignored);
-``--once`` picks the backlog and exits. Restarting resumes from the journal. Outputs
+watched folder since the daemon started stop it after the micrograph in hand (those queued
+behind it are rolled back; during the start-up, before anything is picked; a stop file
+older than the start is reported and ignored); ``--once`` picks the backlog and exits.
+Restarting resumes from the journal, with the cut (threshold, postprocess values,
+formats) of the output folder's emmae-config.json, a re-threshold's included. Outputs
 go where RELION's Extract looks for them (the micrograph's name below the project root,
 without a job folder). One daemon per output folder (``emmae.lock``).
 On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
@@ -32,11 +34,11 @@ process (emmae-adapt; needs torch) while picking goes on; then, between two micr
 the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
 fits its session on those micrographs and picks again what the old model picked
 (``--adapt-then mark``: only records it). The journal names the model of every pick.
-Exit status: 0 stopped cleanly, every micrograph picked; 3 stopped cleanly, some micrographs
-failed (listed in failed.txt); 2 bad arguments (no diameter), configuration, model, a
---watch-star file that is missing or not a micrographs STAR, or an output folder that
-cannot be used (busy, read-only, full, not a folder), or a --http address that cannot be served
-(malformed, in use).
+Exit status: 0 stopped cleanly (also during the start-up), every micrograph picked; 3 stopped
+cleanly, some micrographs failed (listed in failed.txt); 2 bad arguments (no diameter, a -g N
+that is not visible), configuration, model, a --watch-star file that is missing or not a
+micrographs STAR, an output folder that cannot be used (busy, read-only, full, not a folder),
+a cut other than the output folder's, or a --http address that cannot be served (malformed, in use).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def check_diameter(config: EmmaeConfig) -> None:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
 
 
-def check_watch_star(path: Path, config: EmmaeConfig) -> None:
+def check_watch_star(path: Path) -> None:
     """Refuse a ``--watch-star`` that is not there or not a micrographs STAR. One that is empty or caught half-written
     (the upstream job rewrites it in place) is not ready yet: the daemon starts and waits for it.
 
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if watch is None or not watch.is_dir():
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         if args.watch_star is not None:
-            check_watch_star(args.watch_star, config)
+            check_watch_star(args.watch_star)
             config = with_star_optics(config, [args.watch_star])
         check_threads(args.threads)
         out = args.out or watch / "emmae_picks"

@@ -115,7 +115,7 @@ class Recorder:
         if key in self.picked:
             self._unlist(key)
         self.journal.forget(key)
-        log.warning("%s was deleted while it was picked: its picks are not kept (%d files removed)", shown(key), removed)
+        log.warning("%s was deleted (or moved away) while it was picked: its picks are not kept (%d files removed)", shown(key), removed)
         return 0
 
     def failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
