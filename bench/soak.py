@@ -361,10 +361,13 @@ def _hostile_verdict(project: Project, final_code: int | None) -> dict:
             entry, stat = journal.get(name), os.stat(project.folder / name)
             stale += entry is not None and entry.state == "picked" and (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns)
         poison = journal.get(f"Movies/{POISON}")
+        failed = {e.path: e.reason for e in journal.failed()}
     finally:
         journal.close()
     absolute = [c for c in index["rlnMicrographCoordinates"] if os.path.isabs(str(c))]
-    return {"lost": sum(name not in names for name in good), "doubled": len(names) - len(set(names)) + stale,
+    lost = [name for name in good if name not in names]
+    return {"lost": len(lost), "lost_names": {name: failed.get(name, "not failed") for name in lost},
+            "doubled": len(names) - len(set(names)) + stale,
             "final_exit_code": final_code, "poison": {"state": poison and poison.state, "reason": poison and poison.reason,
                                                        "listed": f"Movies/{POISON}" in names},
             "absolute_paths_in_index": len(absolute)}
