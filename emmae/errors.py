@@ -80,3 +80,12 @@ class MicrographSizeError(MicrographError):
 
 class UnsafeNameError(MicrographError):
     """The file's name cannot be written safely to a STAR file or the journal (control characters, quotes, '#', not UTF-8)."""
+
+
+class StarError(EmmaeError, ValueError):
+    """A file that cannot be read as STAR (empty, half-written, not STAR at all). ``path`` names the file."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

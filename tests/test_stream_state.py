@@ -58,7 +58,7 @@ def picked_sessions(out: Path) -> set[str]:
     """The session id each picked micrograph's saved picks were made with."""
     journal = Journal(out)
     try:
-        saved = [np.load(e.outputs.replace("_autopick.star", "_emmae.npz")) for e in journal.picked()]
+        saved = [np.load(out / e.outputs.replace("_autopick.star", "_emmae.npz")) for e in journal.picked()]
     finally:
         journal.close()
     return {json.loads(str(s["meta"]))["session"]["id"] for s in saved}

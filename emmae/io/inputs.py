@@ -79,6 +79,9 @@ def expand_inputs(inputs: list[str], patterns: tuple[str, ...] = ("*.mrc",), rec
             matches = [Path(p) for p in glob.glob(item)]
         if not matches:
             hint = "" if recursive or not path.is_dir() else " (its sub-folders are searched with --recursive)"
+            stacks = folder_files(path, ("*.mrcs",), recursive) if path.is_dir() else []
+            if stacks:
+                hint = f" (its {len(stacks)} .mrcs files are stacks, movies, which are not picked: give the motion-corrected micrographs)"
             raise FileNotFoundError(f"no micrographs found for {item!r}{hint}")
         found += matches
     return sorted(set(found))

@@ -11,8 +11,9 @@ a folder, a glob, a watched folder), so RELION's Extract finds them as they are.
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 JOB_FOLDER = re.compile(r"job\d{3,}")  # RELION's job folders: job001, job002, ...
 
@@ -30,3 +31,21 @@ def coordinate_stem(name: str) -> str | None:
     parts = path.with_suffix("").parts
     job = next((i for i, part in enumerate(parts[1:-1], start=1) if JOB_FOLDER.fullmatch(part)), None)
     return str(PurePosixPath(*parts[job + 1:])) if job is not None else str(PurePosixPath(*parts))
+
+
+def tail_below(root: Path, spelled: str, suffixes: tuple[str, ...]) -> str | None:
+    """The longest tail of the stem ``spelled`` (written from another folder, or before ``root`` moved) with a file of one
+    of ``suffixes`` below ``root``; None when there is none. Never a path out of ``root``."""
+    parts = Path(spelled).parts
+    for start in range(len(parts)):
+        tail = os.path.join(*parts[start:])
+        if ".." in parts[start:] or os.path.isabs(tail):
+            continue
+        if any(os.path.exists(os.path.join(root, tail + suffix)) for suffix in suffixes):
+            return tail
+    return None
+
+
+def relative_folder(folder: str | Path, base: str | Path) -> str:
+    """``folder`` relative to ``base`` (both resolved), e.g. a run record's project folder from its output folder."""
+    return os.path.relpath(os.path.realpath(folder), os.path.realpath(base))

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from emmae.errors import OutputError
 from emmae.io.atomic import atomic_path
 
 
@@ -53,9 +54,9 @@ def render_class_montage(averages: list[np.ndarray], labels: list[str], kept: li
 
 
 def write_class_montage(path: Path, averages: list[np.ndarray], labels: list[str], kept: list[bool]) -> None:
-    """Write :func:`render_class_montage` as PNG, atomically. Raises ValueError: it cannot be encoded."""
+    """Write :func:`render_class_montage` as PNG, atomically. Raises OutputError: it cannot be encoded or written."""
     ok, encoded = cv2.imencode(".png", render_class_montage(averages, labels, kept))
     if not ok:
-        raise ValueError("cannot encode the class montage")
+        raise OutputError(f"{path}: cannot encode the class montage")
     with atomic_path(path) as tmp:
         tmp.write_bytes(encoded.tobytes())

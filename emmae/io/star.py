@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import linecache
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 import starfile
 
+from emmae.errors import StarError
 from emmae.io.atomic import atomic_path
 
 StarData = pd.DataFrame | Mapping[str, pd.DataFrame | dict]
@@ -27,6 +29,18 @@ def write_star(path: str | Path, data: StarData) -> None:
 
 
 def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every data block of a STAR file, by block name ('' for ``data_``)."""
-    blocks = starfile.read(path, always_dict=True)
+    """Every data block of a STAR file, by block name ('' for ``data_``).
+
+    Raises:
+        OSError: it cannot be opened.
+        StarError: it cannot be parsed (a block without a body, a file caught half-written, not STAR).
+    """
+    linecache.checkcache(str(path))  # starfile reads lines through linecache: never a copy of an earlier version of the file
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the parser's own errors (TypeError, IndexError, ...) on a malformed file
+        linecache.clearcache()  # starfile clears it only after a file it could parse
+        raise StarError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
     return {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}

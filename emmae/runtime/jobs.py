@@ -16,6 +16,7 @@ input order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -172,6 +173,7 @@ class Picker:
     builder: SessionBuilder | None = None  # a stream's: the session grows from the first micrographs
     keep_samples: bool = False  # hand each micrograph's session sample back (a cluster's client grows the session)
     encoded: dict[Path, Encoded] = field(default_factory=dict)  # session samples encoded ahead, kept for their pick
+    holding: Callable[[Path], contextlib.AbstractContextManager[None]] | None = None  # a stream's in-hand marker (see pick_read)
 
     def session_for(self, encoded: Encoded) -> tuple[Session | None, SessionSample | None]:
         """The session to pick ``encoded`` with, and its sample when one was taken.
@@ -200,10 +202,21 @@ def read_job(job: Job, picker: Picker) -> Prepared:
 
 
 def pick_read(job: Job, prepared: Prepared, picker: Picker) -> tuple[Picks, SessionSample | None]:
-    """Encode (unless encoded ahead for the session) and pick a read job; with its session sample when one was taken."""
-    encoded = picker.encoded.pop(job.path, None) or encode(prepared, picker.encoder)
+    """Encode (unless encoded ahead for the session) and pick a read job; with its session sample when one was taken.
+
+    Encoding and picking run inside ``picker.holding(path)`` (a crash there counts against the micrograph); fitting
+    the session does not (it works on every sample so far, not on this micrograph alone).
+    """
+    held = picker.holding or _not_held
+    with held(job.path):
+        encoded = picker.encoded.pop(job.path, None) or encode(prepared, picker.encoder)
     session, sample = picker.session_for(encoded)
-    return pick(encoded, picker.config, picker.encoder, session), sample
+    with held(job.path):
+        return pick(encoded, picker.config, picker.encoder, session), sample
+
+
+def _not_held(_path: Path) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def write_job(job: Job, picks: Picks, picker: Picker, outputs: OutputFolder, sample: SessionSample | None = None) -> Done:

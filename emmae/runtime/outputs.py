@@ -36,6 +36,7 @@ from emmae.config import EmmaeConfig
 from emmae.errors import EmmaeError, OutputError
 from emmae.io.atomic import TEMP_PREFIX, remove_stale_temporaries, write_bytes_atomic
 from emmae.io.inputs import star_optics
+from emmae.io.layout import relative_folder, tail_below
 from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import (
     Optics,
@@ -61,9 +62,10 @@ RECORD_FILE = "emmae-config.json"
 FAILED_FILE = "failed.txt"
 SESSION_FILE = "emmae-session.json"
 CLASSES_FILE = "emmae-classes.png"  # the session classes' averages, each marked kept or dropped
-OLD_SESSION_FILES = ("session.json",)
-SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far (before the session is fixed)  # written by emmae-pick before the two commands shared one name
+OLD_SESSION_FILES = ("session.json",)  # written by emmae-pick before the two commands shared one name
+SAMPLES_FILE = "emmae-session-samples.json"  # a stream's session samples so far (before the session is fixed)
 INDEX_FILE, PARTICLES_FILE, MICROGRAPHS_FILE = "autopick.star", "particles.star", "micrographs.star"
+STAR_SUFFIX = "_autopick.star"  # a micrograph's coordinate file beside its stem
 OUTPUT_SUFFIXES = ("_autopick.star", "_emmae.npz", ".box", ".cbox", "_preview.png")  # a micrograph's files beside its stem
 WRITE_TEST_BYTES = 1 << 16  # written (and removed) when opened: a folder without room for this cannot be used
 
@@ -148,6 +150,25 @@ class OutputFolder:
     def path(self, stem: str, suffix: str = "_autopick.star") -> Path:
         return self.root / f"{stem}{suffix}"
 
+    @staticmethod
+    def recorded(stem: str) -> str:
+        """How a journal records ``stem``'s coordinate file: relative to the output folder, so a moved or copied folder keeps it."""
+        return f"{stem}{STAR_SUFFIX}"
+
+    def stem_of(self, recorded: str | None) -> str | None:
+        """The stem of a recorded coordinate file: relative to this folder (:meth:`recorded`), or an older absolute path,
+        inside the folder or (moved or copied since) found here by its tail. None when there is none."""
+        if not recorded or not recorded.endswith(STAR_SUFFIX):
+            return None
+        base = recorded[: -len(STAR_SUFFIX)]
+        if not os.path.isabs(base):
+            return os.path.normpath(base)
+        for root in (str(self.root), os.path.abspath(self.root), os.path.realpath(self.root)):
+            relative = os.path.relpath(base, root)
+            if not relative.startswith(".."):
+                return relative
+        return tail_below(self.root, base, (STAR_SUFFIX, "_emmae.npz"))
+
     def write_micrograph(self, stem: str, picks: Picks, config: EmmaeConfig, source: Path | None = None, layout: MrcLayout | None = None) -> Path:
         """The files of one micrograph's ``picks`` (the preview re-reads ``source``, with its admitted header ``layout``
         when given); returns its coordinate file's path.
@@ -201,13 +222,19 @@ class OutputFolder:
         return sorted(str(p.relative_to(self.root))[: -len("_emmae.npz")] for p in self.root.rglob("*_emmae.npz"))
 
     def indexed_names(self) -> dict[str, str]:
-        """stem -> micrograph name, as the current ``autopick.star`` lists them (empty when there is none)."""
+        """stem -> micrograph name, as the current ``autopick.star`` lists them (empty when there is none); its coordinate
+        files are found here whatever folder their paths were written from (the project's, or an older absolute path)."""
         try:
             frame = read_star(self.root / INDEX_FILE)["coordinate_files"]
         except (OSError, KeyError, ValueError):
             return {}
-        stems = (os.path.relpath(str(c), self.root)[: -len("_autopick.star")] for c in frame["rlnMicrographCoordinates"])
-        return dict(zip(stems, (str(n) for n in frame["rlnMicrographName"])))
+        found = {}
+        for coordinates, name in zip(frame["rlnMicrographCoordinates"], frame["rlnMicrographName"]):
+            text = str(coordinates)
+            stem = tail_below(self.root, text[: -len(STAR_SUFFIX)], (STAR_SUFFIX,)) if text.endswith(STAR_SUFFIX) else None
+            if stem is not None:
+                found[stem] = str(name)
+        return found
 
     def load(self, stem: str) -> Picks:
         """The saved picks of ``stem`` as saved (call ``repick`` to cut them under a configuration).
@@ -236,13 +263,17 @@ class OutputFolder:
                 self._rows[stem] = IndexRow("", stem, None, None, None, None)
         return self._rows[stem]
 
-    def write_index(self, rows: list[IndexRow], config: EmmaeConfig) -> None:
-        """``autopick.star``, ``particles.star`` and ``micrographs.star`` of ``rows``, in their order.
+    def write_index(self, rows: list[IndexRow], config: EmmaeConfig, project: Path | None = None) -> None:
+        """``autopick.star``, ``particles.star`` and ``micrographs.star`` of ``rows``, in their order; the coordinate files
+        in ``autopick.star`` relative to the ``project`` folder, where RELION runs (default ``output.project_root``, else
+        the current folder): never absolute, so a moved or copied project keeps its index.
 
         Raises:
             OutputError: a file could not be written.
         """
-        write_index(self.root / INDEX_FILE, [(r.name, str(self.path(r.stem))) for r in rows])
+        project = project or (Path(config.output.project_root) if config.output.project_root is not None else Path.cwd())
+        prefix = relative_folder(self.root, project)
+        write_index(self.root / INDEX_FILE, [(r.name, os.path.normpath(os.path.join(prefix, self.recorded(r.stem)))) for r in rows])
         known = [r for r in rows if r.shape is not None]
         scale = config.output.coordinate_scale
         write_particles(self.root / PARTICLES_FILE, [(r.name, r.xy, r.score, r.pixel_size_A and r.pixel_size_A / scale) for r in known],
@@ -260,32 +291,20 @@ class OutputFolder:
         return path
 
     def write_session(self, session: Session, sample: list[str]) -> Path:
-        """The session file: the session, its summary and the micrographs it was fitted on. Raises OutputError."""
+        """The session file (the session, its summary, the micrographs it was fitted on) and its class montage. Raises OutputError."""
         record = {"summary": session.summary(), "sample": sample, "session": json.loads(session.to_json())}
-        path = self.root / SESSION_FILE
-        write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+        write_bytes_atomic(path := self.root / SESSION_FILE, (json.dumps(record, indent=1) + "\n").encode())
         if session.classes is not None:
             self.write_classes(session)
         return path
 
-    def write_classes(self, session: Session, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> Path:
-        """``emmae-classes.png``: each session class's average, its number and count, kept or dropped (a user's ``keep``/``drop`` over
-        the session's choice). Raises OutputError."""
-        classes = session.classes.classes
-        kept = [(c.kept or c.index in keep) and c.index not in drop for c in classes]
-        labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}|{c.short_reason if not c.kept else 'by you' if not k else ''}"
-                  f"{'' if not c.kept or not k else f'x{c.darkness:.1f} dark, {c.blob_diameters:.2f} d'}" for c, k in zip(classes, kept)]
-        path = self.root / CLASSES_FILE
-        try:
-            write_class_montage(path, [c.average for c in classes], labels, kept)
-        except (OSError, ValueError) as exc:
-            raise OutputError(f"{path}: cannot write the class montage ({exc})") from exc
-        return path
+    def write_classes(self, session: Session, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> None:
+        """``emmae-classes.png``: the session classes' averages, kept or dropped (a user's ``keep``/``drop`` over the session's). Raises OutputError."""
+        write_class_montage(self.root / CLASSES_FILE, *session.classes.montage(keep, drop))
 
     def redraw_classes(self, keep: tuple[int, ...], drop: tuple[int, ...]) -> None:
-        """``emmae-classes.png`` drawn again with a user's ``keep``/``drop`` over the saved session's choice (nothing without classes)."""
-        session = self.read_session()
-        if session is not None and session.classes is not None:
+        """``emmae-classes.png`` drawn again with a user's ``keep``/``drop`` (nothing when the saved session has no classes)."""
+        if (session := self.read_session()) is not None and session.classes is not None:
             self.write_classes(session, keep, drop)
 
     def read_session(self) -> Session | None:

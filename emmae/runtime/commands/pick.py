@@ -22,31 +22,29 @@ index files of what was picked).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import statistics
 import sys
 import time
-import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emmae.backend import check_threads, limit_cpu_threads
-from emmae.config import EmmaeConfig, _apply_override, add_config_arguments, config_from_args, config_record, validate_config
+from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
 from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError
 from emmae.io.inputs import expand_inputs, micrographs_from_star, star_inputs
-from emmae.io.layout import coordinate_stem
+from emmae.io.layout import coordinate_stem, relative_folder
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
-from emmae.runtime.options import (Parser, add_class_arguments, add_common_arguments, add_output_arguments, class_switches, output_switches,
-                                   progress_bar, setup_logging)
+from emmae.runtime.options import (Parser, add_class_arguments, add_common_arguments, add_output_arguments, choose_gpu, class_switches,
+                                   output_switches, progress_bar, setup_logging)
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
-from emmae.runtime.picking.picker import repick
+from emmae.runtime.commands.rethreshold import rethreshold, rethreshold_config, with_min_distance
 
 log = logging.getLogger("emmae.pick")
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
@@ -113,38 +111,13 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
     return with_min_distance(config_from_args(args, _switches(args)), args.min_distance_A, args.min_distance_px)
 
 
-def with_min_distance(config: EmmaeConfig, min_distance_A: float | None, min_distance_px: float | None = None) -> EmmaeConfig:
-    """``config`` with ``postprocess.min_distance_diameters`` set from a distance in Angstrom or in pixels.
-
-    Raises:
-        ConfigError: both or a non-positive distance given, or the diameter is not known in the distance's unit.
-    """
-    if min_distance_A is None and min_distance_px is None:
-        return config
-    if min_distance_A is not None and min_distance_px is not None:
-        raise ConfigError("give the minimum distance once: --min-distance-A or --min-distance-px")
-    flag, distance = ("--min-distance-A", min_distance_A) if min_distance_A is not None else ("--min-distance-px", min_distance_px)
-    if not distance > 0:
-        raise ConfigError(f"{flag} must be positive, got {distance}")
-    pre = config.preprocess
-    pixel = pre.pixel_size_A
-    diameter_A = pre.diameter_A if pre.diameter_A is not None else pre.diameter_px * pixel if pre.diameter_px is not None and pixel else None
-    diameter_px = pre.diameter_px if pre.diameter_px is not None else pre.diameter_A / pixel if pre.diameter_A is not None and pixel else None
-    diameter = diameter_A if min_distance_A is not None else diameter_px
-    if diameter is None:
-        unit = "Angstrom: give --diameter-A" if min_distance_A is not None else "pixels: give --diameter-px"
-        raise ConfigError(f"{flag} needs the diameter in {unit}, or the other diameter with --pixel-size-A")
-    data = config.model_dump(mode="json")
-    data["postprocess"]["min_distance_diameters"] = distance / diameter
-    return validate_config(data)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
     retain_freed_memory()
     command = list(sys.argv if argv is None else argv)
     try:
+        choose_gpu(args)
         check_threads(args.threads)
         limit_cpu_threads(args.threads)
         if args.rethreshold:
@@ -154,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise EmmaeError(f"--rethreshold {args.rethreshold}: no such folder")
             with OutputFolder.open(args.rethreshold) as outputs:
                 record = outputs.read_record()
-                return rethreshold(outputs, rethreshold_config(record["config"], args), command, record)
+                return rethreshold(outputs, rethreshold_config(record["config"], args, _switches(args)), command, record)
         config = with_star_optics(_config(args), star_inputs(args.inputs))
         if args.batch_tiles is not None and args.batch_tiles < 1:
             raise ConfigError(f"--batch-tiles must be at least 1, got {args.batch_tiles}")
@@ -248,7 +221,8 @@ def star_micrographs(star: str | Path, project_root: Path | None) -> list[tuple[
     try:
         rows = micrographs_from_star(star, root)
     except (OSError, ValueError) as exc:
-        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}") from None
+        hint = "" if "_rlnMicrographName" in str(exc) else "; a micrographs STAR has a loop with the column _rlnMicrographName"
+        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}{hint}") from None
     missing = [name for path, name in rows if not path.is_file()]
     if rows and len(missing) == len(rows):
         raise EmmaeError(
@@ -285,10 +259,13 @@ def admit_all(items: list[Item], config: EmmaeConfig) -> tuple[list[Job], list[F
 def pick_all(jobs: list[Job], rejected: list[Failure], executor: Executor, config: EmmaeConfig, outputs: OutputFolder, argv: list[str],
              patch_px: int, extra_record: dict | None = None) -> int:
     """Pick every job into ``outputs`` with ``executor``: the run record, the session, each micrograph's files, the index files."""
-    sources = {job.stem: os.path.abspath(job.path) for job in jobs}  # for previews redrawn by --rethreshold
+    # --rethreshold's previews redraw from the sources; they and the project folder are relative to the output folder
+    sources = {job.stem: os.path.relpath(os.path.abspath(job.path), os.path.abspath(outputs.root)) for job in jobs}
+    project = config.output.project_root or Path.cwd()
     start = time.perf_counter()
     try:
-        outputs.write_record(config_record(config, argv) | {"sources": sources} | (extra_record or {}))
+        outputs.write_record(config_record(config, argv) | {"sources": sources, "project_folder": relative_folder(project, outputs.root)}
+                             | (extra_record or {}))
         result = run_batch(jobs, executor, config, outputs, patch_px, rejected, progress=lambda done: _with_bar(done, len(jobs)))
     except OutputError as exc:
         log.error("%s", exc)
@@ -325,75 +302,6 @@ def _placeholder_pixel_size(result: Picks, config: EmmaeConfig) -> bool:
     """The diameter came from Angstrom through a header pixel size of exactly 1.0 A."""
     pre = config.preprocess
     return pre.diameter_A is not None and pre.pixel_size_A is None and result.pixel_size_A == PLACEHOLDER_PIXEL_SIZE_A
-
-
-def rethreshold_config(recorded: dict, args: argparse.Namespace) -> EmmaeConfig:
-    """The recorded configuration with this command's --config, --set and switches applied over it.
-
-    Raises:
-        ConfigError: an invalid file, override or value, or a recorded configuration this version cannot read.
-    """
-    data = copy.deepcopy(recorded)
-    if args.config is not None:
-        try:
-            given = tomllib.loads(Path(args.config).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {args.config}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {args.config} is not valid TOML: {exc}") from None
-        for section, values in given.items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section].update(values)
-            else:
-                data[section] = values
-    for item in args.overrides or ():
-        _apply_override(data, item)
-    for (section, field), value in _switches(args).items():
-        if value is not None:
-            data.setdefault(section, {})[field] = value
-    return with_min_distance(validate_config(data), args.min_distance_A, args.min_distance_px)
-
-
-def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], record: dict) -> int:
-    """Re-pick every micrograph saved in ``outputs`` (sub-folders too, as the daemon writes them) under ``config``
-    (the command takes it from ``record``, the folder's run record, changed by its options). Files of formats no
-    longer asked for, and previews that cannot be redrawn, are removed. The new record keeps the original command
-    line (``record``'s) and adds ``argv``.
-
-    Raises:
-        EmmaeError: no particle maps in the folder; OutputError: a file could not be written.
-    """
-    stems = outputs.saved_stems()
-    if not stems:
-        raise EmmaeError(f"no saved particle maps (*_emmae.npz) in {outputs.root}")
-    listed = outputs.indexed_names()
-    unsaved = sorted(set(listed) - set(stems))
-    if unsaved:
-        log.warning("%d micrographs have no saved particle map (e.g. %s_emmae.npz): their picks are kept as they are and still listed; "
-                    "pick them again to re-threshold them", len(unsaved), outputs.root / unsaved[0])
-    sources = record.get("sources") or {}
-    outputs.write_record(config_record(config, record.get("argv") or []) | {
-        "sources": sources, "rethreshold_argv": [*record.get("rethreshold_argv", []), argv],
-    })
-    superseded = tuple(s for s, f in (("_autopick.star", "star"), (".box", "box"), (".cbox", "cbox")) if f not in config.output.formats)
-    rows, particles, no_preview = [], 0, 0
-    for stem in stems:
-        picks = repick(outputs.load(stem), config)
-        source = Path(sources[stem]) if stem in sources else None
-        if config.output.preview and (source is None or not source.is_file()):
-            source = None
-            no_preview += 1
-        outputs.remove_micrograph(stem, superseded + (("_preview.png",) if source is None or not config.output.preview else ()))
-        outputs.write_micrograph(stem, picks, config, source)
-        rows.append(outputs.row(stem, config))
-        particles += len(picks)
-    rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
-    outputs.write_index(sorted(rows, key=lambda row: row.stem), config)
-    outputs.redraw_classes(config.postprocess.keep_classes, config.postprocess.drop_classes)  # the montage shows the user's choice
-    if no_preview:
-        log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
-    log.info("re-picked %d micrographs: %d particles", len(rows), particles)
-    return EXIT_OK
 
 
 if __name__ == "__main__":

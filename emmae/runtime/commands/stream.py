@@ -18,9 +18,11 @@ one whose outputs could not be written (a full disk) after 30 s. A picked microg
 replaced by a new version is picked again. At exit the failed micrographs are listed,
 and written to failed.txt; the index files (autopick.star, particles.star,
 micrographs.star) are those of emmae-pick. SIGINT, SIGTERM or a file named ``EMMAE_STOP`` created in the
-watched folder while the daemon runs stop it after the micrograph in hand (those queued
-behind it are rolled back; one left from an earlier run is reported and ignored);
-``--once`` picks the backlog and exits. Restarting resumes from the journal. Outputs
+watched folder since the daemon started stop it after the micrograph in hand (those queued
+behind it are rolled back; during the start-up, before anything is picked; a stop file
+older than the start is reported and ignored); ``--once`` picks the backlog and exits.
+Restarting resumes from the journal, with the cut (threshold, postprocess values,
+formats) of the output folder's emmae-config.json, a re-threshold's included. Outputs
 go where RELION's Extract looks for them (the micrograph's name below the project root,
 without a job folder). One daemon per output folder (``emmae.lock``).
 On a terminal a status line (rate, queue, last latency, particles) is redrawn under the log.
@@ -32,11 +34,11 @@ process (emmae-adapt; needs torch) while picking goes on; then, between two micr
 the daemon switches to the adapted model (kept in OUT/emmae-adapt/ and across restarts),
 fits its session on those micrographs and picks again what the old model picked
 (``--adapt-then mark``: only records it). The journal names the model of every pick.
-Exit status: 0 stopped cleanly, every micrograph picked; 3 stopped cleanly, some micrographs
-failed (listed in failed.txt); 2 bad arguments (no diameter), configuration, model, a
---watch-star file that is missing or not a micrographs STAR, or an output folder that
-cannot be used (busy, read-only, full, not a folder), or a --http address that cannot be served
-(malformed, in use).
+Exit status: 0 stopped cleanly (also during the start-up), every micrograph picked; 3 stopped
+cleanly, some micrographs failed (listed in failed.txt); 2 bad arguments (no diameter, a -g N
+that is not visible), configuration, model, a --watch-star file that is missing or not a
+micrographs STAR, an output folder that cannot be used (busy, read-only, full, not a folder),
+a cut other than the output folder's, or a --http address that cannot be served (malformed, in use).
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ import time
 from pathlib import Path
 
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import ConfigError, EmmaeError
-from emmae.io.inputs import micrographs_from_star
+from emmae.errors import ConfigError, EmmaeError, StarError
+from emmae.io.layout import relative_folder
+from emmae.io.star import read_star
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
-from emmae.runtime.options import (Parser, add_common_arguments, add_http_arguments, add_output_arguments, output_switches, plain_text,
-                                   setup_logging)
+from emmae.runtime.commands.rethreshold import restart_config
+from emmae.runtime.options import (Parser, add_common_arguments, add_http_arguments, add_output_arguments, choose_gpu, output_switches,
+                                   plain_text, setup_logging)
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.adapter import check_can_adapt
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
@@ -166,19 +170,25 @@ def check_diameter(config: EmmaeConfig) -> None:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
 
 
-def check_watch_star(path: Path, config: EmmaeConfig) -> None:
-    """Refuse a ``--watch-star`` that is not there or not a micrographs STAR.
+def check_watch_star(path: Path) -> None:
+    """Refuse a ``--watch-star`` that is not there or not a micrographs STAR. One that is empty or caught half-written
+    (the upstream job rewrites it in place) is not ready yet: the daemon starts and waits for it.
 
     Raises:
-        ConfigError: missing, unreadable, or without a loop with ``_rlnMicrographName``.
+        ConfigError: missing, unreadable, or with data blocks but none with a loop with ``_rlnMicrographName``.
     """
     if not path.is_file():
         raise ConfigError(f"--watch-star {path}: no such file; give the micrographs STAR the upstream job writes "
                           "(e.g. MotionCorr/job002/corrected_micrographs.star)")
     try:
-        micrographs_from_star(path, config.output.project_root)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--watch-star {path}: {exc}; a micrographs STAR has a loop with the column _rlnMicrographName") from None
+        blocks = read_star(path)
+    except StarError as exc:
+        log.warning("--watch-star %s cannot be read yet (%s): waiting for the upstream job to write it", path, exc.reason)
+        return
+    except OSError as exc:
+        raise ConfigError(f"--watch-star {path}: {exc.strerror or exc}") from None
+    if blocks and not any("rlnMicrographName" in block.columns for block in blocks.values()):
+        raise ConfigError(f"--watch-star {path}: no loop with _rlnMicrographName; a micrographs STAR has a loop with that column")
 
 
 def check_http(args: argparse.Namespace) -> None:
@@ -202,18 +212,30 @@ def start_view(args: argparse.Namespace, daemon: Daemon) -> ViewServer | None:
     return None if args.http is None else serve_daemon(daemon, args.http, args.http_token)
 
 
+def stop_flag() -> StopFlag:
+    """The flag SIGINT and SIGTERM set from now on: a stop asked for during the start-up (the model loading, the session
+    samples read back) is a clean stop as any other."""
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = build_parser().parse_args(argv)
     status = status_line(args.progress)
     setup_logging(args, status)
+    stop = stop_flag()
     retain_freed_memory()
     try:
         check_http(args)
+        choose_gpu(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     if args.demo:
-        return demo(args, argv, status)
+        return demo(args, argv, status, stop)
     try:
         config = _config(args)
         check_diameter(config)  # before any micrograph is touched
@@ -223,26 +245,28 @@ def main(argv: list[str] | None = None) -> int:
         if watch is None or not watch.is_dir():
             raise EmmaeError(f"--watch needs an existing folder (or give --watch-star), got {watch}")
         if args.watch_star is not None:
-            check_watch_star(args.watch_star, config)
+            check_watch_star(args.watch_star)
             config = with_star_optics(config, [args.watch_star])
         check_threads(args.threads)
+        out = args.out or watch / "emmae_picks"
+        config, kept = restart_config(config, out, args)  # one cut per session: the folder's, or refused
         client = connect_cluster(args.scheduler, config)
         encoder = Encoder.configured(config, args.threads) if client is None else None
-        out = args.out or watch / "emmae_picks"
-        daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client)
+        if stop:
+            log.info("stopped before the daemon started: nothing was picked")
+            return EXIT_OK
+        daemon = Daemon(watch, out, config, encoder, args.watch_star, status, args.threads, client, stop, started)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     try:
-        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv))
+        daemon.outputs.write_record(config_record(config, sys.argv if argv is None else argv) | kept
+                                    | {"project_folder": relative_folder(daemon.admission.project_root, daemon.outputs.root)})
         server = start_view(args, daemon)
     except EmmaeError as exc:
         daemon.release()
         log.error("%s", exc)
         return EXIT_USAGE
-    stop = StopFlag()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop.handle)
     try:
         run(daemon, stop, args.once)
         failed = bool(daemon.journal.failed())
@@ -255,18 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None) -> int:
+def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None, stop: StopFlag) -> int:
     """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
     watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
     out = args.out or watch / "emmae_picks"
-    argv = [*(argv or []), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
+    argv = [*(sys.argv[1:] if argv is None else argv), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
     demo_args = build_parser().parse_args([a for a in argv if a != "--demo"])
     acquisition = Acquisition(watch, args.demo_count, 3600.0 / args.demo_per_hour)
     log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
     try:
         config = _config(demo_args)
+        if config.stream.adapt_after:
+            check_can_adapt()
         encoder = Encoder.configured(config, demo_args.threads)
-        daemon = Daemon(watch, out, config, encoder, status=status)
+        daemon = Daemon(watch, out, config, encoder, status=status, stop=stop)
     except (EmmaeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -276,9 +302,6 @@ def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | 
         log.error("%s", exc)
         daemon.release()
         return EXIT_USAGE
-    stop = StopFlag()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop.handle)
     acquisition.start()
     try:
         run(daemon, stop, once=True, until=acquisition.finished.is_set)

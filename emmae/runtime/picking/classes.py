@@ -124,6 +124,15 @@ class SessionClasses:
                 table[index] = False
         return table[np.asarray(labels, np.int64)]
 
+    def montage(self, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> tuple[list[np.ndarray], list[str], list[bool]]:
+        """Each class's average, its label (number, count, verdict; why, or its darkness and size) and whether it is kept, with a
+        user's ``keep``/``drop`` over the session's choice."""
+        kept = [(c.kept or c.index in keep) and c.index not in drop for c in self.classes]
+        labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}|"
+                  + (c.short_reason if not c.kept and not k else "by you" if c.kept != k else f"x{c.darkness:.1f} dark, {c.blob_diameters:.2f} d")
+                  for c, k in zip(self.classes, kept)]
+        return [c.average for c in self.classes], labels, kept
+
     def summary(self) -> list[dict]:
         return [{"class": c.index, "count": c.count, "kept": c.kept, "why": "; ".join(c.reasons) or "like the session's particles",
                  "darkness": round(c.darkness, 2), "blob_diameters": round(c.blob_diameters, 2)} for c in self.classes]

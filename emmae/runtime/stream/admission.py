@@ -19,7 +19,7 @@ from emmae.config import EmmaeConfig
 from emmae.errors import UnsafeNameError
 from emmae.io.inputs import content_fingerprint
 from emmae.io.picks import prefixed
-from emmae.runtime.jobs import Job, admit
+from emmae.runtime.jobs import Job, admit, check_layout
 from emmae.runtime.stream.gate import Gate, stat_regular
 from emmae.runtime.stream.names import unsafe_name
 from emmae.runtime.stream.recorder import Recorder
@@ -34,7 +34,8 @@ class Admission:
         watch = os.path.realpath(scanner.watch)  # one spelling of the folder, whichever the user gave
         root = os.path.realpath(config.output.project_root) if config.output.project_root is not None else os.path.dirname(watch)
         self._watch_name = os.path.relpath(watch, root)
-        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s)
+        self.project_root = Path(root)  # names are written relative to it (and the index's coordinate files)
+        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s, vet=lambda path, layout: check_layout(path, layout, config))
         self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
 
     def name(self, path: Path, name: str | None) -> str:

@@ -55,7 +55,10 @@ class Daemon:
     """
 
     def __init__(self, watch: Path, out: Path, config: EmmaeConfig, encoder: Encoder | None, watch_star: Path | None = None,
-                 status: StatusLine | None = None, threads: int | None = None, client: object | None = None) -> None:
+                 status: StatusLine | None = None, threads: int | None = None, client: object | None = None,
+                 stop: StopFlag | None = None, started: float | None = None) -> None:
+        """``stop``: the flag the signal handlers set, also set by a stop file seen during the start-up (the session
+        samples are then not read back); ``started``: when the command started (``time.time()``, default now)."""
         self.watch, self.config, self.status, self.client = watch, config, status, client
         self.outputs = OutputFolder.open(out)
         try:
@@ -63,15 +66,19 @@ class Daemon:
         except (OSError, sqlite3.Error) as exc:
             self.outputs.close()
             raise EmmaeError(f"cannot use the output folder {out}: {getattr(exc, 'strerror', None) or exc}") from None
+        self.health = Health(watch, out, journal.path, time.monotonic(), time.time() if started is None else started)
         self.progress = Progress()
         self.recorder = Recorder(journal, self.outputs, self.progress, config_hash(config))
         self.scanner = Scanner(watch, out, config, watch_star)
         self.admission = Admission(config, self.scanner, self.recorder)
         self.recorder.on_failed = self.admission.note_failed
+        self.recorder.project = self.admission.project_root
         self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
+        if stop is not None:
+            self.switcher.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
-        self.in_hand = InHand(out / IN_HAND_FILE)
+        self.in_hand = InHand(out / IN_HAND_FILE, watch)
         self._count_crash()
         self.pipeline = self._pipeline()
         self._ready: deque[Job] = deque()  # admitted, waiting for room in the pipeline
@@ -80,7 +87,6 @@ class Daemon:
         self._repicked_for: str | None = None  # the fixed session whose provisional picks were sent back
         self._last_scan, self._scan_cost_s = -float("inf"), 0.0
         self._index_written, self._index_cost_s = -float("inf"), 0.0
-        self.health = Health(watch, out, journal.path, time.monotonic())
 
     @property
     def journal(self) -> Journal:
@@ -100,7 +106,7 @@ class Daemon:
         held = self.in_hand.left()
         if held is not None:
             with self.journal.batch():
-                self.recorder.count_crash(self.scanner.key(held), self.config.stream.max_attempts)
+                self.recorder.count_crash(self.scanner.key(held), self.config.stream.max_attempts, any_stat(held))
 
     def step(self, stop: StopFlag) -> int:
         """Record finished micrographs, scan when due, look after the model, feed the pipeline. Returns how many were picked."""
@@ -141,7 +147,13 @@ class Daemon:
             self.admission.clear()  # what this scan recorded was rolled back: look at everything again
             raise
         if sweep:
+            self.forget_gone()
             self.scanner.swept(time.monotonic() - start)
+
+    def forget_gone(self) -> None:
+        """Failed micrographs deleted since are forgotten (at every sweep, and at exit)."""
+        for key in self.recorder.forget_gone(self.scanner.exists):
+            self.admission.forget(self.scanner.path_of(key), key)
 
     def _consider(self, path: Path, name: str | None, stat: os.stat_result | None) -> None:
         key = self.scanner.key(path)
@@ -174,7 +186,7 @@ class Daemon:
             job = (self._ready or self._again).popleft()
             key = self.scanner.key(job.path)
             if key not in self.recorder.repick:
-                self.journal.mark_processing(key, job.name)  # one picked again stays listed as picked until it is
+                self.journal.mark_processing(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
             self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:
@@ -276,6 +288,7 @@ def run(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] | 
             daemon.status.show(daemon.summary())  # the final figures stay on screen
             daemon.status.finish()
     daemon.write_index()
+    daemon.forget_gone()
     daemon.recorder.report_failed()
     log.info("journal: %s", daemon.journal.counts())
 

@@ -6,7 +6,10 @@ complete). A file whose data block still ends in zeros (a writer that set the fu
 size first, as ``rsync --preallocate`` and download tools do, and fills it in later)
 is handed on only once it has not changed for ``stale_after_s``. A file that is still
 incomplete after ``stale_after_s`` without any change is given up on (the caller
-records it as failed, and tries again if it changes). Only regular files are
+records it as failed, and tries again if it changes); that time counts from the file's
+last change (its mtime and ctime), not from when the daemon first saw it. A header
+that can never do (``vet``, e.g. too small for the particles) is refused before the
+data block is looked at. Only regular files are
 considered: a FIFO, a device or a symlink loop is rejected without being opened.
 The strict check reads a file's header only when the file changed since the last
 look, so thousands of unfinished files cost one ``stat`` each per scan. Hidden files
@@ -59,8 +62,9 @@ def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | 
 
 
 def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
-         prefix: str = "") -> Iterator[str]:
-    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files)."""
+         prefix: str = "", stacks: list[str] | None = None) -> Iterator[str]:
+    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files); ``stacks``: gets the ``*.mrcs`` files
+    (movie stacks) that are not candidates."""
     candidate = _matcher(tuple(patterns))
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
@@ -69,6 +73,8 @@ def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | 
                 path = os.path.join(root, name)
                 if path[len(prefix):] not in known:
                     yield path
+            elif stacks is not None and name[-5:].lower() == ".mrcs" and not name.startswith("."):
+                stacks.append(os.path.join(root, name))
         if not recursive:
             break
 
@@ -93,7 +99,8 @@ def stat_regular(path: Path) -> os.stat_result | None:
 @dataclass
 class _Watch:
     signature: tuple[int, int, int, int]
-    since: float  # when it last changed
+    since: float  # when it was first seen as it is (settle_s counts from here)
+    changed: float  # when it last changed, from its mtime and ctime (stale_after_s counts from here)
     verdict: str = ""  # of the strict check of this version: '' (not yet), 'incomplete' or 'zeros'
     reason: str = ""
     layout: MrcLayout | None = None  # the header as the strict check parsed it
@@ -106,8 +113,11 @@ class Gate:
     handed on by :meth:`take_layout`, so nothing downstream parses or sizes it again.
     """
 
-    def __init__(self, settle_s: float, stale_after_s: float = float("inf")) -> None:
-        self.settle_s, self.stale_after_s = settle_s, stale_after_s
+    def __init__(self, settle_s: float, stale_after_s: float = float("inf"),
+                 vet: Callable[[Path, MrcLayout], object] | None = None) -> None:
+        """``vet(path, header)``: raises for a header that will never do (e.g. too small for the particles), before the
+        data are looked at: such a file is refused at once, not waited for."""
+        self.settle_s, self.stale_after_s, self.vet = settle_s, stale_after_s, vet
         self._watched: dict[Path, _Watch] = {}
         self._ready: dict[Path, MrcLayout] = {}
 
@@ -131,7 +141,8 @@ class Gate:
             return "gone"
         seen = self._watched.get(path)
         if seen is None or seen.signature != signature(stat):
-            seen = self._watched[path] = _Watch(signature(stat), now)
+            untouched_s = max(0.0, time.time() - max(stat.st_mtime, stat.st_ctime))  # a file found long after its last write
+            seen = self._watched[path] = _Watch(signature(stat), now, now - untouched_s)
             if self.settle_s > 0:
                 return "waiting"
         elif now - seen.since < self.settle_s:
@@ -142,7 +153,7 @@ class Gate:
                 return self._let_through(path, seen)
             log.info("%s: %s, and not growing; waiting for it (given up after %g s without a change)", os.path.basename(path),
                      seen.reason, self.stale_after_s)
-        stable_s = now - seen.since
+        stable_s = now - seen.changed
         if stable_s < self.stale_after_s:
             return "waiting"
         self._watched.pop(path, None)
@@ -170,9 +181,11 @@ class Gate:
         """('ready' | 'incomplete' | 'zeros', reason, header) of the strict check."""
         try:
             layout = check_complete(path)
+            if self.vet is not None:
+                self.vet(path, layout)  # a header that can never hold particles: refused now, whatever its data
         except IncompleteMRCError as exc:
             return "incomplete", exc.reason, None
-        except MicrographError:
+        except Exception:
             self._watched.pop(path, None)
             raise
         end = HEADER_BYTES + layout.extended_header_bytes + layout.nx * layout.ny * MODE_BYTES[layout.mode]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
+STOP_FILE_SLACK_S = 1.0  # a stop file this much older than the start still counts (file systems that keep whole seconds)
 PACE_INTERVAL_S = 60.0  # how often the backlog is compared with the last look (a growing backlog: falling behind)
 
 
@@ -33,14 +34,20 @@ class StopFlag:
 
 
 class Health:
-    """The watched and output folders of one stream, its stop file and its pace."""
+    """The watched and output folders of one stream, its stop file and its pace.
 
-    def __init__(self, watch: Path, out: Path, journal_path: Path, now: float) -> None:
+    ``started``: when the daemon started (``time.time()``); a stop file changed since then
+    (while the model loads, say) is a stop, an older one is left from an earlier run.
+    """
+
+    def __init__(self, watch: Path, out: Path, journal_path: Path, now: float, started: float | None = None) -> None:
         self.watch, self.out, self.journal_path = watch, out, journal_path
         self._missing: set[str] = set()  # folders found gone (warned once)
         self._pace_at, self._pace_backlog = now, 0
         self._stop_file = _signature_of(watch / STOP_FILE)
-        if self._stop_file is not None:
+        if self._stop_file is not None and started is not None and self._stop_file[0] >= (started - STOP_FILE_SLACK_S) * 1e9:
+            self._stop_file = None  # created or touched since the start: obeyed at the first look
+        elif self._stop_file is not None:
             log.warning("%s in %s is left from an earlier run: ignored (touch it again, or create it anew, to stop this daemon)", STOP_FILE, watch)
 
     def stop_file_found(self, stop: StopFlag) -> bool:

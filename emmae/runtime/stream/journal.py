@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS micrographs (
     size INTEGER,
     mtime_ns INTEGER,
     particles INTEGER,
-    outputs TEXT,
+    outputs TEXT,  -- the coordinate file, relative to the output folder (absolute in older journals)
     reason TEXT,
     timings TEXT,
     updated REAL NOT NULL
@@ -74,6 +75,11 @@ _FIELDS = "path, name, state, size, mtime_ns, particles, outputs, reason, kind, 
 def journal_key(relative: str) -> str:
     """A path as the journal stores it: text SQLite can hold (undecodable bytes written as ``\\xNN``)."""
     return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def key_path(key: str) -> str:
+    """The path a key stands for, as the file system spells it (undecodable bytes, written ``\\xNN`` in the key, back)."""
+    return re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), key) if "\\x" in key else key
 
 
 @dataclass(frozen=True)
@@ -201,8 +207,9 @@ class Journal:
         """Back to ``seen``: the micrograph was handed on but rolled back before it started."""
         self._upsert(path, name, "seen")
 
-    def mark_processing(self, path: str, name: str) -> None:
-        self._upsert(path, name, "processing", reason=None)
+    def mark_processing(self, path: str, name: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """Handed to the pipeline as the file of this size and mtime (what a crash while it is in hand is counted against)."""
+        self._upsert(path, name, "processing", reason=None, size=size, mtime_ns=mtime_ns)
 
     def mark_picked(self, path: str, name: str, particles: int, outputs: str, timings: dict[str, float],
                     size: int | None = None, mtime_ns: int | None = None, ino: int | None = None, model: str | None = None,
@@ -225,6 +232,25 @@ class Journal:
         with self.batch():
             self._db.executemany("UPDATE micrographs SET size = ?, mtime_ns = ?, ino = ?, ctime_ns = ? WHERE path = ?",
                                  [(size, mtime_ns, ino, ctime_ns, path) for path, size, mtime_ns, ino, ctime_ns in files])
+
+    def forget(self, path: str) -> None:
+        """Remove ``path``'s entry, whatever its state (its file is gone)."""
+        self._db.execute("DELETE FROM micrographs WHERE path = ?", (path,))
+
+    def forget_failed(self, paths: list[str]) -> None:
+        """Remove the failed entries of ``paths`` (their files are gone)."""
+        with self.batch():
+            self._db.executemany("DELETE FROM micrographs WHERE path = ? AND state = 'failed'", [(p,) for p in paths])
+
+    def set_particles(self, particles: dict[str, int]) -> None:
+        """Record how many particles picked entries have now (path -> count), e.g. after a re-threshold of the folder."""
+        with self.batch():
+            self._db.executemany("UPDATE micrographs SET particles = ? WHERE path = ?", [(n, p) for p, n in particles.items()])
+
+    def set_outputs(self, outputs: dict[str, str]) -> None:
+        """Record the coordinate file of picked entries anew (path -> file, relative to the output folder)."""
+        with self.batch():
+            self._db.executemany("UPDATE micrographs SET outputs = ? WHERE path = ?", [(o, p) for p, o in outputs.items()])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

@@ -17,12 +17,13 @@ never recorded as picked from a half-written or replaced file).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from emmae.errors import EmmaeError
@@ -35,16 +36,30 @@ _END = object()
 
 
 class InHand:
-    """The micrograph the pick stage holds, in a small file: one named there at a start was in hand when the daemon died."""
+    """The micrograph the pick stage holds, in a small file: one named there at a start was in hand when the daemon died.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    The micrograph is named relative to ``base`` (the watched folder), so a session moved
+    or copied between a crash and the next start still counts the crash against it.
+    """
+
+    def __init__(self, path: Path, base: Path | None = None) -> None:
+        self.path, self.base = path, base
 
     def hold(self, micrograph: Path) -> None:
-        write_bytes_atomic(self.path, os.fsencode(micrograph))
+        named = os.path.relpath(micrograph, self.base) if self.base is not None else os.fspath(micrograph)
+        write_bytes_atomic(self.path, os.fsencode(named))
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def holding(self, micrograph: Path) -> Iterator[None]:
+        """``micrograph`` is in hand inside (see :func:`emmae.runtime.jobs.pick_read`)."""
+        self.hold(micrograph)
+        try:
+            yield
+        finally:
+            self.release()
 
     def left(self) -> Path | None:
         """The micrograph a dead daemon held (the file is then removed), or None."""
@@ -53,7 +68,7 @@ class InHand:
         except OSError:
             return None
         self.release()
-        return held
+        return held if held.is_absolute() or self.base is None else Path(os.path.normpath(self.base / held))
 
 
 class Pipeline:
@@ -62,6 +77,8 @@ class Pipeline:
     def __init__(self, picker: Picker, outputs: OutputFolder, depth: int, on_done: Callable[[], None] | None = None,
                  in_hand: InHand | None = None) -> None:
         self.picker, self.outputs, self.in_hand = picker, outputs, in_hand
+        if in_hand is not None:
+            picker.holding = in_hand.holding
         self._on_done = on_done or (lambda: None)
         self._inbox: queue.Queue = queue.Queue(maxsize=depth)
         self._prepared: queue.Queue = queue.Queue(maxsize=depth)
@@ -124,13 +141,7 @@ class Pipeline:
 
     def _pick(self, item: tuple[Job, object]) -> tuple[Job, object, object]:
         job, prepared = item
-        if self.in_hand is not None:
-            self.in_hand.hold(job.path)  # a crash from here on (a native library, the OOM killer) is counted against it
-        try:
-            return (job, *pick_read(job, prepared, self.picker))
-        finally:
-            if self.in_hand is not None:
-                self.in_hand.release()
+        return (job, *pick_read(job, prepared, self.picker))  # a crash while it is encoded or picked is counted against it
 
     def _write(self, item: tuple) -> Done:
         job, picks, sample = item

@@ -47,6 +47,21 @@ class Recorder:
         self.on_picked: Callable[[Path, int], None] | None = None  # (micrograph, particles), e.g. for benches
         self.on_failed: Callable[[str, int | None, int | None, str], None] | None = None  # (key, size, mtime_ns, kind)
         self.index_stale = True
+        self.project: Path | None = None  # the folder the index's coordinate files are written relative to
+        self._relocate()
+
+    def _relocate(self) -> None:
+        """Coordinate files an older journal recorded as absolute paths are recorded relative to the output folder (found
+        by their tail when the folder has moved since), so the index finds them wherever the session is."""
+        moved = {}
+        for key, entry in self.picked.items():
+            if entry.outputs and os.path.isabs(entry.outputs):
+                stem = self.outputs.stem_of(entry.outputs)
+                if stem is not None:
+                    moved[key] = self.outputs.recorded(stem)
+        if moved:
+            self.journal.set_outputs(moved)
+            self.picked.update({key: replace(self.picked[key], outputs=outputs) for key, outputs in moved.items()})
 
     def record(self, done: Done, key: str, model: str | None, figures: Callable[[], str] | None = None) -> int:
         """Record a finished job; returns 1 when it was picked."""
@@ -69,9 +84,11 @@ class Recorder:
             else:
                 self.failed(key, job.name, done.error, job.size, job.mtime_ns, done.kind)
             return 0
+        if not os.path.lexists(job.path):  # deleted (or moved away) while it was picked: nothing to list it for
+            return self._discard(key, job.stem)
         result = done.picks
         timings = {**result.timings_s, "latency": done.latency_s}
-        outputs = str(self.outputs.path(job.stem))
+        outputs = self.outputs.recorded(job.stem)
         session = (result.session or {}).get("id")
         self.journal.mark_picked(key, job.name, len(result), outputs, timings, job.size, job.mtime_ns, job.ino, model, session,
                                  job.fingerprint, job.ctime_ns)
@@ -93,6 +110,14 @@ class Recorder:
                  f" | {figures()}" if figures else "")
         return 1
 
+    def _discard(self, key: str, stem: str) -> int:
+        removed = self.outputs.remove_micrograph(stem)
+        if key in self.picked:
+            self._unlist(key)
+        self.journal.forget(key)
+        log.warning("%s was deleted (or moved away) while it was picked: its picks are not kept (%d files removed)", shown(key), removed)
+        return 0
+
     def failed(self, key: str, name: str, reason: str, size: int | None, mtime_ns: int | None, kind: str = "micrograph") -> None:
         self.journal.mark_failed(key, journal_key(name), journal_key(reason), size, mtime_ns, kind)
         self.failed_keys.add(key)
@@ -100,6 +125,16 @@ class Recorder:
         if self.on_failed is not None:
             self.on_failed(key, size, mtime_ns, kind)
         log.error("failed %s: %s%s", shown(key), reason, RETRY_TEXT.get(kind, "; tried again if it changes"))
+
+    def forget_gone(self, exists: Callable[[str], bool]) -> list[str]:
+        """Failed micrographs whose file no longer exists are forgotten (neither listed in failed.txt nor counted); returns them."""
+        gone = sorted(key for key in self.failed_keys if not exists(key))
+        if gone:
+            self.journal.forget_failed(gone)
+            self.failed_keys.difference_update(gone)
+            self.progress.failed = len(self.failed_keys)
+            log.info("forgot %d failed micrographs that no longer exist (e.g. %s)", len(gone), shown(gone[0]))
+        return gone
 
     def still_current(self, key: str, name: str, stat: os.stat_result, path: Path) -> bool:
         """A picked file is still the version that was picked (moved or copied counts as the same); one that changed
@@ -125,12 +160,8 @@ class Recorder:
         self.index_stale = True
 
     def _remove_outputs(self, entry: Entry) -> int:
-        if not entry.outputs or not entry.outputs.endswith("_autopick.star"):
-            return 0
-        return self.outputs.remove_micrograph(self._stem(entry))
-
-    def _stem(self, entry: Entry) -> str:
-        return os.path.relpath(entry.outputs[: -len("_autopick.star")], self.outputs.root)
+        stem = self.outputs.stem_of(entry.outputs)
+        return 0 if stem is None else self.outputs.remove_micrograph(stem)
 
     def adopt(self) -> None:
         """Record the stat of files an older journal picked without one (after a scan)."""
@@ -141,19 +172,22 @@ class Recorder:
         """``keys``, marked in the journal to be picked again, stay picked and listed until they are (the next scan queues them)."""
         self.repick.update(key for key in keys if key in self.picked)
 
-    def count_crash(self, key: str, limit: int) -> bool:
-        """The micrograph in hand when the daemon last died: one more attempt counted; after ``limit``, failed with its reason.
-        Returns True when it was failed."""
+    def count_crash(self, key: str, limit: int, stat: os.stat_result | None = None) -> bool:
+        """The micrograph in hand when the daemon last died: one more attempt counted (a clean pick resets the count);
+        after ``limit``, failed with its reason as the version that was handed on (else the file as it is now, ``stat``),
+        so it is not picked again until it changes. Returns True when it was failed."""
         attempts = self.journal.count_attempt(key)
         if attempts < limit:
             log.warning("%s was being picked when the daemon stopped without warning (%d of %d attempts)", shown(key), attempts, limit)
             return False
         entry = self.journal.get(key)
+        size, mtime_ns = (entry.size, entry.mtime_ns) if entry is not None and entry.size is not None else (None, None)
+        if size is None and stat is not None:
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
         if key in self.picked:
             self._unlist(key)
         self.failed(key, entry.name if entry else key, f"the daemon died while picking it, {attempts} times (a crash in a native library, "
-                    "or out of memory?); check the file, then touch it to try again", entry.size if entry else None,
-                    entry.mtime_ns if entry else None, "micrograph")
+                    "or out of memory?); check the file, then touch it to try again", size, mtime_ns, "micrograph")
         return True
 
     def wants(self, key: str, stat: os.stat_result, path: Path) -> bool:
@@ -171,13 +205,13 @@ class Recorder:
         """
         rows, budget = [], ROWS_READ_PER_INDEX
         for entry in self.journal.picked():
-            if unsafe_name("", entry.name) or not entry.outputs or not os.path.exists(entry.outputs):
+            stem = self.outputs.stem_of(entry.outputs)
+            if unsafe_name("", entry.name) or stem is None or not self.outputs.path(stem).exists():
                 continue
-            stem = self._stem(entry)
             read = budget > 0 or self.outputs.remembers(stem)
             budget -= not self.outputs.remembers(stem)
             rows.append(replace(self.outputs.row(stem, config, read=read), name=entry.name))
-        self.outputs.write_index(rows, config)
+        self.outputs.write_index(rows, config, self.project)
         self.index_stale = budget < 0
 
     def report_failed(self) -> None:

@@ -21,7 +21,7 @@ from emmae.config import EmmaeConfig
 from emmae.io.layout import coordinate_stem
 from emmae.io.inputs import micrographs_from_star
 from emmae.runtime.stream.gate import walk
-from emmae.runtime.stream.journal import journal_key
+from emmae.runtime.stream.journal import journal_key, key_path
 
 log = logging.getLogger("emmae.stream")
 SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
@@ -40,6 +40,9 @@ class Scanner:
         self._touched: set[str] = set()  # keys the observer reported changed (its thread adds, the daemon's takes)
         self._touched_lock = threading.Lock()
         self._sweep_at = -float("inf")
+        self._star_last: list[tuple[Path, str]] = []  # the upstream STAR's rows when it was last readable
+        self._star_unready = False  # said that it cannot be read now (once, until it can again)
+        self._stacks_said = False  # said that .mrcs stacks are not picked (once)
 
     def key(self, path: Path | str) -> str:
         """The journal's key of a file: its path relative to the watched folder (absolute if outside it)."""
@@ -56,6 +59,10 @@ class Scanner:
 
     def path_of(self, key: str) -> Path:
         return Path(key) if os.path.isabs(key) else self.watch / key
+
+    def exists(self, key: str) -> bool:
+        """The file of ``key`` is there (a name that is not UTF-8 included)."""
+        return any(any_stat(self.path_of(text)) is not None for text in {key, key_path(key)})
 
     def stem(self, path: Path, name: str) -> str:
         """Where RELION looks for the micrograph's coordinates (:func:`emmae.io.layout.coordinate_stem` of its name); for
@@ -93,18 +100,32 @@ class Scanner:
             return [(path, name, None) for path, name in self._star_rows()
                     if sweep or (key := self.key(path)) not in picked or key in touched]
         known: Container[str] = frozenset() if sweep else _Without(picked, touched)
+        stacks: list[str] | None = None if self._stacks_said else []
         files = [(path, None, any_stat(path)) for path in walk(self.watch, self.config.stream.patterns, self.config.stream.recursive,
-                                                                 skip=self.out.resolve(), known=known, prefix=self._prefix)]
+                                                                 skip=self.out.resolve(), known=known, prefix=self._prefix, stacks=stacks)]
+        if stacks:
+            self._stacks_said = True
+            log.warning("%d .mrcs files in %s (e.g. %s) are not picked: .mrcs are stacks (movies); watch the motion-corrected "
+                        "micrographs (.mrc), or follow the upstream job with --watch-star", len(stacks), self.watch, self.key(stacks[0]))
         newest = self.config.stream.order == "newest"
         files.sort(key=lambda f: f[2].st_mtime_ns if f[2] is not None else 0, reverse=newest)  # stable: by name within a time
         return files  # type: ignore[return-value]  # paths as strings: a Path each would cost more than the look itself
 
     def _star_rows(self) -> list[tuple[Path, str]]:
+        """The upstream STAR's rows; while it cannot be read (gone, emptied, caught half-written as RELION rewrites it in
+        place, no loop with ``_rlnMicrographName`` yet), the rows it last had: not ready yet, said once."""
         try:
-            return micrographs_from_star(self.watch_star, self.config.output.project_root)
-        except (OSError, ValueError) as exc:  # absent yet, or caught mid-write by the upstream job
-            log.debug("cannot read %s yet: %s", self.watch_star, exc)
-            return []
+            rows = micrographs_from_star(self.watch_star, self.config.output.project_root)
+        except (OSError, ValueError) as exc:
+            if not self._star_unready:
+                log.warning("%s cannot be read now (%s): keeping its last %d rows until it can", self.watch_star,
+                            getattr(exc, "strerror", None) or exc, len(self._star_last))
+            self._star_unready = True
+            return self._star_last
+        if self._star_unready:
+            log.info("%s can be read again: %d rows", self.watch_star, len(rows))
+        self._star_last, self._star_unready = rows, False
+        return rows
 
 
 class _Without:

@@ -40,6 +40,7 @@ class ModelSwitcher:
         parent = encoder.bundle.path if encoder is not None else bundle_path(config.model.bundle, config.model.precision)
         self.adapter = Adapter(outputs.root, config, recorder.journal, parent, threads) if config.stream.adapt_after else None
         self.switching = False  # the adapted model is ready: the pipeline drains, then the model is switched
+        self.stopping: Callable[[], bool] = lambda: False  # a stop asked for (the session samples are then not read back)
         self.model = model_id(parent)  # recorded with every pick
         adapted = self.adapter.done_bundle() if self.adapter else None
         if adapted is not None:  # adapted by an earlier run: keep the adapted model
@@ -70,6 +71,9 @@ class ModelSwitcher:
         """The session samples of the micrographs ``names``, read and encoded again (a missing one is left out)."""
         samples = []
         for name in names:
+            if self.stopping():
+                log.info("stopping: the session samples of an earlier run are not read back")
+                return []
             key = self.recorder.journal.key_of(name)
             try:
                 if key is None:

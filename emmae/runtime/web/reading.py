@@ -18,7 +18,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from urllib.parse import quote
 
 from emmae.config import EmmaeConfig, validate_config
@@ -28,7 +28,7 @@ from emmae.runtime.outputs import FAILED_FILE, INDEX_FILE, PARTICLES_FILE, RECOR
 from emmae.runtime.stream.journal import FILENAME as JOURNAL_FILE
 
 log = logging.getLogger("emmae.web")
-STAR_SUFFIX, SAVED_SUFFIX = "_autopick.star", "_emmae.npz"
+SAVED_SUFFIX = "_emmae.npz"
 
 
 @dataclass(frozen=True)
@@ -117,20 +117,8 @@ def journal_micrograph(row: sqlite3.Row, folder: Path) -> Micrograph:
 
 
 def stem_of(outputs: str | None, folder: Path) -> str | None:
-    """The stem (below ``folder``) of a journal's coordinate file path; found by its tail when the folder has moved since."""
-    if not outputs or not outputs.endswith(STAR_SUFFIX):
-        return None
-    base = outputs[: -len(STAR_SUFFIX)]
-    for root in (str(folder), os.path.abspath(folder), os.path.realpath(folder)):
-        relative = os.path.relpath(base, root)
-        if not relative.startswith(".."):
-            return relative
-    parts = PurePath(base).parts
-    for start in range(len(parts) - 1, -1, -1):
-        tail = "/".join(parts[start:])
-        if (folder / f"{tail}{SAVED_SUFFIX}").exists() or (folder / f"{tail}{STAR_SUFFIX}").exists():
-            return tail
-    return None
+    """The stem (below ``folder``) of a journal's coordinate file (see :meth:`OutputFolder.stem_of`)."""
+    return OutputFolder(folder).stem_of(outputs)
 
 
 def index_micrographs(folder: Path) -> list[Micrograph]:

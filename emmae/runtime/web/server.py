@@ -12,7 +12,8 @@ decoded once, refused (403) with a ``..`` part, an absolute path or a backslash,
 resolved (symbolic links followed) and refused unless it still lies inside. A server bound
 to anything but loopback needs a token (given, or generated and logged in the URL): a
 request without it (``?token=``, the cookie the page gets, or ``Authorization: Bearer``)
-is refused with 401. Each request's thread runs at a lower CPU priority than the picker's.
+is refused with 401. On loopback without a token, a request whose Host header names
+another site (a page elsewhere rebinding its name to 127.0.0.1) is refused with 403. Each request's thread runs at a lower CPU priority than the picker's.
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
+            if not self._addressed_here():
+                raise Refused(HTTPStatus.FORBIDDEN, "this view answers requests addressed to localhost only (the Host header names "
+                              "another site); open it as http://localhost:PORT/ or http://127.0.0.1:PORT/")
             if not self._authorised(query.get("token")):
                 raise Refused(HTTPStatus.UNAUTHORIZED, "a token is needed: open the address the server logged (ending in ?token=...)")
             self._route(url.path, query)
@@ -204,6 +208,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"the journal cannot be read now: {exc}\n".encode(), "text/plain")
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _addressed_here(self) -> bool:
+        """On loopback without a token, the request names this machine in its Host header: a page elsewhere whose name
+        was rebound to 127.0.0.1 (DNS rebinding) is refused. Beyond loopback the token guards every request."""
+        header = self.headers.get("Host")
+        if header is None or self.server.token is not None or not is_loopback(self.server.host):
+            return True
+        host = header.strip().lower()
+        host = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if host.count(":") == 1 else host
+        return is_loopback(host)
 
     def _authorised(self, given: str | None) -> bool:
         token = self.server.token
