@@ -81,17 +81,20 @@ def check_layout(path: Path, layout: MrcLayout, config: EmmaeConfig) -> float:
     return diameter_px
 
 
-def admit(path: Path, name: str, stem: str, config: EmmaeConfig, layout: MrcLayout | None = None, stat: os.stat_result | None = None) -> Job:
+def admit(path: Path, name: str, stem: str, config: EmmaeConfig, layout: MrcLayout | None = None, stat: os.stat_result | None = None,
+          diameter_px: float | None = None) -> Job:
     """A :class:`Job` for ``path``: its header parsed and sized once (unless ``layout`` is the caller's, e.g. the gate's),
-    its dimensions checked against the particle diameter before anything is allocated for it.
+    its dimensions checked against the particle diameter before anything is allocated for it (unless the caller checked
+    that ``layout`` already: ``diameter_px``, its result).
 
     Raises:
         MicrographError: not a complete, single-section MRC, or too small or elongated for the particles.
         ConfigError: no usable particle diameter.
         FileNotFoundError: no such file.
     """
-    layout = layout if layout is not None else sized_layout(path)
-    diameter_px = check_layout(path, layout, config)
+    if layout is None or diameter_px is None:
+        layout = layout if layout is not None else sized_layout(path)
+        diameter_px = check_layout(path, layout, config)
     stat = stat if stat is not None else os.stat(path)
     return Job(Path(path), name, stem, layout, diameter_px, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from emmae.config import EmmaeConfig
 from emmae.errors import UnsafeNameError
 from emmae.io.inputs import content_fingerprint
+from emmae.io.mrc import MrcLayout
 from emmae.io.picks import prefixed
 from emmae.runtime.jobs import Job, admit, check_layout
 from emmae.runtime.stream.gate import Gate, stat_regular
@@ -35,8 +36,13 @@ class Admission:
         root = os.path.realpath(config.output.project_root) if config.output.project_root is not None else os.path.dirname(watch)
         self._watch_name = os.path.relpath(watch, root)
         self.project_root = Path(root)  # names are written relative to it (and the index's coordinate files)
-        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s, vet=lambda path, layout: check_layout(path, layout, config))
+        self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s, vet=self._vet)
+        self._vetted: dict[str, tuple[MrcLayout, float]] = {}  # path -> the header the gate vetted and its diameter in pixels
         self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
+
+    def _vet(self, path: Path, layout: MrcLayout) -> None:
+        """The gate's check of a header against the particles (the only one: :func:`admit` is handed its result)."""
+        self._vetted[str(path)] = (layout, check_layout(path, layout, self.config))
 
     def name(self, path: Path, name: str | None) -> str:
         """The name a micrograph is written under: its path relative to the project root (``output.project_root``, else
@@ -84,7 +90,9 @@ class Admission:
             return None
         self._known.pop(key, None)
         name = self.name(path, name)
-        job = admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat)
+        vetted = self._vetted.pop(str(path), None)
+        diameter_px = vetted[1] if vetted is not None and vetted[0] is layout else None
+        job = admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat, diameter_px=diameter_px)
         return replace(job, fingerprint=content_fingerprint(path))
 
     def note_failed(self, key: str, size: int | None, mtime_ns: int | None, kind: str) -> None:
