@@ -1,6 +1,6 @@
 """A stream that survives what a facility does to it: poison micrographs, rewritten STARs, moved sessions, early stops.
 
-One test (or two) per item of the reliability audit, numbered as in the README's
+One test (or two) per item of the reliability audit, numbered as in docs/streaming.md's
 reliability table: a poison micrograph stays failed (1), a rewritten upstream STAR is
 "not ready yet" (2), a moved or copied session keeps its index (3), a stop during start-up
 is a stop (4), a restart after a re-threshold keeps one cut (5), a failed file deleted is

@@ -37,7 +37,7 @@ PIXEL_A = 2.0
 DIAMETER_PX = 36.0
 BOX_PX = 56  # about 1.5 diameters
 MOVIES = "MotionCorr/job002/Movies"
-README = Path(__file__).resolve().parents[1] / "README.md"
+RELION_PAGE = Path(__file__).resolve().parents[1] / "docs" / "relion.md"  # the commands users copy
 
 
 def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -192,16 +192,16 @@ def test_box_and_cbox_read_back_to_the_same_centres(from_star):
         assert np.all(nearest_px(centres[margin >= 0.01], from_cbox) <= 0.02)
 
 
-def readme_commands() -> str:
-    """The README's RELION commands: the bash block after the line ``<!-- relion-commands -->``."""
-    text = README.read_text()
+def relion_page_commands() -> str:
+    """docs/relion.md's RELION commands: the bash block after the line ``<!-- relion-commands -->``."""
+    text = RELION_PAGE.read_text()
     found = re.search(r"<!-- relion-commands -->\s*```bash\n(.*?)```", text, re.S)
-    assert found, "README.md has no <!-- relion-commands --> block"
+    assert found, "docs/relion.md has no <!-- relion-commands --> block"
     return found.group(1)
 
 
 def test_the_readme_relion_commands_run_as_written(tmp_path):
-    """The README's import, pick and extract, run as they are in a fresh project of micrographs in ``Micrographs/``."""
+    """docs/relion.md's import, pick and extract, run as they are in a fresh project of micrographs in ``Micrographs/``."""
     params = SynthParams(shape=(640, 640), diameter_px=DIAMETER_PX, pixel_size_A=PIXEL_A, n_particles=40)
     write_session(tmp_path / "Micrographs", 2, params, seed=5)
     bin_dir = Path(sys.executable).parent
@@ -209,7 +209,7 @@ def test_the_readme_relion_commands_run_as_written(tmp_path):
            "DIAMETER_A": str(DIAMETER_PX * PIXEL_A), "BOX_PX": str(BOX_PX)}
     if shutil.which("emmae-pick", path=env["PATH"]) is None:
         pytest.skip("emmae-pick is not installed as a command (pip install -e .)")
-    run(["bash", "-euo", "pipefail", "-c", readme_commands()], tmp_path, env)
+    run(["bash", "-euo", "pipefail", "-c", relion_page_commands()], tmp_path, env)
     extracted = per_micrograph(tmp_path / "Extract/job003/particles.star")
     picked = per_micrograph(tmp_path / "AutoPick/job002/particles.star")
     assert extracted == picked and sum(picked.values()) > 40

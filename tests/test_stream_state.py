@@ -1,6 +1,6 @@
 """A stream's state survives restarts and moves; every exit says what happened in one line.
 
-Each test names the item of the stream-state work it checks (numbers as in the README's
+Each test names the item of the stream-state work it checks (numbers as in docs/streaming.md's
 "Streaming" section): restarts carry the same session (1), a moved or copied session is not
 picked again while a rewrite is (2), names relative to the project root through one spelling
 (3), the index lists micrographs due to be picked again (4), a re-threshold respects a
