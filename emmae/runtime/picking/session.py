@@ -164,8 +164,10 @@ def fit_session(samples: list[SessionSample], config: EmmaeConfig, patch_px: int
     calibration, population, found = fit_figure_of_merit(samples, profile, diameter, patch_px, config, atypical)
     classes = None
     if post.session_classes and calibration is not None:
-        classes = sort_classes(samples, found, calibration, population, patch_px, config)
-        junk, background = junk_members(samples, found, classes, population, patch_px)
+        features = [class_features(sample, peaks.xy, population, patch_px) for sample, peaks in zip(samples, found)] \
+            if all(s.classes_image is not None for s in samples) else None  # every peak's, once: to fit the classes and to assign them
+        classes = sort_classes(samples, found, features, calibration, config) if features is not None else None
+        junk, background = junk_members(found, features, classes)
         unlike = [xy[~b] for xy, b in zip(junk, background)]  # empty classes are the background: the calibration needs them
         if any(len(u) for u in unlike):  # the template and calibration again without the junk
             avoid = junk if atypical is None else [np.concatenate([a, j]) for a, j in zip(atypical, junk)]
@@ -237,21 +239,19 @@ def class_features(sample: SessionSample, xy: np.ndarray, population: Population
     return image, population.whitened(descriptors(sample.latents, xy, patch_px))
 
 
-def sort_classes(samples: list[SessionSample], found: list, calibration: Calibration, population: Population | None, patch_px: int,
+def sort_classes(samples: list[SessionSample], found: list, features: list[tuple[np.ndarray, np.ndarray | None]], calibration: Calibration,
                  config: EmmaeConfig) -> SessionClasses | None:
-    """The session's classes of its sample's candidates at figure of merit >= ``CANDIDATE_MERIT``; None without class images or with too few."""
-    if any(s.classes_image is None for s in samples):
-        return None
+    """The session's classes of its sample's peaks (``found``, their ``features`` from :func:`class_features`) at figure of merit
+    >= ``CANDIDATE_MERIT``; None with too few."""
     images, latents, boxes, merits = [], [], [], []
-    for sample, peaks in zip(samples, found):
+    for sample, peaks, (image, latent) in zip(samples, found, features):
         merit = calibration.figure_of_merit(peaks.score)
-        xy = peaks.xy[merit >= CANDIDATE_MERIT]
-        merits.append(merit[merit >= CANDIDATE_MERIT])
-        image, latent = class_features(sample, xy, population, patch_px)
-        images.append(image)
-        latents.append(latent)
-        boxes.append(montage_boxes(sample.classes_image, xy, sample.diameter_grid_px))
-    whitened = None if population is None else np.concatenate(latents)
+        chosen = merit >= CANDIDATE_MERIT
+        merits.append(merit[chosen])
+        images.append(image[chosen])
+        latents.append(None if latent is None else latent[chosen])
+        boxes.append(montage_boxes(sample.classes_image, peaks.xy[chosen], sample.diameter_grid_px))
+    whitened = None if latents[0] is None else np.concatenate(latents)
     classes = fit_classes(np.concatenate(images), whitened, np.concatenate(boxes), np.concatenate(merits), config.postprocess.session_classes,
                           config.cluster.seed)
     if classes is not None:
@@ -259,16 +259,15 @@ def sort_classes(samples: list[SessionSample], found: list, calibration: Calibra
     return classes
 
 
-def junk_members(samples: list[SessionSample], found: list, classes: SessionClasses | None, population: Population | None,
-                 patch_px: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per sample, the centres ``[M, 2]`` of its template peaks that fall in a junk class, and which of them (bool ``[M]``) in an
-    empty one."""
-    if classes is None or len(classes.kept) == len(classes.classes):
-        return [np.zeros((0, 2)) for _ in samples], [np.zeros(0, bool) for _ in samples]
+def junk_members(found: list, features: list[tuple[np.ndarray, np.ndarray | None]] | None,
+                 classes: SessionClasses | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per sample, the centres ``[M, 2]`` of its template peaks (``found``, with their ``features``) that fall in a junk class, and
+    which of them (bool ``[M]``) in an empty one."""
+    if classes is None or features is None or len(classes.kept) == len(classes.classes):
+        return [np.zeros((0, 2)) for _ in found], [np.zeros(0, bool) for _ in found]
     empty = np.array([c.empty for c in classes.classes])
     junk, background = [], []
-    for sample, peaks in zip(samples, found):
-        image, latent = class_features(sample, peaks.xy, population, patch_px)
+    for peaks, (image, latent) in zip(found, features):
         labels = classes.assign(image if latent is None else np.concatenate([image, latent], axis=1))
         dropped = ~classes.kept_mask(labels)
         junk.append(peaks.xy[dropped])
