@@ -180,3 +180,15 @@ def test_the_web_view_shows_a_users_overrule():
     assert [c["kept"] for c in shown["each"]] == [True, False, True]
     assert shown["each"][1]["why"].startswith("dropped by you") and shown["each"][2]["why"].startswith("kept by you")
     assert overruled(session, EmmaeConfig()) is session
+
+
+def test_a_class_both_kept_and_dropped_by_the_user_is_dropped_everywhere():
+    from emmae.runtime.web.folder import overruled
+
+    classes, labels, names = session_of({"particle": (60, 0.6, 1.0), "dark": (20, 0.6, 6.0)})
+    particle_class = int(labels[names == "particle"][0])
+    assert not classes.kept_mask(np.array([particle_class]), keep=(particle_class,), drop=(particle_class,))[0]
+    assert not classes.montage(keep=(particle_class,), drop=(particle_class,))[2][particle_class]
+    session = {"classes": {"kept": [0], "count": 1, "judged": True, "each": [{"class": 0, "kept": True, "why": "like the session's particles"}]}}
+    shown = overruled(session, EmmaeConfig.model_validate({"postprocess": {"keep_classes": [0], "drop_classes": [0]}}))["classes"]["each"][0]
+    assert not shown["kept"] and shown["why"].startswith("dropped by you")

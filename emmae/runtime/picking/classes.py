@@ -37,6 +37,7 @@ small and saved with the session.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,11 @@ class SessionClass:
                    float(data["blob_diameters"]), np.asarray(data["average"], np.float32))
 
 
+def chosen_classes(kept: Iterable[int], keep: Iterable[int] = (), drop: Iterable[int] = ()) -> set[int]:
+    """The classes kept: the session's ``kept``, with a user's ``keep`` added and ``drop`` taken away (a drop wins)."""
+    return (set(kept) | set(keep)) - set(drop)
+
+
 @dataclass(frozen=True)
 class SessionClasses:
     """The session's classes: ``centroids [K, F]`` in scaled feature space, how features are scaled, and each class."""
@@ -115,19 +121,15 @@ class SessionClasses:
 
     def kept_mask(self, labels: np.ndarray, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> np.ndarray:
         """Bool ``[N]``: the candidates whose class is kept, with a user's ``keep``/``drop`` of class numbers over the session's choice."""
-        table = np.array([c.kept for c in self.classes] + [True], bool)  # -1 (unclassified, older files) is kept
-        for index in keep:
-            if 0 <= index < len(self.classes):
-                table[index] = True
-        for index in drop:
-            if 0 <= index < len(self.classes):
-                table[index] = False
+        chosen = chosen_classes(self.kept, keep, drop)
+        table = np.array([c.index in chosen for c in self.classes] + [True], bool)  # -1 (unclassified, older files) is kept
         return table[np.asarray(labels, np.int64)]
 
     def montage(self, keep: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> tuple[list[np.ndarray], list[str], list[bool]]:
         """Each class's average, its label (number, count, verdict; why, or its darkness and size) and whether it is kept, with a
         user's ``keep``/``drop`` over the session's choice."""
-        kept = [(c.kept or c.index in keep) and c.index not in drop for c in self.classes]
+        chosen = chosen_classes(self.kept, keep, drop)
+        kept = [c.index in chosen for c in self.classes]
         labels = [f"{c.index}: {c.count} {'kept' if k else 'dropped'}|"
                   + (c.short_reason if not c.kept and not k else "by you" if c.kept != k else f"x{c.darkness:.1f} dark, {c.blob_diameters:.2f} d")
                   for c, k in zip(self.classes, kept)]

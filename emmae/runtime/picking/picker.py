@@ -26,7 +26,7 @@ from emmae.config import EmmaeConfig, PostprocessConfig, PreprocessConfig, resol
 from emmae.io.mrc import MrcLayout, read_micrograph
 from emmae.io.picks import Picks
 from emmae.runtime.kernels.filters import Array
-from emmae.runtime.picking.classes import class_image, image_features
+from emmae.runtime.picking.classes import chosen_classes, class_image, image_features
 from emmae.runtime.picking.cluster import particle_region, smoothing_window
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.picking.localise import confidence, match_peaks, matching_image
@@ -258,7 +258,7 @@ def scored_candidates(grid_candidates: np.ndarray, post: PostprocessConfig, kept
     distance = grid_candidates[:, 4]
     typical = ~(distance > post.latent_limit) if post.latent_vetting else np.ones(len(distance), bool)  # NaN: not vetted
     if grid_candidates.shape[1] >= 6 and kept is not None:
-        chosen = (set(kept) | set(post.keep_classes)) - set(post.drop_classes)
+        chosen = chosen_classes(kept, post.keep_classes, post.drop_classes)
         label = grid_candidates[:, 5]
         typical &= (label < 0) | np.isin(label, sorted(chosen))
     return Candidates(xy, grid_candidates[:, 3]), typical

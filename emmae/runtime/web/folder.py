@@ -17,6 +17,7 @@ import numpy as np
 
 from emmae.config import EmmaeConfig, validate_config
 from emmae.runtime.outputs import INDEX_FILE, PARTICLES_FILE
+from emmae.runtime.picking.classes import chosen_classes
 from emmae.runtime.stream.adapter import FOLDER as ADAPT_FOLDER
 from emmae.runtime.stream.names import shown
 from emmae.runtime.web import figures
@@ -50,8 +51,9 @@ def overruled(session: dict, config: EmmaeConfig) -> dict:
     keep, drop = set(config.postprocess.keep_classes), set(config.postprocess.drop_classes)
     if not classes or not (keep or drop):
         return session
-    each = [{**c, "kept": (c["kept"] or c["class"] in keep) and c["class"] not in drop,
-             "why": f"{'kept' if c['class'] in keep else 'dropped'} by you (session: {c['why']})" if c["class"] in keep | drop else c["why"]}
+    chosen = chosen_classes(classes["kept"], keep, drop)
+    each = [{**c, "kept": c["class"] in chosen,
+             "why": f"{'kept' if c['class'] in chosen else 'dropped'} by you (session: {c['why']})" if c["class"] in keep | drop else c["why"]}
             for c in classes["each"]]
     return {**session, "classes": {**classes, "each": each, "kept": [c["class"] for c in each if c["kept"]]}}
 
