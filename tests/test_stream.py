@@ -97,6 +97,8 @@ def _wait_for(process: subprocess.Popen, text: str, timeout_s: float = 60) -> li
         lines.append(line)
         if text in line:
             return lines
+    process.kill()  # not left running (and its pipe open) for a later test to trip over
+    process.communicate()
     raise AssertionError(f"{text!r} not seen in:\n{''.join(lines)}")
 
 
@@ -144,6 +146,8 @@ def test_sigterm_and_stop_file_stop_cleanly(tmp_path):
     assert "SIGTERM received" in output and _no_temporary_files(out)
     starfile.read(out / "autopick.star")  # the index parses
     (watch / "EMMAE_STOP").touch()  # left over: reported and ignored at the next start
+    a_minute_ago = time.time() - 60  # older than the next start by more than the slack a coarse file system needs
+    os.utime(watch / "EMMAE_STOP", (a_minute_ago, a_minute_ago))
     again = _stream(args)
     _wait_for(again, "left from an earlier run")
     (watch / "EMMAE_STOP").touch()  # touched again while it runs: obeyed
