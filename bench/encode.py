@@ -1,13 +1,15 @@
 """Encoder speed per micrograph (256 tiles of 64^2) for every bundle variant, onnxruntime.
 
-    python bench/encode.py [BUNDLE ...] [--repeats 5] [--reference-arch] [--gpu]
+    python bench/encode.py [BUNDLE ...] [--repeats 5] [--batches 8 256] [--reference-arch] [--gpu]
 
 With no bundles, times every ``emmae/models/*.onnx``. ``--reference-arch`` also
 exports (needs torch) and times a random-weight encoder of the reference size
 (width 192, depth 14: ~0.73 TFLOP per micrograph). For each: the FLOP count, the
 median seconds per micrograph, the achieved rate, and its fraction of this
 machine's measured float32 matrix-multiply rate (NumPy BLAS, all cores; CuPy for the
-GPU rows). ``--gpu`` times each bundle on onnxruntime's CUDA provider too, in the same
+GPU rows). Each bundle's 256 tiles go through in runs of each ``--batches`` size (the
+runtime's ``model.batch_tiles``: 8 by default on the CPU, 256 on a GPU), so run sizes are
+compared in one run on the same tiles. ``--gpu`` times each bundle on onnxruntime's CUDA provider too, in the same
 run. The provider really used is read from the session. Results:
 ``bench/results/encode-cpu.json``, or ``encode-gpu.json`` with ``--gpu``.
 """
@@ -73,13 +75,19 @@ def cuda_session(path: Path) -> ort.InferenceSession | None:
     return session if session.get_providers()[0] == "CUDAExecutionProvider" else None
 
 
-def time_session(session: ort.InferenceSession, tiles: np.ndarray, repeats: int) -> float:
+def time_session(session: ort.InferenceSession, tiles: np.ndarray, repeats: int, batch: int) -> float:
+    """Median seconds to encode ``tiles`` in runs of ``batch``."""
     name = session.get_inputs()[0].name
-    session.run(None, {name: tiles})
+
+    def encode() -> None:
+        for i in range(0, len(tiles), batch):
+            session.run(None, {name: tiles[i : i + batch]})
+
+    encode()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, {name: tiles})
+        encode()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="*", type=Path)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 256], help="tiles per encoder run, each timed (default 8 256)")
     parser.add_argument("--reference-arch", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="also time onnxruntime's CUDA provider (host tiles in, host latents out)")
     parser.add_argument("--output", type=Path)
@@ -128,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                     log.warning("%s: onnxruntime's CUDA provider does not run here", path.name)
                 else:
                     sessions.append((cuda, gpu_peak))
-            for session, rate in sessions:
-                seconds = time_session(session, tiles, args.repeats)
+            for (session, rate), batch in ((s, b) for s in sessions for b in args.batches):
+                seconds = time_session(session, tiles, args.repeats, batch)
                 flops = encoder_flops(arch) * TILES
                 rows.append({
-                    "model": path.name, "precision": precision, "provider": session.get_providers()[0],
+                    "model": path.name, "precision": precision, "provider": session.get_providers()[0], "batch_tiles": batch,
                     "embed_dim": arch["embed_dim"], "depth": arch["depth"], "tflop_per_micrograph": flops / 1e12,
                     "seconds_per_micrograph": seconds, "gflop_per_s": flops / seconds / 1e9, "fraction_of_matmul_rate": flops / seconds / rate,
                 })
@@ -155,10 +164,10 @@ def gpu_name() -> str:
 
 
 def print_table(rows: list[dict], peak: float, gpu_peak: float | None = None) -> None:
-    print(f"{'model':<24} {'provider':<22} {'precision':<38} {'D x depth':>10} {'TFLOP':>7} {'s/micrograph':>13} {'GFLOP/s':>8} {'of matmul':>9}")
+    print(f"{'model':<24} {'provider':<22} {'precision':<38} {'batch':>5} {'D x depth':>10} {'TFLOP':>7} {'s/micrograph':>13} {'GFLOP/s':>8} {'of matmul':>9}")
     for r in rows:
         print(
-            f"{r['model']:<24} {r['provider']:<22} {r['precision']:<38} {r['embed_dim']:>5} x {r['depth']:<2} {r['tflop_per_micrograph']:7.3f} "
+            f"{r['model']:<24} {r['provider']:<22} {r['precision']:<38} {r['batch_tiles']:>5} {r['embed_dim']:>5} x {r['depth']:<2} {r['tflop_per_micrograph']:7.3f} "
             f"{r['seconds_per_micrograph']:13.3f} {r['gflop_per_s']:8.1f} {r['fraction_of_matmul_rate']:9.1%}"
         )
     print(f"({TILES} tiles per micrograph, provider per row; float32 matmul rate: CPU {peak / 1e9:.1f} GFLOP/s"

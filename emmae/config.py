@@ -65,7 +65,9 @@ class ModelConfig(_Section):
 
     bundle: Path | None = None
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    batch_tiles: int = Field(256, ge=1, le=65536)
+    # tiles per encoder run; None: CPU_BATCH_TILES on the CPU (each run's activations stay in the
+    # cache: the same latents, measured faster than bigger runs), GPU_BATCH_TILES on a GPU
+    batch_tiles: int | None = Field(None, ge=1, le=65536)
 
 
 class ClusterConfig(_Section):

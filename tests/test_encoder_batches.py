@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emmae.runtime.picking.bundle import default_bundle_path
-from emmae.runtime.picking.encoder import Encoder
+from emmae.runtime.picking.encoder import CPU_BATCH_TILES, Encoder
 
 pytestmark = pytest.mark.skipif(not default_bundle_path().is_file(), reason="no bundled model")
 
@@ -29,8 +29,16 @@ def test_batches_give_the_latents_of_one_run(monkeypatch):
     assert batched.shape == whole.shape
     np.testing.assert_allclose(batched, whole, rtol=1e-4, atol=1e-4)
     runs.clear()
+    Encoder(encoder.bundle, encoder.backend, batch_tiles=256).encode(grid)
+    assert runs == [15]  # a run as large as the micrograph takes them at once
+    runs.clear()
     encoder.encode(grid)
-    assert runs == [15]  # the default, 256, takes them in one run
+    assert CPU_BATCH_TILES == 8 and runs == [8, 7]  # the CPU's default, 8 per run
+
+
+def test_the_default_run_size_is_the_providers():
+    assert Encoder.open().batch_tiles == CPU_BATCH_TILES  # the CPU provider runs
+    assert Encoder.open(batch_tiles=100).batch_tiles == 100
 
 
 def test_batch_tiles_must_be_positive():
