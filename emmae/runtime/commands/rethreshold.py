@@ -114,8 +114,8 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
             no_preview += 1
         outputs.remove_micrograph(stem, superseded + (("_preview.png",) if source is None or not config.output.preview else ()))
         outputs.write_micrograph(stem, picks, config, source)
-        rows.append(outputs.row(stem, config))
-    rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
+        rows.append(outputs.row(stem))
+    rows += [replace(outputs.row(stem), name=listed[stem]) for stem in unsaved]
     outputs.write_index(sorted(rows, key=lambda row: row.stem), config, project)
     recount_journal(outputs, counts)
     outputs.redraw_classes(config.postprocess.keep_classes, config.postprocess.drop_classes)  # the montage shows the user's choice
