@@ -14,7 +14,7 @@ import pytest
 from emmae import __version__
 from emmae.runtime.commands import evaluate
 from emmae.runtime.commands import pick as cli
-from emmae.runtime.options import log_level, progress_bar
+from emmae.commandline import log_level, progress_bar
 from emmae.runtime.commands import stream as daemon
 from emmae.trainer import adapt  # torch-free until it runs
 

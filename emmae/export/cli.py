@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from emmae import __version__
+from emmae.commandline import add_common_arguments, setup_logging
 from emmae.config import PreprocessConfig
 from emmae.errors import EmmaeError
 from emmae.export.bundle import write_bundle
@@ -30,7 +31,6 @@ from emmae.io.coords import GridTransform
 from emmae.io.mrc import read_layout, read_micrograph
 from emmae.io.truth import read_centres
 from emmae.runtime.picking.bundle import BundleInfo, open_bundle
-from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.runtime.kernels.tiles import latent_map, to_tiles
 from emmae.trainer.clusters import (
     ClusterChoice,

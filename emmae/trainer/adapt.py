@@ -21,11 +21,11 @@ import threading
 import time
 from pathlib import Path
 
+from emmae.commandline import add_common_arguments, setup_logging
 from emmae.errors import EmmaeError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
 from emmae.runtime.picking.bundle import default_bundle_path
-from emmae.runtime.options import add_common_arguments, setup_logging
 
 log = logging.getLogger("emmae.adapt")
 EXAMPLES = """examples:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from emmae.commandline import add_common_arguments, setup_logging
 from emmae.config import PreprocessConfig, add_config_arguments, config_from_args, resolve_diameter_px
 from emmae.errors import BackendError, EmmaeError
 from emmae.io.atomic import write_bytes_atomic
@@ -32,7 +33,6 @@ from emmae.io.inputs import expand_inputs
 from emmae.io.mrc import read_micrograph
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
-from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.trainer.data import (
     MicrographItem,
     Standardisation,
