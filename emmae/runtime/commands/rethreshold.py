@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emmae.config import EmmaeConfig, _apply_override, config_record, validate_config
+from emmae.config import EmmaeConfig, apply_override, config_record, validate_config
 from emmae.errors import ConfigError, EmmaeError
 from emmae.runtime.outputs import RECORD_FILE, OutputFolder
 from emmae.runtime.picking.picker import repick
@@ -73,7 +73,7 @@ def rethreshold_config(recorded: dict, args: argparse.Namespace, switches: dict[
             else:
                 data[section] = values
     for item in args.overrides or ():
-        _apply_override(data, item)
+        apply_override(data, item)
     for (section, field), value in switches.items():
         if value is not None:
             data.setdefault(section, {})[field] = value
