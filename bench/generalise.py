@@ -229,7 +229,7 @@ def adapt(parent: Path, micrographs: list, folder: Path, args) -> dict:
     if bundle.is_file() and timing.is_file():
         return {"bundle": bundle, **json.loads(timing.read_text())}
     diameter = float(np.median([m.diameter_px for m in micrographs]))
-    command = [sys.executable, "-m", "emmae.trainer.adapt", *[str(m.path) for m in micrographs], "--model", str(parent), "--out", str(bundle),
+    command = [sys.executable, "-m", "emmae.adapt", *[str(m.path) for m in micrographs], "--model", str(parent), "--out", str(bundle),
                "--diameter-px", str(diameter), "--epochs", str(args.adapt_epochs), "--budget-s", str(args.adapt_budget_s), "--threads", "2"]
     log.info("adapting %s on %d micrographs", parent, len(micrographs))
     start = time.perf_counter()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from emmae.config import PreprocessConfig  # noqa: E402
 from emmae.errors import EmmaeError  # noqa: E402
-from emmae.export.cli import build_parser as export_parser, export_bundles  # noqa: E402
+from emmae.export.cli import ExportRequest, export_bundles  # noqa: E402
 from emmae.trainer.data import Standardisation, items_from_manifest, load_tiles  # noqa: E402
 from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder  # noqa: E402
 from emmae.trainer.multi import LOG_NAME, read_weights  # noqa: E402
@@ -98,9 +98,7 @@ def import_run(folder: Path, data: Path, out: Path, precisions: list[str], model
         target = out / name
         target.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, target / "checkpoint.pt")
-        args = export_parser().parse_args([str(target / "checkpoint.pt"), "--out", str(target / "model.onnx"), "--precision", *precisions,
-                                           "--cluster-method", "prior", "--cache", str(cache)])
-        written = export_bundles(args)
+        written = export_bundles(ExportRequest(target / "checkpoint.pt", target / "model.onnx", tuple(precisions), cluster_method="prior", cache=cache))
         last = checkpoint["history"][-1]
         rows.append({"model": name, "device": run["device"], "micrograph_epochs": checkpoint["extra"]["provenance"]["micrograph_epochs"],
                      "steps": checkpoint["extra"]["provenance"]["steps"], "train_loss": last.get("train_loss"), "valid_loss": last.get("valid_loss"),

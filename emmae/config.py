@@ -201,7 +201,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for item in overrides:
-        _apply_override(data, item)
+        apply_override(data, item)
     return validate_config(data)
 
 
@@ -218,7 +218,8 @@ def validate_config(data: dict[str, Any]) -> EmmaeConfig:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``data[section][field]`` from one ``section.field=value`` override (the value parsed as TOML, else a string). Raises ConfigError."""
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):

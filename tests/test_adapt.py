@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from emmae.errors import BundleError  # noqa: E402
-from emmae.export.weights import Weights, bundle_weights, read_weights, weights_path, write_weights  # noqa: E402
+from emmae.trainer.weights import Weights, bundle_weights, read_weights, weights_path, write_weights  # noqa: E402
 from emmae.runtime.picking.bundle import open_bundle  # noqa: E402
 from emmae.synth import SynthParams, write_session  # noqa: E402
-from emmae.trainer import adapt as adapt_cli  # noqa: E402
+from emmae import adapt as adapt_cli  # noqa: E402
 from emmae.trainer import cli as train_cli  # noqa: E402
 from tests.conftest import WITHOUT_TORCH  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_adapt_resumes_its_work_folder(parent, second, tmp_path):
 def test_adapt_without_torch_says_what_to_install(tmp_path):
     code = WITHOUT_TORCH + (
         "import sys\n"
-        "from emmae.trainer.adapt import main\n"
+        "from emmae.adapt import main\n"
         f"sys.exit(main(['x.mrc', '--out', {str(tmp_path / 'm.onnx')!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

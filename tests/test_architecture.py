@@ -3,7 +3,34 @@
 a. no import cycle among emmae's modules, and ``emmae.runtime`` never pulls in torch,
    the trainer or the exporter when it is imported;
 b. no module over ``MAX_LINES`` lines;
-c. no block of ``MIN_DUPLICATE_LINES`` or more lines repeated (``tools/duplicate_blocks.py``).
+c. no block of ``MIN_DUPLICATE_LINES`` or more lines repeated (``tools/duplicate_blocks.py``);
+d. imports only go down the layers of ``LAYERS`` (inside functions too; only ``if TYPE_CHECKING:``
+   imports are exempt), and every module is placed in a layer. Bottom to top, and beside:
+
+   - ground: the package itself, ``config``, ``errors``, ``backend``, ``memory``, ``metrics`` and
+     ``commandline`` (the parser, flags and logging of every command, the trainer's too),
+     ``emmae.models`` (the shipped bundles) and ``emmae.runtime``'s own ``__init__`` (it imports nothing);
+   - io: ``emmae.io`` (file formats);
+   - kernels: ``emmae.runtime.kernels`` (array code);
+   - picking: ``emmae.runtime.picking`` (the stages of one pick, on arrays);
+   - outputs/jobs: ``runtime/outputs.py`` (the output folder, handed picks already cut: it never picks),
+     ``runtime/jobs.py`` (admit, pick and write one micrograph; a batch) and ``runtime/distributed.py``
+     (Dask executors around the jobs): they use picking and each other, never a stream or a command;
+   - stream/web: ``emmae.runtime.stream`` and ``emmae.runtime.web`` (the web view reads a running stream);
+   - commands: ``emmae.runtime.commands`` and ``runtime/options.py`` (the picking commands' own
+     flags: only commands parse arguments); the commands may also use ``synth`` (the demo);
+   - synth: ``emmae.synth``, synthetic micrographs, on io alone; no runtime layer below the commands uses it;
+   - trainer: ``emmae.trainer`` (torch), beside the runtime, on picking and below; never the
+     exporter, never the runtime's outputs, streams or command options;
+   - export: ``emmae.export`` (torch, onnx), on the trainer;
+   - adapt: ``emmae.adapt`` (``emmae-adapt``), on the exporter and the trainer: it trains, then
+     exports, so it sits above both (the runtime's ``--adapt`` runs it as another process).
+
+   The runtime never imports the trainer, the exporter or adapt, at any depth: no runtime layer
+   has them below it;
+e. no module imports another module's ``_private`` names;
+f. ``emmae.synth`` is one public surface: outside it (and in tests, bench, tools) only the package
+   is imported, never its modules.
 
 Each checker is also run on a tiny package in ``tmp_path``, with and without the fault,
 so the rules are shown able both to fail and to pass.
@@ -30,6 +57,37 @@ RUNTIME = "emmae.runtime"
 FORBIDDEN_IN_RUNTIME = ("torch", "emmae.trainer", "emmae.export")
 
 
+@dataclass(frozen=True)
+class Layer:
+    """A layer: its ``members`` (``x.*``: module or package x and everything below it; ``x``: that module alone) and the
+    layers right ``below`` it; it may import its own modules and those of every layer below, at any depth."""
+
+    name: str
+    members: tuple[str, ...]
+    below: tuple[str, ...] = ()
+
+
+LAYERS = (  # bottom first; see the module docstring
+    Layer("ground", ("emmae", "emmae.config", "emmae.errors", "emmae.backend", "emmae.memory", "emmae.metrics", "emmae.commandline",
+                     "emmae.models", "emmae.runtime")),
+    Layer("io", ("emmae.io.*",), ("ground",)),
+    Layer("kernels", ("emmae.runtime.kernels.*",), ("io",)),
+    Layer("picking", ("emmae.runtime.picking.*",), ("kernels",)),
+    Layer("outputs/jobs", ("emmae.runtime.outputs", "emmae.runtime.jobs", "emmae.runtime.distributed"), ("picking",)),
+    Layer("stream/web", ("emmae.runtime.stream.*", "emmae.runtime.web.*"), ("outputs/jobs",)),
+    Layer("commands", ("emmae.runtime.commands.*", "emmae.runtime.options"), ("stream/web", "synth")),
+    Layer("synth", ("emmae.synth.*",), ("io",)),
+    Layer("trainer", ("emmae.trainer.*",), ("picking",)),
+    Layer("export", ("emmae.export.*",), ("trainer",)),
+    Layer("adapt", ("emmae.adapt",), ("export",)),
+)
+# Upward imports still there, each with what removes it: one listed but no longer found fails the test (the list only shrinks).
+KNOWN_UPWARD = {
+    ("emmae.runtime.stream.demo", "emmae.synth"): "the demo moves to emmae.runtime.commands, where synth is below",
+}
+SURFACES = ("emmae.synth",)  # packages imported only as a whole from outside
+
+
 # ---------------------------------------------------------------- import graph
 
 
@@ -42,6 +100,7 @@ class Import:
     internal: bool
     line: int
     module_level: bool  # runs when the module is imported: not inside a function, not under ``if TYPE_CHECKING:``
+    type_only: bool = False  # under ``if TYPE_CHECKING:``: never runs
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
@@ -74,16 +133,16 @@ def scan_imports(root: Path, package: str) -> list[Import]:
     for module, path in modules.items():
         is_package = path.name == "__init__.py"
 
-        def add(name: str, line: int, module_level: bool, *, module: str = module) -> None:
+        def add(name: str, line: int, module_level: bool, type_only: bool, *, module: str = module) -> None:
             internal = name.split(".")[0] == package
             target = _resolve(name, modules) if internal else name.split(".")[0]
             if target != module:
-                found.append(Import(module, target, internal, line, module_level))
+                found.append(Import(module, target, internal, line, module_level, type_only))
 
-        def visit(node: ast.AST, module_level: bool, *, module: str = module, is_package: bool = is_package) -> None:
+        def visit(node: ast.AST, module_level: bool, type_only: bool = False, *, module: str = module, is_package: bool = is_package) -> None:
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    add(alias.name, node.lineno, module_level)
+                    add(alias.name, node.lineno, module_level, type_only)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = module.split(".") if is_package else module.split(".")[:-1]
@@ -94,16 +153,16 @@ def scan_imports(root: Path, package: str) -> list[Import]:
                 for alias in node.names:
                     # ``from emmae.x import y`` is an import of the submodule emmae.x.y when there is one
                     submodule = f"{source}.{alias.name}"
-                    add(submodule if submodule in modules else source, node.lineno, module_level)
+                    add(submodule if submodule in modules else source, node.lineno, module_level, type_only)
             if isinstance(node, ast.If) and _is_type_checking(node.test):
                 for child in node.body:
-                    visit(child, False)
+                    visit(child, False, True)
                 for child in node.orelse:
-                    visit(child, module_level)
+                    visit(child, module_level, type_only)
                 return
             inner = module_level and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
             for child in ast.iter_child_nodes(node):
-                visit(child, inner)
+                visit(child, inner, type_only)
 
         visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)), True)
     return found
@@ -231,6 +290,100 @@ def _describe(chain: list[Import], root: Path, package: str) -> str:
     return chain[0].module + "".join(f" -> {imp.target} {where(imp)}" for imp in chain)
 
 
+# ---------------------------------------------------------------- layers, private names, surfaces
+
+
+def _member(module: str, entry: str) -> bool:
+    if entry.endswith(".*"):
+        return module == entry[:-2] or module.startswith(entry[:-1])
+    return module == entry
+
+
+def layer_of(module: str, layers: tuple[Layer, ...]) -> str | None:
+    """The layer whose most specific entry holds ``module`` (``a.b.*`` before ``a.*``), None when none does."""
+    found = [(len(entry), layer.name) for layer in layers for entry in layer.members if _member(module, entry)]
+    return max(found)[1] if found else None
+
+
+def reachable(layers: tuple[Layer, ...]) -> dict[str, set[str]]:
+    """Layer -> the layers its modules may import: itself and every layer below it, at any depth."""
+    below = {layer.name: set(layer.below) for layer in layers}
+    unknown = {name for names in below.values() for name in names} - set(below)
+    assert not unknown, f"layers named below others but not defined: {sorted(unknown)}"
+    out = {}
+    for name in below:
+        seen, todo = {name}, [name]
+        while todo:
+            for lower in below[todo.pop()] - seen:
+                seen.add(lower)
+                todo.append(lower)
+        out[name] = seen
+    return out
+
+
+def unplaced(modules: Iterable[str], layers: tuple[Layer, ...]) -> list[str]:
+    """The modules no layer holds (a new module must be placed)."""
+    return sorted(m for m in modules if layer_of(m, layers) is None)
+
+
+def upward_imports(imports: list[Import], layers: tuple[Layer, ...]) -> list[Import]:
+    """Own-module imports (inside functions too; not under ``if TYPE_CHECKING:``) of a module from a layer not below its own."""
+    allowed = reachable(layers)
+    out = []
+    for imp in imports:
+        if not imp.internal or imp.type_only:
+            continue
+        source, target = layer_of(imp.module, layers), layer_of(imp.target, layers)
+        if source is not None and target is not None and target not in allowed[source]:
+            out.append(imp)
+    return sorted(set(out), key=lambda i: (i.module, i.line, i.target))  # one per line and target (``from x import a, b``)
+
+
+def _describe_upward(imp: Import, root: Path, package: str, layers: tuple[Layer, ...]) -> str:
+    path = module_files(root, package)[imp.module].relative_to(root.parent).as_posix()
+    return f"{path}:{imp.line}: {imp.module} ({layer_of(imp.module, layers)}) imports {imp.target} ({layer_of(imp.target, layers)})"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports(root: Path, package: str) -> list[str]:
+    """``path:line: module imports _name from other`` for every import of another own module's ``_private`` name."""
+    modules = module_files(root, package)
+    out = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                source = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != package or source == module:
+                continue
+            for alias in node.names:
+                if _is_private(alias.name):
+                    out.append(f"{path.relative_to(root.parent).as_posix()}:{node.lineno}: {module} imports {alias.name} from {source}")
+    return out
+
+
+def surface_breaches(files: Iterable[Path], surface: str, submodules: Iterable[str]) -> list[str]:
+    """``path:line: name`` for every import of a module inside the package ``surface`` (given as ``submodules``) in ``files``."""
+    inner = set(submodules)
+    out = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            names = []  # the modules it imports: a name after ``from surface import`` only when it is a module
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module, *(n for alias in node.names if (n := f"{node.module}.{alias.name}") in inner)]
+            out += [f"{path.as_posix()}:{node.lineno}: {name}" for name in names if name in inner or name.startswith(surface + ".")]
+    return sorted(set(out))
+
+
 # ---------------------------------------------------------------- size and duplicates
 
 
@@ -277,6 +430,35 @@ def test_no_module_over_the_line_limit() -> None:
 def test_no_duplicated_blocks() -> None:
     found = _duplicate_blocks().find_duplicates(PACKAGE_DIR, MIN_DUPLICATE_LINES)
     assert not found, f"blocks of >= {MIN_DUPLICATE_LINES} lines repeated in emmae/ (paths under emmae/):\n  " + "\n  ".join(map(str, found))
+
+
+def test_every_module_is_placed_in_a_layer() -> None:
+    missing = unplaced(module_files(PACKAGE_DIR, "emmae"), LAYERS)
+    assert not missing, "modules in no layer (add them to LAYERS in tests/test_architecture.py):\n  " + "\n  ".join(missing)
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    found = upward_imports(scan_imports(PACKAGE_DIR, "emmae"), LAYERS)
+    unexpected = [imp for imp in found if (imp.module, imp.target) not in KNOWN_UPWARD]
+    report = [_describe_upward(imp, PACKAGE_DIR, "emmae", LAYERS) for imp in unexpected]
+    assert not unexpected, "imports that go up the layers:\n  " + "\n  ".join(report)
+    gone = sorted(set(KNOWN_UPWARD) - {(imp.module, imp.target) for imp in found})
+    assert not gone, f"upward imports listed in KNOWN_UPWARD but gone (remove them from the list): {gone}"
+
+
+def test_no_module_imports_private_names_of_another() -> None:
+    found = private_imports(PACKAGE_DIR, "emmae")
+    assert not found, "imports of another module's private names:\n  " + "\n  ".join(found)
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_packages_with_one_surface_are_imported_whole(surface: str) -> None:
+    modules = module_files(PACKAGE_DIR, "emmae")
+    inside = [m for m in modules if m.startswith(surface + ".")]
+    files = [path for module, path in modules.items() if not (module == surface or module.startswith(surface + "."))]
+    files += [p for folder in ("tests", "bench", "tools") for p in sorted((REPO / folder).rglob("*.py"))]
+    found = surface_breaches(files, surface, inside)
+    assert not found, f"imports of {surface}'s modules (import {surface} itself):\n  " + "\n  ".join(found)
 
 
 # ---------------------------------------------------------------- the checkers on tiny packages
@@ -360,6 +542,85 @@ def test_runtime_rule_follows_module_level_chains_and_packages_only(tmp_path: Pa
     (pkg / "runtime" / "eager.py").write_text("def f():\n    from pkg import helper\n")
     (pkg / "runtime" / "trains.py").write_text("")
     assert forbidden_imports(scan_imports(pkg, "pkg"), module_files(pkg, "pkg"), "pkg.runtime", ("torch", "pkg.trainer")) == []
+
+
+TINY_LAYERS = (
+    Layer("ground", ("pkg", "pkg.base")),
+    Layer("low", ("pkg.low.*",), ("ground",)),
+    Layer("high", ("pkg.high.*",), ("low",)),
+    Layer("side", ("pkg.side.*",), ("ground",)),
+    Layer("top", ("pkg.top",), ("high", "side")),
+)
+
+
+def test_layer_rule_finds_upward_imports_in_functions_too_and_unplaced_modules(tmp_path: Path) -> None:
+    pkg = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "base.py": "import os\n",
+            "low/__init__.py": "",
+            "low/a.py": "from pkg import base\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import b\n",
+            "low/c.py": "def f():\n    from pkg.high.b import g\n",
+            "high/__init__.py": "",
+            "high/b.py": "from pkg.low import a\nfrom pkg import base\ndef g():\n    from pkg.side.s import h, i\n",
+            "side/__init__.py": "",
+            "side/s.py": "import pkg.low.a\nh = i = 1\n",
+            "top.py": "from pkg.high import b\nfrom pkg.side import s\nfrom pkg.low.c import f\n",
+            "stray.py": "",
+        },
+    )
+    assert reachable(TINY_LAYERS)["top"] == {"top", "high", "low", "ground", "side"}  # below at any depth
+    assert unplaced(module_files(pkg, "pkg"), TINY_LAYERS) == ["pkg.stray"]
+    assert layer_of("pkg.low", TINY_LAYERS) == "low" and layer_of("pkg.lowly", TINY_LAYERS) is None
+    found = upward_imports(scan_imports(pkg, "pkg"), TINY_LAYERS)
+    assert [_describe_upward(i, pkg, "pkg", TINY_LAYERS) for i in found] == [
+        "pkg/high/b.py:4: pkg.high.b (high) imports pkg.side.s (side)",  # inside a function; side is beside, not below
+        "pkg/low/c.py:2: pkg.low.c (low) imports pkg.high.b (high)",
+        "pkg/side/s.py:1: pkg.side.s (side) imports pkg.low.a (low)",
+    ]  # low/a.py's TYPE_CHECKING import is exempt
+    (pkg / "high" / "b.py").write_text("from pkg.low import a\n")
+    (pkg / "low" / "c.py").write_text("def f():\n    from pkg import base\n")
+    (pkg / "side" / "s.py").write_text("import pkg.base\n")
+    (pkg / "stray.py").unlink()
+    assert upward_imports(scan_imports(pkg, "pkg"), TINY_LAYERS) == []
+    assert unplaced(module_files(pkg, "pkg"), TINY_LAYERS) == []
+
+
+def test_private_and_surface_rules(tmp_path: Path) -> None:
+    pkg = _package(
+        tmp_path,
+        {
+            "__init__.py": "__version__ = '1'\n",
+            "a.py": "from pkg import __version__\nfrom pkg.b import _hidden, shown\n_own = 1\n",
+            "b.py": "from .a import _own\n_hidden = shown = 1\n",
+            "c.py": "from pkg.a import _own as own\n",
+            "surf/__init__.py": "from pkg.surf.inner import thing\nfrom ._impl import _helper\n",
+            "surf/inner.py": "from pkg.surf._impl import _helper\nthing = 1\n",
+            "surf/_impl.py": "def _helper():\n    pass\n",
+            "user.py": "from pkg.surf import thing\nfrom pkg.surf.inner import thing as again\nimport pkg.surf._impl\nfrom pkg.surf import inner\n",
+        },
+    )
+    assert private_imports(pkg, "pkg") == [
+        "pkg/a.py:2: pkg.a imports _hidden from pkg.b",
+        "pkg/b.py:1: pkg.b imports _own from pkg.a",
+        "pkg/c.py:1: pkg.c imports _own from pkg.a",
+        "pkg/surf/__init__.py:2: pkg.surf imports _helper from pkg.surf._impl",
+        "pkg/surf/inner.py:1: pkg.surf.inner imports _helper from pkg.surf._impl",
+    ]  # dunder names such as __version__ are no private names
+    inside = ["pkg.surf._impl", "pkg.surf.inner"]
+    assert surface_breaches([pkg / "user.py"], "pkg.surf", inside) == [
+        f"{(pkg / 'user.py').as_posix()}:2: pkg.surf.inner",
+        f"{(pkg / 'user.py').as_posix()}:3: pkg.surf._impl",
+        f"{(pkg / 'user.py').as_posix()}:4: pkg.surf.inner",
+    ]
+    for name in ("a.py", "b.py", "c.py"):
+        (pkg / name).write_text("from pkg import __version__\n")
+    (pkg / "surf" / "__init__.py").write_text("from pkg.surf.inner import thing\n")
+    (pkg / "surf" / "inner.py").write_text("from pkg.surf._impl import helper\nthing = 1\n")
+    (pkg / "user.py").write_text("from pkg.surf import thing\nimport pkg.surf\n")
+    assert private_imports(pkg, "pkg") == []
+    assert surface_breaches([pkg / "user.py"], "pkg.surf", inside) == []
 
 
 def test_size_rule_counts_lines(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 from emmae import __version__
 from emmae.runtime.commands import evaluate
 from emmae.runtime.commands import pick as cli
-from emmae.runtime.options import log_level, progress_bar
+from emmae.commandline import log_level, progress_bar
 from emmae.runtime.commands import stream as daemon
-from emmae.trainer import adapt  # torch-free until it runs
+from emmae import adapt  # torch-free until it runs
 
 PARSERS = {"emmae-pick": cli.build_parser, "emmae-eval": evaluate.build_parser, "emmae-stream": daemon.build_parser,
            "emmae-adapt": adapt.build_parser}

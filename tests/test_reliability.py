@@ -367,7 +367,7 @@ def test_8_demo_keeps_the_options_it_is_given(monkeypatch):
 
 
 def test_8_gpu_takes_a_device_number_as_cryolo_does():
-    from emmae.runtime.options import choose_gpu
+    from emmae.commandline import choose_gpu
 
     args = cli.build_parser().parse_args(["m.mrc", "--gpu", "0", "--diameter-px", "24"])
     assert args.inputs == ["m.mrc"] and cli._config(args).backend.device == "gpu"

@@ -15,22 +15,23 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from emmae import __version__
+from emmae.commandline import add_common_arguments, setup_logging
 from emmae.config import PreprocessConfig
 from emmae.errors import EmmaeError
 from emmae.export.bundle import write_bundle
 from emmae.export.onnx import export_fp32, export_variant
-from emmae.export.weights import Weights, weights_path, write_weights
+from emmae.trainer.weights import Weights, weights_path, write_weights
 from emmae.io.coords import GridTransform
 from emmae.io.mrc import read_layout, read_micrograph
 from emmae.io.truth import read_centres
 from emmae.runtime.picking.bundle import BundleInfo, open_bundle
-from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.runtime.kernels.tiles import latent_map, to_tiles
 from emmae.trainer.clusters import (
     ClusterChoice,
@@ -70,11 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """One export: what emmae-export's options say (:func:`request_from_args`), or what a caller such as emmae-adapt asks for."""
+
+    checkpoint: Path  # checkpoint.pt written by emmae-train
+    out: Path  # the first precision's bundle; the others get a -fp16/-int8 suffix
+    precisions: tuple[str, ...] = ("fp32",)
+    reference: Path | None = None  # an annotated micrograph to name the particle cluster
+    reference_coords: Path | None = None  # its particle centres
+    reference_diameter_px: float | None = None  # default: its training diameter
+    cluster_method: str = "prior"  # "prior" (the diameter alone) or "reference"
+    cache: Path | None = None  # preprocessing cache (default: beside the checkpoint)
+
+
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    """The export that :func:`build_parser`'s ``args`` ask for."""
+    return ExportRequest(args.checkpoint, args.out, tuple(args.precision), args.reference, args.reference_coords, args.reference_diameter_px,
+                         args.cluster_method, args.cache)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
     try:
-        for path in export_bundles(args):
+        for path in export_bundles(request_from_args(args)):
             log.info("wrote %s", path)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
@@ -86,13 +107,6 @@ def load_mae(checkpoint: dict) -> MaskedAutoencoder:
     mae = MaskedAutoencoder(MAEArchitecture(**checkpoint["arch"]))
     mae.load_state_dict(checkpoint["model"])
     return mae.eval()
-
-
-def export_checkpoint(checkpoint: Path, out: Path, precisions: list[str]) -> list[Path]:
-    """The bundles of ``checkpoint`` (one per precision, the first at ``out``) with the default options:
-    the particle cluster named from the diameter alone, the preprocessing cache beside the checkpoint.
-    Returns the files written. Raises EmmaeError, FileNotFoundError, ValueError."""
-    return export_bundles(build_parser().parse_args([str(checkpoint), "--out", str(out), "--precision", *precisions]))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -115,14 +129,16 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def export_bundles(args: argparse.Namespace) -> list[Path]:
-    checkpoint = read_checkpoint(args.checkpoint)
+def export_bundles(request: ExportRequest) -> list[Path]:
+    """The bundles of ``request.checkpoint`` (one per precision, the first at ``request.out``) and the weights beside them.
+    Returns the files written. Raises EmmaeError, FileNotFoundError, ValueError."""
+    checkpoint = read_checkpoint(request.checkpoint)
     mae = load_mae(checkpoint)
     pre = PreprocessConfig(**checkpoint["extra"]["preprocess"])
-    cache = args.cache or args.checkpoint.parent / "cache"
+    cache = request.cache or request.checkpoint.parent / "cache"
     with tempfile.TemporaryDirectory() as work:
         fp32 = export_fp32(mae, Path(work) / "encoder.onnx")
-        probe = write_bundle(fp32, _info(checkpoint, pre, np.zeros((1, mae.arch.embed_dim)), ClusterChoice(0, [0.0], "none"), "fp32", args), Path(work) / "probe.onnx")
+        probe = write_bundle(fp32, _info(checkpoint, pre, np.zeros((1, mae.arch.embed_dim)), ClusterChoice(0, [0.0], "none"), "fp32", request), Path(work) / "probe.onnx")
         bundle = open_bundle(probe)
         items = [MicrographItem(Path(p), float(d)) for p, d in checkpoint["extra"]["train"]]
         maps = [_latent_map(bundle, cached_grid_image(item, pre, cache), pre) for item in items]
@@ -131,8 +147,8 @@ def export_bundles(args: argparse.Namespace) -> list[Path]:
         latent_diameters = [i.diameter_px * _grid_scale(i.path, pre) / mae.arch.patch_px for i in items]
         prior = particle_cluster_by_prior(smoothed_labels(maps, centroids, latent_diameters, mae.arch.patch_px), latent_diameters, K_TRAIN)
         choice = prior
-        reference = _reference_choice(args, bundle, centroids, pre, items) if args.reference else None
-        if args.cluster_method == "reference":
+        reference = _reference_choice(request, bundle, centroids, pre, items) if request.reference else None
+        if request.cluster_method == "reference":
             if reference is None:
                 raise ValueError("--cluster-method reference needs --reference and --reference-coords")
             choice = reference
@@ -140,14 +156,14 @@ def export_bundles(args: argparse.Namespace) -> list[Path]:
         if reference is not None:
             log.info("particle cluster by reference: %d %s (agree: %s)", reference.cluster, np.round(reference.scores, 3).tolist(), reference.cluster == prior.cluster)
         extra = {"prior": prior.__dict__, "reference": None if reference is None else reference.__dict__}
-        weights = weights_path(args.out)
+        weights = weights_path(request.out)
         digest = write_weights(weights, Weights({k: v.detach().cpu().numpy() for k, v in mae.state_dict().items()},
                                                 dict(checkpoint["arch"]), dict(checkpoint["standardisation"])))
         written = [weights]
-        for precision in args.precision:
-            path = args.out if precision == args.precision[0] else args.out.with_name(f"{args.out.stem}-{precision}{args.out.suffix}")
+        for precision in request.precisions:
+            path = request.out if precision == request.precisions[0] else request.out.with_name(f"{request.out.stem}-{precision}{request.out.suffix}")
             graph = export_variant(mae, Path(work) / f"graph-{precision}.onnx", precision, Path(work))
-            info = _info(checkpoint, pre, centroids, choice, precision, args, extra, {"file": weights.name, "sha256": digest})
+            info = _info(checkpoint, pre, centroids, choice, precision, request, extra, {"file": weights.name, "sha256": digest})
             written.append(write_bundle(graph, info, path))
         return written
 
@@ -163,27 +179,27 @@ def _latent_map(bundle, grid_image: np.ndarray, pre: PreprocessConfig) -> np.nda
     return latent_map(bundle.embed(tiles), grid_image.shape, bundle.info.patch_px)
 
 
-def _reference_choice(args, bundle, centroids: np.ndarray, pre: PreprocessConfig, items: list[MicrographItem]) -> ClusterChoice:
-    if args.reference_coords is None:
+def _reference_choice(request: ExportRequest, bundle, centroids: np.ndarray, pre: PreprocessConfig, items: list[MicrographItem]) -> ClusterChoice:
+    if request.reference_coords is None:
         raise ValueError("--reference needs --reference-coords")
-    diameter = args.reference_diameter_px or next((i.diameter_px for i in items), None)
+    diameter = request.reference_diameter_px or next((i.diameter_px for i in items), None)
     if diameter is None:
         raise ValueError("--reference-diameter-px is needed")
-    item = MicrographItem(args.reference, diameter)
+    item = MicrographItem(request.reference, diameter)
     grid_image = cached_grid_image(item, pre, None)
     labels = label_map(_latent_map(bundle, grid_image, pre), centroids)
-    transform = GridTransform.fit(read_micrograph(args.reference).shape, pre.grid_px, pre.tile_px)
+    transform = GridTransform.fit(read_micrograph(request.reference).shape, pre.grid_px, pre.tile_px)
     patch = bundle.info.patch_px
-    centres = (transform.input_to_grid(read_centres(args.reference_coords)) + 0.5) / patch - 0.5
+    centres = (transform.input_to_grid(read_centres(request.reference_coords)) + 0.5) / patch - 0.5
     mask = disk_mask(labels.shape, centres, diameter * transform.scale / patch)
     return particle_cluster_by_reference(labels, mask, len(centroids))
 
 
-def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice: ClusterChoice, precision: str, args,
+def _info(checkpoint: dict, pre: PreprocessConfig, centroids: np.ndarray, choice: ClusterChoice, precision: str, request: ExportRequest,
           extra: dict | None = None, weights: dict | None = None) -> BundleInfo:
     history = checkpoint["history"]
     last = history[-1] if history else {}
-    digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(request.checkpoint).read_bytes()).hexdigest()
     provenance = {
         "train": [Path(p).name for p, _ in checkpoint["extra"]["train"]],
         "valid": [Path(p).name for p, _ in checkpoint["extra"]["valid"]],

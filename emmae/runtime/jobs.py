@@ -29,10 +29,10 @@ from emmae.config import EmmaeConfig, resolve_diameter_px
 from emmae.errors import ConfigError, EmmaeError, MicrographError, MicrographSizeError
 from emmae.io.mrc import MrcLayout, check_dimensions, sized_layout
 from emmae.io.picks import Picks
-from emmae.runtime.outputs import Failure, IndexRow, OutputFolder
+from emmae.runtime.outputs import INDEX_FILE, Failure, IndexRow, OutputFolder
 from emmae.runtime.picking.builder import SessionBuilder
 from emmae.runtime.picking.encoder import Encoder
-from emmae.runtime.picking.picker import Encoded, Prepared, encode, needs_session, pick, prepare, session_sample, session_sample_indices
+from emmae.runtime.picking.picker import Encoded, Prepared, encode, needs_session, pick, prepare, repick, session_sample, session_sample_indices
 from emmae.runtime.picking.session import Session, SessionSample, fit_session
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,17 @@ def write_job(job: Job, picks: Picks, picker: Picker, outputs: OutputFolder, sam
     return Done(job, picks=picks, finished_at=time.time(), sample=sample)
 
 
+def remember_saved(outputs: OutputFolder, stem: str, config: EmmaeConfig) -> None:
+    """Have ``outputs`` remember the index row of ``stem``'s saved picks (an earlier run's), cut under ``config`` without
+    encoding; a row without picks (listed in ``autopick.star`` only) when they cannot be read."""
+    try:
+        picks = repick(outputs.load(stem), config)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("%s: its saved picks cannot be read (%s); listed in %s only", stem, exc, INDEX_FILE)
+        picks = None
+    outputs.remember(stem, picks, config)
+
+
 def pick_job(job: Job, picker: Picker, outputs: OutputFolder) -> Done:
     """The whole walk of one job: read, encode, pick, write. Never raises for the micrograph's sake."""
     try:
@@ -353,9 +364,9 @@ def run_batch(jobs: list[Job], executor: Executor, config: EmmaeConfig, outputs:
     order = {str(job.path): i for i, job in enumerate(jobs)}
     result.picked.sort(key=lambda done: order[str(done.job.path)])
     result.failures.sort(key=lambda failure: order.get(failure.micrograph, -1))
-    outputs.write_index([outputs.row(done.job.stem, config) for done in result.picked], config)
+    outputs.write_index([outputs.row(done.job.stem) for done in result.picked], config)
     outputs.write_failed(result.failures)
     return result
 
 
-__all__ = ["BatchResult", "ChangedError", "Done", "IndexRow", "Job", "LocalExecutor", "Picker", "admit", "pick_job", "run_batch"]
+__all__ = ["BatchResult", "ChangedError", "Done", "IndexRow", "Job", "LocalExecutor", "Picker", "admit", "pick_job", "remember_saved", "run_batch"]

@@ -53,7 +53,6 @@ from emmae.io.picks import (
 )
 from emmae.io.preview import write_class_montage, write_preview
 from emmae.io.star import read_star
-from emmae.runtime.picking.picker import repick
 from emmae.runtime.picking.session import Session
 
 log = logging.getLogger(__name__)
@@ -198,8 +197,12 @@ class OutputFolder:
         self.remember(stem, picks, config)
         return self.path(stem)
 
-    def remember(self, stem: str, picks: Picks, config: EmmaeConfig) -> None:
-        """Keep ``picks``' index row (written by another process, e.g. a cluster's worker)."""
+    def remember(self, stem: str, picks: Picks | None, config: EmmaeConfig) -> None:
+        """Keep the index row of ``picks``, already cut under ``config`` (written by another process, e.g. a cluster's worker,
+        or read back by the caller); None: its saved picks cannot be read (listed in ``autopick.star`` only)."""
+        if picks is None:
+            self._rows[stem] = IndexRow("", stem, None, None, None, None)
+            return
         self._rows[stem] = IndexRow(picks.name, stem, picks.shape, picks.pixel_size_A, transform_xy(picks.xy, picks.shape, config.output),
                                     np.asarray(picks.score, np.float64))
 
@@ -237,7 +240,7 @@ class OutputFolder:
         return found
 
     def load(self, stem: str) -> Picks:
-        """The saved picks of ``stem`` as saved (call ``repick`` to cut them under a configuration).
+        """The saved picks of ``stem`` as saved (the caller cuts them under a configuration: ``picker.repick``).
 
         Raises:
             OSError, ValueError, KeyError: no readable ``_emmae.npz``.
@@ -250,18 +253,10 @@ class OutputFolder:
         """Its index row is at hand (no file to read)."""
         return stem in self._rows
 
-    def row(self, stem: str, config: EmmaeConfig, read: bool = True) -> IndexRow:
-        """``stem``'s index row: remembered, else read back from its saved picks (once; without picks when they cannot be
-        read). ``read=False``: a row without picks for now (listed in ``autopick.star`` only), nothing read."""
-        if stem not in self._rows and not read:
-            return IndexRow("", stem, None, None, None, None)
-        if stem not in self._rows:
-            try:
-                self.remember(stem, repick(self.load(stem), config), config)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("%s: its saved picks cannot be read (%s); listed in %s only", stem, exc, INDEX_FILE)
-                self._rows[stem] = IndexRow("", stem, None, None, None, None)
-        return self._rows[stem]
+    def row(self, stem: str) -> IndexRow:
+        """``stem``'s index row as remembered (:meth:`write_micrograph`, :meth:`remember`); nothing is read or cut here:
+        a stem not remembered gets a row without picks (listed in ``autopick.star`` only)."""
+        return self._rows.get(stem) or IndexRow("", stem, None, None, None, None)
 
     def write_index(self, rows: list[IndexRow], config: EmmaeConfig, project: Path | None = None) -> None:
         """``autopick.star``, ``particles.star`` and ``micrographs.star`` of ``rows``, in their order; the coordinate files

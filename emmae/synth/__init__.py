@@ -36,6 +36,10 @@ Layout of the package (each module's docstring says what it owns):
 - :mod:`.imaging`: CTF, phase contrast at the requested SNR, ice background, shot noise;
 - :mod:`.micrograph`: :func:`make_micrograph`, the order the random stream is used in;
 - :mod:`.session`: :func:`write_micrograph_with_truth` and :func:`write_session`.
+
+This package is the one public surface: the rest of the project imports ``emmae.synth``,
+never its modules. The names the modules share with each other are public within the
+package (no module imports another's ``_private`` names) but not exported here.
 """
 
 from emmae.synth.imaging import CS_A, NOISE_BLOCKS, ctf, electron_wavelength_A

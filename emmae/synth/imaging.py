@@ -53,7 +53,7 @@ def _energy(spectrum: np.ndarray, nx: int) -> float:
     return float(total) / (spectrum.shape[0] * nx)
 
 
-def _contrast(p: SynthParams, particles: np.ndarray, n: int, features: np.ndarray | None) -> tuple[np.ndarray, float]:
+def phase_contrast(p: SynthParams, particles: np.ndarray, n: int, features: np.ndarray | None) -> tuple[np.ndarray, float]:
     """Relative phase contrast [ny, nx] float32 and the noise scale giving ``p.snr``."""
     transfer = ctf(p)
     spectrum = scipy.fft.rfft2(particles, workers=-1)
@@ -72,7 +72,7 @@ def _contrast(p: SynthParams, particles: np.ndarray, n: int, features: np.ndarra
     return contrast, rms * math.sqrt(counts / p.snr)
 
 
-def _background(p: SynthParams, rng: np.random.Generator) -> np.ndarray:
+def ice_background(p: SynthParams, rng: np.random.Generator) -> np.ndarray:
     """[ny, nx] float32 expected counts through the ice: ``counts * (1 - thickness change)``.
 
     The thickness change is a ramp spanning ``ice_gradient`` in a random direction
@@ -91,17 +91,17 @@ def _background(p: SynthParams, rng: np.random.Generator) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.float32) @ np.stack(rows).astype(np.float32)
 
 
-def _gaussian_field(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+def gaussian_field(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """[ny, nx] float32 standard normal."""
     out = np.empty(shape, dtype=np.float32)
     _by_row_blocks(rng, out, lambda gen, block: gen.standard_normal(out=block, dtype=np.float32))
     return out
 
 
-def _expose(expected: np.ndarray, rng: np.random.Generator, noise_scale: float) -> np.ndarray:
+def expose(expected: np.ndarray, rng: np.random.Generator, noise_scale: float) -> np.ndarray:
     """Shot noise in place: ``expected + noise_scale * sqrt(expected) * N(0, 1)``; expected >= 0 first."""
 
-    def expose(gen: np.random.Generator, block: np.ndarray) -> None:
+    def block_noise(gen: np.random.Generator, block: np.ndarray) -> None:
         noise = gen.standard_normal(block.shape, dtype=np.float32)
         np.maximum(block, 0, out=block)
         noise *= np.sqrt(block)
@@ -109,7 +109,7 @@ def _expose(expected: np.ndarray, rng: np.random.Generator, noise_scale: float) 
             noise *= np.float32(noise_scale)
         block += noise
 
-    _by_row_blocks(rng, expected, expose)
+    _by_row_blocks(rng, expected, block_noise)
     return expected
 
 

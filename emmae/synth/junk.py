@@ -1,6 +1,6 @@
 """Junk: carbon film, contaminants (ice chunks or dark round objects) and particle aggregates.
 
-Owns drawing the junk clear of given centres (:class:`_Features`, which also answers
+Owns drawing the junk clear of given centres (:class:`Features`, which also answers
 which disks touch junk), rendering its phase density and opacity (carbon texture,
 Fresnel-fringed ice chunks, aggregate clumps), the opacity of dark round objects
 scaled to the particles' contrast, and the boolean junk mask stored as truth. None of
@@ -17,9 +17,9 @@ from functools import cached_property
 import numpy as np
 from scipy.spatial import KDTree
 
-from emmae.synth.imaging import _gaussian_field
+from emmae.synth.imaging import gaussian_field
 from emmae.synth.params import MAX_RMS_CONTRAST, SynthParams
-from emmae.synth.particles import _add_patches, _render_particles
+from emmae.synth.particles import add_patches, render_particles
 
 # __package__, not __name__: records keep the logger name "emmae.synth" they had before the split.
 log = logging.getLogger(__package__)
@@ -30,7 +30,7 @@ FEATURE_TRIES = 50
 
 
 @dataclass(frozen=True)
-class _Features:
+class Features:
     """Carbon film (``x cos + y sin > offset``), contaminants and aggregates; none hold particles."""
 
     carbon: tuple[float, float, float] | None  # (cos, sin, offset_px)
@@ -59,13 +59,13 @@ class _Features:
         return out
 
 
-def _draw_features(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray) -> _Features:
+def draw_features(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray) -> Features:
     """Carbon and contaminants clear of ``fixed_xy`` [N, 2]; one that cannot be is left out (logged)."""
     edge = 0.15 * p.diameter_px
     carbon = _draw_carbon(p, rng, fixed_xy, edge) if p.carbon_edge else None
     blobs = [_draw_blob(p, rng, fixed_xy, edge) for _ in range(p.n_contaminants)]
     blobs = [b for b in blobs if b is not None]
-    features = _Features(carbon, edge, np.array(blobs, dtype=np.float64).reshape(-1, 10), [], p.radius_px)
+    features = Features(carbon, edge, np.array(blobs, dtype=np.float64).reshape(-1, 10), [], p.radius_px)
     for _ in range(p.n_aggregates):
         members = _draw_aggregate(p, rng, fixed_xy, features)
         if members is not None:
@@ -73,7 +73,7 @@ def _draw_features(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarra
     return features
 
 
-def _draw_aggregate(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, features: _Features) -> np.ndarray | None:
+def _draw_aggregate(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, features: Features) -> np.ndarray | None:
     """[m, 2] centres of 5-10 overlapping particles (0.5-0.8 diameters apart) clear of everything drawn so far, or None."""
     ny, nx = p.shape
     for _ in range(FEATURE_TRIES):
@@ -109,7 +109,7 @@ def _draw_carbon(
 
 
 def _draw_blob(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, edge: float) -> np.ndarray | None:
-    """[10] one contaminant ``contaminant_width_diameters`` across (see :class:`_Features`), or None."""
+    """[10] one contaminant ``contaminant_width_diameters`` across (see :class:`Features`), or None."""
     ny, nx = p.shape
     lo, hi = p.contaminant_width_diameters
     for _ in range(FEATURE_TRIES):
@@ -123,7 +123,7 @@ def _draw_blob(p: SynthParams, rng: np.random.Generator, fixed_xy: np.ndarray, e
     return None
 
 
-def _carbon_mask(p: SynthParams, f: _Features) -> np.ndarray:
+def _carbon_mask(p: SynthParams, f: Features) -> np.ndarray:
     """[ny, nx] float32 in [0, 1]: 1 on the carbon film, a linear soft edge ``f.edge_px`` wide."""
     c, s, offset = f.carbon  # type: ignore[misc]
     ny, nx = p.shape
@@ -133,7 +133,7 @@ def _carbon_mask(p: SynthParams, f: _Features) -> np.ndarray:
     return np.clip(mask, 0, 1, out=mask)
 
 
-def _blob_patches(f: _Features) -> list[tuple[np.ndarray, np.ndarray]]:
+def _blob_patches(f: Features) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each contaminant as (mask [h, w] float32 in [0, 1], integer corner (x, y)): irregular, soft-edged."""
     out = []
     for blob, reach in zip(f.blobs, f.blob_reach(), strict=True):
@@ -149,11 +149,11 @@ def _blob_patches(f: _Features) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tuple[np.ndarray, np.ndarray] | None:
+def feature_maps(p: SynthParams, rng: np.random.Generator, f: Features) -> tuple[np.ndarray, np.ndarray] | None:
     """(phase density, opacity) [ny, nx] float32 of carbon, ice-chunk contaminants and aggregates, or None without any.
 
     Dark round objects (``contaminant_contrast``) are not here: their opacity needs the
-    particles' contrast (:func:`_dark_objects`).
+    particles' contrast (:func:`dark_objects`).
     """
     chunks = [(patch, corner) for (patch, corner), blob in zip(f.blob_patches, f.blobs, strict=True) if blob[9] == 0]
     if f.carbon is None and not chunks and not f.aggregates:
@@ -162,22 +162,22 @@ def _feature_maps(p: SynthParams, rng: np.random.Generator, f: _Features) -> tup
         density, opacity = np.zeros(p.shape, np.float32), np.zeros(p.shape, np.float32)
     else:
         opacity = _carbon_mask(p, f)
-        density = _gaussian_field(rng, p.shape)  # amorphous carbon texture
+        density = gaussian_field(rng, p.shape)  # amorphous carbon texture
         density *= np.float32(CARBON_DENSITY * CARBON_TEXTURE)
         density += np.float32(CARBON_DENSITY)
         density *= opacity
         opacity *= np.float32(CARBON_OPACITY)
     for patch, corner in chunks:
-        _add_patches(density, CONTAMINANT_DENSITY * patch[None], corner[None])
-        _add_patches(opacity, CONTAMINANT_OPACITY * patch[None], corner[None])
+        add_patches(density, CONTAMINANT_DENSITY * patch[None], corner[None])
+        add_patches(opacity, CONTAMINANT_OPACITY * patch[None], corner[None])
     for members in f.aggregates:
-        density += _render_particles(p, rng, members)
+        density += render_particles(p, rng, members)
     if chunks:
         np.minimum(opacity, 0.95, out=opacity)
     return density, opacity
 
 
-def _dark_objects(p: SynthParams, f: _Features, contrast: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
+def dark_objects(p: SynthParams, f: Features, contrast: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
     """Opacity [ny, nx] of the dark round objects: each darkens ``blob[9]`` times the particles' mean darkening, or None."""
     dark = [(patch, corner, blob[9]) for (patch, corner), blob in zip(f.blob_patches, f.blobs, strict=True) if blob[9] > 0]
     if not dark:
@@ -193,18 +193,18 @@ def _dark_objects(p: SynthParams, f: _Features, contrast: np.ndarray, xy: np.nda
         darkening = min(math.sqrt(p.snr / p.counts_per_px), MAX_RMS_CONTRAST)
     opacity = np.zeros(p.shape, np.float32)
     for patch, corner, factor in dark:
-        _add_patches(opacity, np.float32(min(factor * darkening, 0.95)) * patch[None], corner[None])
+        add_patches(opacity, np.float32(min(factor * darkening, 0.95)) * patch[None], corner[None])
     return np.minimum(opacity, 0.95, out=opacity)
 
 
-def _junk_mask(p: SynthParams, f: _Features) -> np.ndarray | None:
+def junk_mask(p: SynthParams, f: Features) -> np.ndarray | None:
     """Bool [ny, nx]: carbon, contaminants (their soft edges half-way) and aggregate members' disks; None without junk."""
     if f.carbon is None and len(f.blobs) == 0 and not f.aggregates:
         return None
     mask = _carbon_mask(p, f) >= 0.5 if f.carbon is not None else np.zeros(p.shape, bool)
     for patch, corner in f.blob_patches:
         part = np.zeros(p.shape, np.float32)
-        _add_patches(part, patch[None], corner[None])
+        add_patches(part, patch[None], corner[None])
         mask |= part >= 0.5
     if f.aggregates:
         rows, cols = np.mgrid[0 : p.shape[0], 0 : p.shape[1]]

@@ -12,15 +12,15 @@ import math
 import numpy as np
 from scipy.spatial import KDTree
 
-from emmae.synth.junk import _Features
-from emmae.synth.params import SynthParams, _require
+from emmae.synth.junk import Features
+from emmae.synth.params import SynthParams, require
 
 PACKING = 0.35  #: default fraction of the free area covered by particle disks
 MIN_SEPARATION = 1.05  #: minimum centre distance, in diameters
 RSA_JAMMING = 0.547  #: jamming coverage of random sequential adsorption of disks
 
 
-def _place_particles(p: SynthParams, rng: np.random.Generator, features: _Features) -> np.ndarray:
+def place_particles(p: SynthParams, rng: np.random.Generator, features: Features) -> np.ndarray:
     """[N, 2] random non-overlapping centres clear of the border and the features.
 
     Raises:
@@ -34,7 +34,7 @@ def _place_particles(p: SynthParams, rng: np.random.Generator, features: _Featur
     sep = MIN_SEPARATION * p.diameter_px
     n_jam = int(RSA_JAMMING * free * (1 + sep / math.sqrt(box)) ** 2 / (np.pi * sep**2 / 4))
     n = round(PACKING * free / (np.pi * p.radius_px**2)) if p.n_particles is None else p.n_particles
-    _require(n <= n_jam, "n_particles", f"={n} do not fit {sep:.1f} px apart (at most ~{n_jam})")
+    require(n <= n_jam, "n_particles", f"={n} do not fit {sep:.1f} px apart (at most ~{n_jam})")
     if n == 0:
         return np.zeros((0, 2))
     for per_particle in (6, 40):

@@ -77,7 +77,7 @@ class SynthMicrograph:
     junk: np.ndarray | None = None  # bool [ny, nx]: carbon, contaminants and aggregates (None: no junk)
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name} {message}")
 
@@ -85,26 +85,26 @@ def _require(ok: bool, name: str, message: str) -> None:
 def _validate(p: SynthParams) -> None:
     ints = isinstance(p.shape, tuple | list) and len(p.shape) == 2
     ints = ints and all(isinstance(n, int | np.integer) and n > 0 for n in p.shape)
-    _require(ints, "shape", f"must be two positive ints (ny, nx), got {p.shape}")
-    _require(math.isfinite(p.diameter_px) and p.diameter_px > 0, "diameter_px", f"must be > 0, got {p.diameter_px}")
-    _require(min(p.shape) >= 2 * p.diameter_px, "shape", f"{p.shape} is smaller than 2 diameters of {p.diameter_px} px")
-    _require(math.isfinite(p.pixel_size_A) and p.pixel_size_A > 0, "pixel_size_A", f"must be > 0, got {p.pixel_size_A}")
-    _require(p.n_particles is None or p.n_particles >= 0, "n_particles", f"must be >= 0 or None, got {p.n_particles}")
-    _require(p.n_contaminants >= 0, "n_contaminants", f"must be >= 0, got {p.n_contaminants}")
-    _require(p.n_aggregates >= 0, "n_aggregates", f"must be >= 0, got {p.n_aggregates}")
+    require(ints, "shape", f"must be two positive ints (ny, nx), got {p.shape}")
+    require(math.isfinite(p.diameter_px) and p.diameter_px > 0, "diameter_px", f"must be > 0, got {p.diameter_px}")
+    require(min(p.shape) >= 2 * p.diameter_px, "shape", f"{p.shape} is smaller than 2 diameters of {p.diameter_px} px")
+    require(math.isfinite(p.pixel_size_A) and p.pixel_size_A > 0, "pixel_size_A", f"must be > 0, got {p.pixel_size_A}")
+    require(p.n_particles is None or p.n_particles >= 0, "n_particles", f"must be >= 0 or None, got {p.n_particles}")
+    require(p.n_contaminants >= 0, "n_contaminants", f"must be >= 0, got {p.n_contaminants}")
+    require(p.n_aggregates >= 0, "n_aggregates", f"must be >= 0, got {p.n_aggregates}")
     for name in ("carbon_fraction", "contaminant_width_diameters", "contaminant_contrast"):
         pair = getattr(p, name)
         ok = pair is None and name == "contaminant_contrast" or (len(pair) == 2 and 0 < pair[0] <= pair[1] and math.isfinite(pair[1]))
-        _require(ok, name, f"must be a range (lo, hi) with 0 < lo <= hi, got {pair}")
-    _require(p.carbon_fraction[1] <= 1, "carbon_fraction", f"must lie in (0, 1], got {p.carbon_fraction}")
-    _require(p.snr > 0, "snr", f"must be positive, got {p.snr}")
-    _require(p.defocus_um >= 0, "defocus_um", f"must be >= 0 (underfocus), got {p.defocus_um}")
-    _require(p.voltage_kV > 0, "voltage_kV", f"must be positive, got {p.voltage_kV}")
-    _require(0 <= p.amplitude_contrast < 1, "amplitude_contrast", f"must be in [0, 1), got {p.amplitude_contrast}")
-    _require(p.b_factor_A2 >= 0, "b_factor_A2", f"must be >= 0, got {p.b_factor_A2}")
-    _require(p.dose_e_per_A2 > 0, "dose_e_per_A2", f"must be positive, got {p.dose_e_per_A2}")
-    _require(0 <= p.ice_gradient < 1, "ice_gradient", f"must be in [0, 1), got {p.ice_gradient}")
+        require(ok, name, f"must be a range (lo, hi) with 0 < lo <= hi, got {pair}")
+    require(p.carbon_fraction[1] <= 1, "carbon_fraction", f"must lie in (0, 1], got {p.carbon_fraction}")
+    require(p.snr > 0, "snr", f"must be positive, got {p.snr}")
+    require(p.defocus_um >= 0, "defocus_um", f"must be >= 0 (underfocus), got {p.defocus_um}")
+    require(p.voltage_kV > 0, "voltage_kV", f"must be positive, got {p.voltage_kV}")
+    require(0 <= p.amplitude_contrast < 1, "amplitude_contrast", f"must be in [0, 1), got {p.amplitude_contrast}")
+    require(p.b_factor_A2 >= 0, "b_factor_A2", f"must be >= 0, got {p.b_factor_A2}")
+    require(p.dose_e_per_A2 > 0, "dose_e_per_A2", f"must be positive, got {p.dose_e_per_A2}")
+    require(0 <= p.ice_gradient < 1, "ice_gradient", f"must be in [0, 1), got {p.ice_gradient}")
     limit = (min(p.shape) - 1) / 2
     ok = p.border_px is None or 0 <= p.border_px < limit
-    _require(ok, "border_px", f"must be in [0, {limit}), got {p.border_px}")
-    _require(p.dtype in ("float32", "float16"), "dtype", f"must be 'float32' or 'float16', got {p.dtype!r}")
+    require(ok, "border_px", f"must be in [0, {limit}), got {p.border_px}")
+    require(p.dtype in ("float32", "float16"), "dtype", f"must be 'float32' or 'float16', got {p.dtype!r}")

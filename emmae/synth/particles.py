@@ -2,7 +2,7 @@
 
 Owns the particles' shapes (one to three species of sums of isotropic 3-D Gaussians
 per micrograph), their uniformly random orientations, rendering each particle's
-projected density as a patch at its centre, and :func:`_add_patches`, the clipped
+projected density as a patch at its centre, and :func:`add_patches`, the clipped
 patch adder the junk rendering uses too. Where the particles go is :mod:`.layout`'s.
 """
 
@@ -42,7 +42,7 @@ def _rotations_xy(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.array(rows).transpose(2, 0, 1)
 
 
-def _render_particles(p: SynthParams, rng: np.random.Generator, xy: np.ndarray) -> np.ndarray:
+def render_particles(p: SynthParams, rng: np.random.Generator, xy: np.ndarray) -> np.ndarray:
     """Projected density [ny, nx], float32: every particle's patch added at its centre."""
     density = np.zeros(p.shape, dtype=np.float32)
     if len(xy) == 0:
@@ -58,7 +58,7 @@ def _render_particles(p: SynthParams, rng: np.random.Generator, xy: np.ndarray) 
     for chunk in np.array_split(np.arange(len(xy)), max(1, len(xy) // 256)):
         gx, gy = (_gaussians(local[chunk, :, i], inv_2s2[chunk], size) for i in (0, 1))  # [C, K, size]
         gy *= amp[chunk]
-        _add_patches(density, np.matmul(gy.transpose(0, 2, 1), gx), origin[chunk])  # [C, size(y), size(x)]
+        add_patches(density, np.matmul(gy.transpose(0, 2, 1), gx), origin[chunk])  # [C, size(y), size(x)]
     return density
 
 
@@ -70,7 +70,7 @@ def _gaussians(mu: np.ndarray, inv_2s2: np.ndarray, size: int) -> np.ndarray:
     return np.exp(g, out=g)
 
 
-def _add_patches(canvas: np.ndarray, patches: np.ndarray, origin_xy: np.ndarray) -> None:
+def add_patches(canvas: np.ndarray, patches: np.ndarray, origin_xy: np.ndarray) -> None:
     """Add patches [P, h, w] into canvas [ny, nx] at integer corners [P, 2] (x, y), clipped."""
     h, w = patches.shape[1:]
     ny, nx = canvas.shape

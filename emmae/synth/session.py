@@ -17,7 +17,7 @@ from emmae.errors import OutputError
 from emmae.io.mrc import write_micrograph
 from emmae.io.star import write_star
 from emmae.synth.micrograph import make_micrograph
-from emmae.synth.params import SynthMicrograph, SynthParams, _require
+from emmae.synth.params import SynthMicrograph, SynthParams, require
 
 # __package__, not __name__: records keep the logger name "emmae.synth" they had before the split.
 log = logging.getLogger(__package__)
@@ -57,7 +57,7 @@ def write_session(folder: str | Path, n: int, params: SynthParams, seed: int = 0
         ValueError: ``n`` is negative, or as :func:`make_micrograph`.
         OutputError: a file could not be written.
     """
-    _require(n >= 0, "n", f"must be >= 0, got {n}")
+    require(n >= 0, "n", f"must be >= 0, got {n}")
     paths = []
     for i in range(n):
         mic_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])

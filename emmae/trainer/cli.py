@@ -20,19 +20,21 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from emmae.config import PreprocessConfig, add_config_arguments, config_from_args, resolve_diameter_px
+from emmae.commandline import add_common_arguments, setup_logging
+from emmae.config import EmmaeConfig, PreprocessConfig, add_config_arguments, config_from_args, resolve_diameter_px
 from emmae.errors import BackendError, EmmaeError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
 from emmae.io.mrc import read_micrograph
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
-from emmae.runtime.options import add_common_arguments, setup_logging
 from emmae.trainer.data import (
     MicrographItem,
     Standardisation,
@@ -42,7 +44,7 @@ from emmae.trainer.data import (
 )
 from emmae.trainer.finetune import FINETUNE_SETTINGS, open_parent
 from emmae.trainer.model import MAEArchitecture
-from emmae.trainer.train import TrainSettings, load_checkpoint, train
+from emmae.trainer.train import CHECKPOINT_FILE, TrainSettings, load_checkpoint, train
 
 log = logging.getLogger("emmae.train")
 EXAMPLES = """examples:
@@ -87,11 +89,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: st
         group.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"{explained} (default {f.default})")
 
 
-def _from_args(cls: type, args: argparse.Namespace, base: dict | None = None) -> object:
-    values = dict(base or {})
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                   if f.name not in SKIPPED_FIELDS and getattr(args, f.name) is not None})
-    return cls(**values)
+def _given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that the command line gives (the rest: the checkpoint's, the parent's or the default)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in SKIPPED_FIELDS and getattr(args, f.name) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,10 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _items(paths: list[str], args: argparse.Namespace, config) -> list[MicrographItem]:
-    pre = config.preprocess.model_copy(update={"diameter_px": args.diameter_px or config.preprocess.diameter_px, "diameter_A": args.diameter_A or config.preprocess.diameter_A})
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run: what emmae-train's options say (:func:`request_from_args`), or what a caller such as
+    emmae-adapt asks for."""
+
+    out: Path  # the folder of checkpoint.pt and history.json
+    inputs: tuple[str, ...] = ()  # training micrographs: files, folders or globs
+    valid: tuple[str, ...] = ()  # held-back micrographs for the validation loss
+    manifests: tuple[Path, ...] = ()  # their 'train' splits train, their 'valid' splits validate
+    config: EmmaeConfig = field(default_factory=EmmaeConfig)
+    diameter_px: float | None = None  # the micrographs' particle diameter (else the configuration's)
+    diameter_A: float | None = None
+    resume: Path | None = None  # continue from this checkpoint
+    init: Path | None = None  # fine-tune: start from this bundle's weights
+    cache: Path | None = None  # preprocessed images (default OUT/cache)
+    arch: dict[str, Any] = field(default_factory=dict)  # MAEArchitecture fields given
+    settings: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields given (not device)
+    device: str | None = None  # auto/cpu/gpu; None: the checkpoint's or the default
+
+
+def request_from_args(args: argparse.Namespace) -> TrainRequest:
+    """The run that :func:`build_parser`'s ``args`` ask for. Raises ConfigError (the configuration)."""
+    return TrainRequest(out=args.out, inputs=tuple(args.inputs), valid=tuple(args.valid), manifests=tuple(args.manifest),
+                        config=config_from_args(args), diameter_px=args.diameter_px, diameter_A=args.diameter_A, resume=args.resume,
+                        init=args.init, cache=args.cache, arch=_given(MAEArchitecture, args), settings=_given(TrainSettings, args),
+                        device=args.device)
+
+
+def _items(paths: tuple[str, ...], request: TrainRequest) -> list[MicrographItem]:
+    pre = request.config.preprocess
+    pre = pre.model_copy(update={"diameter_px": request.diameter_px or pre.diameter_px, "diameter_A": request.diameter_A or pre.diameter_A})
     items = []
-    for path in expand_inputs(paths) if paths else []:
+    for path in expand_inputs(list(paths)) if paths else []:
         header = read_micrograph(path).pixel_size_A if pre.diameter_px is None else None
         items.append(MicrographItem(path=path, diameter_px=resolve_diameter_px(pre, header)))
     return items
@@ -129,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         check_threads(args.threads)
         if args.threads:
             torch.set_num_threads(args.threads)
-        return run_training(args)
+        run_training(request_from_args(args))
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    return 0
 
 
 def torch_device(device: str | None) -> str | None:
@@ -148,20 +178,24 @@ def torch_device(device: str | None) -> str | None:
     return device
 
 
-def run_training(args: argparse.Namespace, progress: Callable[[int, int, dict], None] | None = None) -> int:
-    """Train as ``args`` (parsed by :func:`build_parser`) say; ``progress(step, total, info)`` replaces the progress bar."""
-    config = config_from_args(args)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    parent = open_parent(args.init) if args.init and not checkpoint else None
+def run_training(request: TrainRequest, progress: Callable[[int, int, dict], None] | None = None) -> Path:
+    """Train as ``request`` says; ``progress(step, total, info)`` replaces the progress bar. Returns the checkpoint written.
+
+    Raises:
+        EmmaeError, FileNotFoundError, ValueError: bad data, options or device.
+    """
+    config = request.config
+    checkpoint = load_checkpoint(request.resume) if request.resume else None
+    parent = open_parent(request.init) if request.init and not checkpoint else None
     base_arch = checkpoint["arch"] if checkpoint else parent.weights.arch if parent else None
     base_settings = checkpoint["settings"] if checkpoint else FINETUNE_SETTINGS if parent else None
-    if parent and any(getattr(args, f.name) is not None for f in dataclasses.fields(MAEArchitecture)):
+    if parent and request.arch:
         raise ValueError("--init keeps the bundle's architecture: leave out the architecture options")
-    arch = _from_args(MAEArchitecture, args, base_arch)
-    device = torch_device(args.device)
-    settings = _from_args(TrainSettings, args, (base_settings or {}) | ({"device": device} if device else {}))
-    train_items = _items(args.inputs, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "train")]
-    valid_items = _items(args.valid, args, config) + [i for m in args.manifest for i in items_from_manifest(m, "valid")]
+    arch = MAEArchitecture(**(base_arch or {}) | request.arch)
+    device = torch_device(request.device)
+    settings = TrainSettings(**(base_settings or {}) | ({"device": device} if device else {}) | request.settings)
+    train_items = _items(request.inputs, request) + [i for m in request.manifests for i in items_from_manifest(m, "train")]
+    valid_items = _items(request.valid, request) + [i for m in request.manifests for i in items_from_manifest(m, "valid")]
     if not train_items:
         raise ValueError("no training micrographs: give files/folders or --manifest")
     pre = config.preprocess.model_copy(update={"tile_px": arch.tile_px})
@@ -169,7 +203,7 @@ def run_training(args: argparse.Namespace, progress: Callable[[int, int, dict], 
         pre = parent.preprocess(config.preprocess)
     elif checkpoint:
         pre = PreprocessConfig(**{**checkpoint["extra"]["preprocess"], "diameter_px": pre.diameter_px, "diameter_A": pre.diameter_A})
-    cache = args.cache or args.out / "cache"
+    cache = request.cache or request.out / "cache"
     train_tiles = load_tiles(train_items, pre, cache)
     valid_tiles = load_tiles(valid_items, pre, cache) if valid_items else None
     standardisation = fit_standardisation(train_tiles)
@@ -187,13 +221,13 @@ def run_training(args: argparse.Namespace, progress: Callable[[int, int, dict], 
     if parent:
         log.info("fine-tuning %s on %d micrographs: %d epochs, base lr %g", parent.path.name, len(train_items), settings.epochs, settings.base_lr)
     with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():  # log lines above the bar, not on it
-        model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, args.out, args.resume, extra, bar or progress, initial)
+        model, state = train(arch, settings, train_tiles, valid_tiles, standardisation, request.out, request.resume, extra, bar or progress, initial)
     if bar is not None:
         bar.close()
-    write_bytes_atomic(args.out / "history.json", json.dumps(state.history, indent=1).encode())
+    write_bytes_atomic(request.out / "history.json", json.dumps(state.history, indent=1).encode())
     last = state.history[-1] if state.history else {}
     log.info("done: %d epochs, train loss %.4f, valid loss %s", state.epoch, last.get("train_loss", float("nan")), last.get("valid_loss"))
-    return 0
+    return request.out / CHECKPOINT_FILE
 
 
 def _progress_bar(settings: TrainSettings):

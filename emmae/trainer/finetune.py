@@ -1,6 +1,6 @@
 """Fine-tuning from a bundle: continue the masked-autoencoder training on new micrographs.
 
-A bundle's weights file (:mod:`emmae.export.weights`) gives the encoder and the
+A bundle's weights file (:mod:`emmae.trainer.weights`) gives the encoder and the
 decoder; the bundle gives the architecture and the preprocessing it was trained
 with. A fine-tuning keeps both, fits the standardisation to the new micrographs
 (the session's own contrast), and runs a short schedule at a small learning rate.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emmae.config import PreprocessConfig
-from emmae.export.weights import Weights, bundle_weights
+from emmae.trainer.weights import Weights, bundle_weights
 from emmae.runtime.picking.bundle import BundleInfo, default_bundle_path, open_bundle
 
 # The schedule of a fine-tuning, where the command line does not say otherwise: a few

@@ -22,6 +22,7 @@ from emmae.trainer.model import MAEArchitecture, MaskedAutoencoder
 from emmae.trainer.optim import TrainSettings, learning_rate, make_optimizer, pick_device, validation_loss
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"  # in the run's folder
 
 
 @dataclass
@@ -112,7 +113,7 @@ def train(
         state.history.append(record)
         log.info("epoch %d/%d %s", state.epoch, settings.epochs, {k: round(v, 5) for k, v in record.items()})
         if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs:
-            save_checkpoint(out_dir / "checkpoint.pt", model, optimizer, state, settings, standardisation, extra)
+            save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, state, settings, standardisation, extra)
     return model, state
 
 

@@ -29,7 +29,7 @@ from emmae.io.atomic import write_bytes_atomic
 from emmae.io.star import read_star
 from emmae.io.truth import CoordinateFileError, read_centres
 from emmae.metrics import Score, score_micrograph
-from emmae.runtime.options import Parser, add_common_arguments, setup_logging
+from emmae.commandline import Parser, add_common_arguments, setup_logging
 
 log = logging.getLogger("emmae.eval")
 FORMATS = ("star", "box", "cbox", "csv")

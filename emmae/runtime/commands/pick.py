@@ -40,8 +40,8 @@ from emmae.io.layout import coordinate_stem, relative_folder
 from emmae.io.picks import Picks, micrograph_name
 from emmae.memory import retain_freed_memory
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
-from emmae.runtime.options import (Parser, add_class_arguments, add_common_arguments, add_output_arguments, choose_gpu, class_switches,
-                                   output_switches, progress_bar, setup_logging)
+from emmae.commandline import Parser, add_common_arguments, choose_gpu, progress_bar, setup_logging
+from emmae.runtime.options import add_class_arguments, add_output_arguments, class_switches, output_switches
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.commands.rethreshold import rethreshold, rethreshold_config, with_min_distance

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emmae.config import EmmaeConfig, _apply_override, config_record, validate_config
+from emmae.config import EmmaeConfig, apply_override, config_record, validate_config
 from emmae.errors import ConfigError, EmmaeError
 from emmae.runtime.outputs import RECORD_FILE, OutputFolder
 from emmae.runtime.picking.picker import repick
@@ -73,7 +73,7 @@ def rethreshold_config(recorded: dict, args: argparse.Namespace, switches: dict[
             else:
                 data[section] = values
     for item in args.overrides or ():
-        _apply_override(data, item)
+        apply_override(data, item)
     for (section, field), value in switches.items():
         if value is not None:
             data.setdefault(section, {})[field] = value
@@ -114,8 +114,8 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
             no_preview += 1
         outputs.remove_micrograph(stem, superseded + (("_preview.png",) if source is None or not config.output.preview else ()))
         outputs.write_micrograph(stem, picks, config, source)
-        rows.append(outputs.row(stem, config))
-    rows += [replace(outputs.row(stem, config), name=listed[stem]) for stem in unsaved]
+        rows.append(outputs.row(stem))
+    rows += [replace(outputs.row(stem), name=listed[stem]) for stem in unsaved]
     outputs.write_index(sorted(rows, key=lambda row: row.stem), config, project)
     recount_journal(outputs, counts)
     outputs.redraw_classes(config.postprocess.keep_classes, config.postprocess.drop_classes)  # the montage shows the user's choice

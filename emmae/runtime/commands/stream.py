@@ -60,8 +60,8 @@ from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
 from emmae.runtime.commands.rethreshold import restart_config
-from emmae.runtime.options import (Parser, add_common_arguments, add_http_arguments, add_output_arguments, choose_gpu, output_switches,
-                                   plain_text, setup_logging)
+from emmae.commandline import Parser, add_common_arguments, choose_gpu, plain_text, setup_logging
+from emmae.runtime.options import add_http_arguments, add_output_arguments, output_switches
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.adapter import check_can_adapt
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run

@@ -24,7 +24,8 @@ import threading
 from pathlib import Path
 
 from emmae.errors import EmmaeError
-from emmae.runtime.options import Parser, add_common_arguments, add_http_arguments, plain_text, setup_logging
+from emmae.commandline import Parser, add_common_arguments, plain_text, setup_logging
+from emmae.runtime.options import add_http_arguments
 from emmae.runtime.web.folder import FolderView
 from emmae.runtime.web.reading import is_output_folder
 from emmae.runtime.web.server import serve

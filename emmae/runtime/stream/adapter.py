@@ -145,7 +145,7 @@ class Adapter:
     def _launch(self, micrographs: list[str]) -> None:
         stream, pre = self.config.stream, self.config.preprocess
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "emmae.trainer.adapt", *micrographs, "--model", str(self.parent), "--out", str(self.bundle),
+        command = [sys.executable, "-m", "emmae.adapt", *micrographs, "--model", str(self.parent), "--out", str(self.bundle),
                    "--work", str(self.folder / "work"), "--epochs", str(stream.adapt_epochs), "--budget-s", str(stream.adapt_budget_s),
                    "--progress-file", str(self.progress_file), "--exit-with-parent", str(os.getpid())]
         for flag, value in (("--diameter-px", pre.diameter_px), ("--diameter-A", pre.diameter_A), ("--pixel-size-A", pre.pixel_size_A),

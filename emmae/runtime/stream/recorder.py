@@ -18,7 +18,7 @@ from pathlib import Path
 
 from emmae.config import EmmaeConfig
 from emmae.errors import OutputError
-from emmae.runtime.jobs import Done
+from emmae.runtime.jobs import Done, remember_saved
 from emmae.runtime.outputs import Failure, OutputFolder
 from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
 from emmae.runtime.stream.names import shown, unsafe_name
@@ -208,9 +208,11 @@ class Recorder:
             stem = self.outputs.stem_of(entry.outputs)
             if unsafe_name("", entry.name) or stem is None or not self.outputs.path(stem).exists():
                 continue
-            read = budget > 0 or self.outputs.remembers(stem)
-            budget -= not self.outputs.remembers(stem)
-            rows.append(replace(self.outputs.row(stem, config, read=read), name=entry.name))
+            if not self.outputs.remembers(stem):
+                if budget > 0:
+                    remember_saved(self.outputs, stem, config)
+                budget -= 1
+            rows.append(replace(self.outputs.row(stem), name=entry.name))
         self.outputs.write_index(rows, config, self.project)
         self.index_stale = budget < 0
 

@@ -19,13 +19,21 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from emmae.commandline import add_common_arguments, setup_logging
+from emmae.config import load_config
 from emmae.errors import EmmaeError
 from emmae.io.atomic import write_bytes_atomic
 from emmae.io.inputs import expand_inputs
 from emmae.runtime.picking.bundle import default_bundle_path
-from emmae.runtime.options import add_common_arguments, setup_logging
+
+# Beside the trainer and the exporter, above both: it trains, then exports (the trainer never imports the exporter).
+
+if TYPE_CHECKING:
+    from emmae.trainer.cli import TrainRequest
 
 log = logging.getLogger("emmae.adapt")
 EXAMPLES = """examples:
@@ -93,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)
     try:
-        from emmae.export import cli as export_cli  # needs torch (the train extra)
-        from emmae.trainer import cli as train_cli
+        from emmae.export.cli import ExportRequest, export_bundles  # needs torch (the train extra)
+        from emmae.trainer.cli import run_training
     except ImportError as exc:
         log.error(MISSING_EXTRA.format(exc))
         return 2
@@ -102,35 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or args.out.with_suffix(".work")
     try:
         progress.write("preprocess", force=True)
-        status = train_cli.run_training(train_cli.build_parser().parse_args(_train_argv(args, work)), _reporter(progress))
-        if status:
-            return status
+        checkpoint = run_training(_train_request(args, work), _reporter(progress))
         progress.write("export", force=True)
-        for path in export_cli.export_checkpoint(work / "checkpoint.pt", args.out, args.precision):
+        for path in export_bundles(ExportRequest(checkpoint, args.out, tuple(args.precision))):
             log.info("wrote %s", path)
     except (EmmaeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    if status == 0:
-        progress.write("done", force=True, bundle=str(args.out))
-        log.info("adapted model: %s (use it with --model)", args.out)
-    return status
+    progress.write("done", force=True, bundle=str(args.out))
+    log.info("adapted model: %s (use it with --model)", args.out)
+    return 0
 
 
-def _train_argv(args: argparse.Namespace, work: Path) -> list[str]:
-    """emmae-train's arguments: resume the work folder's checkpoint if it adapts the same micrographs, else start from the bundle."""
-    argv = [*args.inputs, "--out", str(work), "--epochs", str(args.epochs), "--base-lr", str(args.base_lr),
-            "--budget-s", str(args.budget_s), "--seed", str(args.seed)]
-    if args.pixel_size_A is not None:
-        argv += ["--set", f"preprocess.pixel_size_A={args.pixel_size_A}"]
-    for flag, value in (("--diameter-px", args.diameter_px), ("--diameter-A", args.diameter_A), ("--threads", args.threads), ("--device", args.device)):
-        if value is not None:
-            argv += [flag, str(value)]
-    checkpoint = work / "checkpoint.pt"
+def _train_request(args: argparse.Namespace, work: Path) -> TrainRequest:
+    """The training run: resume the work folder's checkpoint if it adapts the same micrographs, else start from the bundle."""
+    from emmae.trainer.cli import TrainRequest  # needs torch (the train extra)
+    from emmae.trainer.train import CHECKPOINT_FILE
+
+    overrides = [f"preprocess.pixel_size_A={args.pixel_size_A}"] if args.pixel_size_A is not None else []
+    settings = {"epochs": args.epochs, "base_lr": args.base_lr, "budget_s": args.budget_s, "seed": args.seed}
+    request = TrainRequest(out=work, inputs=tuple(args.inputs), config=load_config(overrides=overrides), diameter_px=args.diameter_px,
+                           diameter_A=args.diameter_A, settings=settings, device=args.device)
+    checkpoint = work / CHECKPOINT_FILE
     if checkpoint.is_file() and _same_run(checkpoint, args):
         log.info("resuming the adaptation in %s", work)
-        return argv + ["--resume", str(checkpoint)]
-    return argv + ["--init", str(args.model or default_bundle_path())]
+        return replace(request, resume=checkpoint)
+    return replace(request, init=args.model or default_bundle_path())
 
 
 def _same_run(checkpoint: Path, args: argparse.Namespace) -> bool:

@@ -5,7 +5,8 @@ needs the decoder too. The weights file holds every parameter of the autoencoder
 (encoder and decoder, float32, no optimiser state) and, under ``__meta__``, the
 architecture and the standardisation it was trained with. Each bundle's provenance
 names the file and its SHA-256 (``provenance["weights"]``), so the pair is checked
-before a fine-tuning starts. Written and read with NumPy alone.
+before a fine-tuning starts. Written and read with NumPy alone: the trainer reads them (a
+fine-tuning's parent), the exporter writes them beside each bundle.
 """
 
 from __future__ import annotations
