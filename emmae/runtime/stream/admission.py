@@ -80,7 +80,7 @@ class Admission:
                 self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns))
                 return None
             stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
-            journal.mark_seen(key, name)
+            self.recorder.seen(key, name)
             self._known[key] = ("seen", (stat.st_size, stat.st_mtime_ns))
         if self.gate.check(path, stat=stat) != "ready":
             return None

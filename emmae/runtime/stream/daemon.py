@@ -186,7 +186,7 @@ class Daemon:
             job = (self._ready or self._again).popleft()
             key = self.scanner.key(job.path)
             if key not in self.recorder.repick:
-                self.journal.mark_processing(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
+                self.recorder.handed_on(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
             self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:
@@ -217,8 +217,7 @@ class Daemon:
         if frozen is None or not self.config.stream.repick_provisional or frozen.digest() == self._repicked_for:
             return
         self._repicked_for = frozen.digest()
-        again = self.journal.unpick_other_sessions(self._repicked_for, self.switcher.model)
-        self.recorder.pick_again(again)
+        again = self.recorder.repick_other_sessions(self._repicked_for, self.switcher.model)
         if again:
             self._last_scan = -float("inf")
             log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", self._repicked_for, len(again))

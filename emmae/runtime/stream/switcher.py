@@ -38,7 +38,7 @@ class ModelSwitcher:
         self.outputs, self.config, self.recorder, self.encoder, self.threads = outputs, config, recorder, encoder, threads
         self.path_of = path_of  # a journal key's file
         parent = encoder.bundle.path if encoder is not None else bundle_path(config.model.bundle, config.model.precision)
-        self.adapter = Adapter(outputs.root, config, recorder.journal, parent, threads) if config.stream.adapt_after else None
+        self.adapter = Adapter(outputs.root, config, recorder, parent, threads) if config.stream.adapt_after else None
         self.switching = False  # the adapted model is ready: the pipeline drains, then the model is switched
         self.stopping: Callable[[], bool] = lambda: False  # a stop asked for (the session samples are then not read back)
         self.model = model_id(parent)  # recorded with every pick
@@ -46,7 +46,7 @@ class ModelSwitcher:
         if adapted is not None:  # adapted by an earlier run: keep the adapted model
             self.encoder = self._open(adapted)
             self.model = model_id(adapted)
-            self.recorder.pick_again(self._repick_old())
+            self._repick_old()
 
     @property
     def session_folder(self) -> OutputFolder:
@@ -131,7 +131,6 @@ class ModelSwitcher:
         with self.recorder.journal.batch():
             self.adapter.finish(self.model)
             again = self._repick_old()
-        self.recorder.pick_again(again)
         self.switching = False
         log.info("switched to the adapted model %s%s", self.model,
                  f"; the {len(again)} micrographs the old model picked are picked again" if again else "")
@@ -141,7 +140,7 @@ class ModelSwitcher:
         """With ``adapt_then = repick``: what another model picked goes back to the queue (its outputs are overwritten later)."""
         if self.config.stream.adapt_then != "repick":
             return []
-        return self.recorder.journal.unpick_other_models(self.model)
+        return self.recorder.repick_other_models(self.model)
 
     def _open(self, bundle: Path) -> Encoder:
         like = self.encoder
