@@ -135,7 +135,7 @@ def test_2_a_watch_star_rewritten_or_emptied_keeps_its_last_good_list(tmp_path, 
         live.scan()
         assert ready(live) == ["a.mrc", "b.mrc"]
     finally:
-        live._ready.clear()
+        live.schedule.ready.clear()
         live.close(StopFlag("test"))
         live.release()
 
