@@ -5,7 +5,7 @@ usual temporary names of copy tools (:func:`is_candidate`), in the watched folde
 sub-folders too with ``stream.recursive``; hidden ones and the output folder are not
 entered), or a row of an upstream micrographs STAR. Every micrograph is keyed on its path relative to the watched folder (so two spellings
 of the folder, absolute, relative or through a link, are one stream) and its outputs
-go where RELION looks for them (:meth:`Scanner.stem`). A scan lists the files not yet picked; a
+go where RELION looks for them (:func:`emmae.io.layout.output_stem`). A scan lists the files not yet picked; a
 sweep (every ``SWEEP_INTERVAL_S``, or for a file the file-system observer reported)
 lists the picked ones too, so a replaced micrograph is noticed. It never opens a file
 and never writes anything.
@@ -24,7 +24,6 @@ from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
 from emmae.config import EmmaeConfig
-from emmae.io.layout import coordinate_stem
 from emmae.io.inputs import micrographs_from_star
 from emmae.runtime.stream.journal import journal_key, key_path
 
@@ -69,17 +68,6 @@ class Scanner:
     def exists(self, key: str) -> bool:
         """The file of ``key`` is there (a name that is not UTF-8 included)."""
         return any(any_stat(self.path_of(text)) is not None for text in {key, key_path(key)})
-
-    def stem(self, path: Path, name: str) -> str:
-        """Where RELION looks for the micrograph's coordinates (:func:`emmae.io.layout.coordinate_stem` of its name); for
-        a name outside the project folder, its place below the watched folder (or its file name, from a STAR)."""
-        stem = coordinate_stem(name)
-        if stem is not None:
-            return stem
-        try:
-            return str(Path(self.key_text(path) if self.watch_star is None else Path(path).relative_to(self.watch)).with_suffix(""))
-        except ValueError:
-            return str(Path(Path(path).name).with_suffix(""))
 
     def notice_path(self, path: str) -> None:
         """Called by the file-system observer (its thread) with a changed file: looked at even if picked (a new version?)."""
