@@ -35,7 +35,7 @@ from emmae.runtime.stream.recorder import Recorder
 from emmae.runtime.stream.schedule import Schedule
 from emmae.runtime.stream.scanner import Scanner, any_stat
 from emmae.runtime.stream.status import Progress, StatusLine
-from emmae.runtime.stream.switcher import ModelSwitcher
+from emmae.runtime.stream.switcher import open_model
 from emmae.runtime.stream.watcher import start_observer, wants_observer
 
 log = logging.getLogger("emmae.stream")
@@ -69,9 +69,9 @@ class Daemon:
         self.admission = Admission(config, self.scanner, self.recorder)
         self.recorder.on_failed = self.admission.note_failed
         self.recorder.project = self.admission.project_root
-        self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
+        self.model = open_model(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
         if stop is not None:
-            self.switcher.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
+            self.model.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
         self.in_hand = InHand(out / IN_HAND_FILE, watch)
@@ -89,8 +89,8 @@ class Daemon:
             from emmae.runtime.distributed import ClusterPipeline  # optional: dask.distributed
 
             patch_px = ClusterPipeline.patch_px_of(self.config)
-            return ClusterPipeline(self.config, self.client, self.outputs, depth, self.switcher.builder(patch_px), self.wake.set)
-        return Pipeline(self.switcher.picker(), self.outputs, depth, on_done=self.wake.set, in_hand=self.in_hand)
+            return ClusterPipeline(self.config, self.client, self.outputs, depth, self.model.builder(patch_px), self.wake.set)
+        return Pipeline(self.model.picker(), self.outputs, depth, on_done=self.wake.set, in_hand=self.in_hand)
 
     def _count_crash(self) -> None:
         """The micrograph in hand when the daemon last died (not a clean stop): an attempt counted, failed after ``stream.max_attempts``."""
@@ -104,7 +104,7 @@ class Daemon:
         picked = self.collect()
         if stop or self.health.stop_file_found(stop):
             return picked
-        switched = self.switcher.step(self.pipeline.in_flight)
+        switched = self.model.step(self.pipeline.in_flight)
         if switched is not None:
             self.pipeline.close()
             self.pipeline = Pipeline(switched, self.outputs, self.config.stream.queue_depth, on_done=self.wake.set, in_hand=self.in_hand)
@@ -167,7 +167,7 @@ class Daemon:
     def feed(self) -> None:
         """Move admitted micrographs into the pipeline while it has room (back-pressure), in the schedule's order; none
         while the model is switched."""
-        while self.pipeline.has_room() and not self.switcher.switching:
+        while self.pipeline.has_room() and not self.model.switching:
             job = self.schedule.next_job(self.pipeline.in_flight)
             if job is None:
                 break
@@ -181,7 +181,7 @@ class Daemon:
         results = self.pipeline.collect() if results is None else results
         self.schedule.finished([self.scanner.key(done.job.path) for done in results])
         figures = None if self.status is not None else self.summary  # live: the status line shows them
-        picked = sum(self.recorder.record(done, self.scanner.key(done.job.path), self.switcher.model, figures) for done in results)
+        picked = sum(self.recorder.record(done, self.scanner.key(done.job.path), self.model.id, figures) for done in results)
         self._repick_provisional()
         if self.schedule.index_due(self.recorder.index_stale, time.monotonic()):
             self.write_index()
@@ -202,7 +202,7 @@ class Daemon:
         fixed = frozen.digest() if frozen is not None else None
         if not self.schedule.repick_due(fixed):
             return
-        again = self.recorder.repick_other_sessions(fixed, self.switcher.model)
+        again = self.recorder.repick_other_sessions(fixed, self.model.id)
         if again:
             self.schedule.scan_soon()
             log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", fixed, len(again))
@@ -212,7 +212,7 @@ class Daemon:
         if stop:
             self.pipeline.cancel()
         self.collect(self.pipeline.close())
-        self.switcher.stop()
+        self.model.stop()
 
     def release(self) -> None:
         """Close the journal and free the output folder for another command."""
@@ -224,7 +224,7 @@ class Daemon:
         return self.schedule.waiting + self.pipeline.in_flight
 
     def summary(self) -> str:
-        adapting = self.switcher.status()
+        adapting = self.model.status()
         return self.progress.summary(self.queued, self.admission.pending) + (f" | {adapting}" if adapting else "")
 
     def check_pace(self, now: float) -> bool:
@@ -237,7 +237,7 @@ class Daemon:
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or admitted, and no file in the folder still waiting (for ``--once``)."""
-        if self.switcher.busy():
+        if self.model.busy():
             return False
         now = time.monotonic()
         for key in list(self.recorder.repick):
