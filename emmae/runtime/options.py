@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import difflib
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -19,11 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from emmae import __version__
+from emmae.config import EmmaeConfig
 from emmae.errors import ConfigError
 
 FORMATS = ("star", "box", "cbox")
 DEVICES = ("auto", "cpu", "gpu")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def default(field: str) -> Any:
+    """The default of the configuration field ``field`` (``section.name``), for a help text: each default is written once,
+    in :mod:`emmae.config`."""
+    section, name = field.split(".")
+    return getattr(getattr(EmmaeConfig(), section), name)
+
+
+def tiles_help() -> str:
+    """``--batch-tiles``' help, shared by the commands that encode."""
+    tiles = default("model.batch_tiles")
+    return (f"64x64 tiles the encoder takes per run (default {tiles}, a whole {math.isqrt(tiles) * 64}-px grid); lower it when "
+            "memory is short")
 
 
 def plain_text(doc: str | None) -> str:
@@ -43,7 +59,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._Argum
                        help="write y as (height - 1 - y), for micrographs that the next program reads upside down "
                             "(e.g. cryoSPARC Patch Motion output); default: y as in the file")
     group.add_argument("--scale", type=float, metavar="FACTOR",
-                       help="multiply the written coordinates by FACTOR (picks made on binned micrographs); default 1")
+                       help=f"multiply the written coordinates by FACTOR (picks made on binned micrographs); default "
+                            f"{default('output.coordinate_scale'):g}")
     group.add_argument("--strip-prefix", metavar="TEXT", help="remove TEXT from the start of the written micrograph names")
     group.add_argument("--add-prefix", metavar="TEXT", help="add TEXT to the start of the written micrograph names")
     group.add_argument("--pixel-size-A", type=float, metavar="A",

@@ -41,7 +41,7 @@ from emmae.memory import retain_freed_memory
 from emmae.runtime.inputs import admit_all, collect_inputs, one_line
 from emmae.runtime.jobs import Executor, Job, LocalExecutor, run_batch
 from emmae.runtime.options import (Parser, add_class_arguments, add_common_arguments, add_output_arguments, choose_gpu, class_switches,
-                                   output_switches, progress_bar, setup_logging)
+                                   default, output_switches, progress_bar, setup_logging, tiles_help)
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.commands.rethreshold import rethreshold, rethreshold_config, with_min_distance
@@ -74,11 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "or --diameter-A with --pixel-size-A")
     group.add_argument("-t", "--threshold", type=float, metavar="P",
                        help="keep candidates whose figure of merit (0-1, calibrated per session: 0.5 at the split between background "
-                            "and particles, 0.9 at the median particle) reaches P (default 0.5); higher for precision, lower for recall; "
+                            f"and particles, 0.9 at the median particle) reaches P (default {default('postprocess.threshold'):g}); higher for precision, lower for recall; "
                             "with --rethreshold, re-cuts without encoding")
     group.add_argument("--model", type=Path, metavar="FILE", help="model bundle (.onnx; default: the bundled model)")
-    group.add_argument("--batch-tiles", type=int, metavar="N",
-                       help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
+    group.add_argument("--batch-tiles", type=int, metavar="N", help=tiles_help())
     group.add_argument("--recursive", action="store_true", help="also pick the micrographs in sub-folders of folder inputs")
     group.add_argument("--rethreshold", type=Path, metavar="DIR",
                        help="re-pick an earlier output folder DIR from its saved particle maps, without encoding: the run's recorded "
