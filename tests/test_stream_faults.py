@@ -169,7 +169,7 @@ def test_a_pick_of_a_file_that_changed_while_read_is_never_recorded(tmp_path, mo
     config = __import__("emmae.config", fromlist=["load_config"]).load_config(None, ["preprocess.diameter_px=24"])
     job = admit(path, "a.mrc", "a", config)
 
-    def read_while_written(source, config, encoder, name=None, layout=None):  # the read of a file a writer is still filling
+    def read_while_written(source, config, encoder, name=None, layout=None, diameter_px=None):  # the read of a file a writer is still filling
         with open(source, "ab") as handle:
             handle.write(b"\x01" * 100)
         return "prepared"
