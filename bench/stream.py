@@ -40,7 +40,7 @@ from emmae.io.mrc import write_micrograph
 from emmae.memory import retain_freed_memory
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
-from emmae.runtime.stream.demo import write_in_chunks
+from emmae.runtime.commands.demo import write_in_chunks
 from emmae.runtime.web.live import serve_daemon
 from emmae.synth import SynthParams, make_micrograph
 

@@ -83,7 +83,7 @@ def test_a_few_hundred_mutated_headers_are_each_handed_on_or_failed_with_a_reaso
         time.sleep(0.3)
         live.scan()  # incomplete files have now waited their (short) stale_after_s
         failed = {e.path: e.reason for e in live.journal.failed()}
-        handed_on = sorted(job.path for job in live._ready)
+        handed_on = sorted(job.path for job in live.schedule.ready)
     assert set(failed) | {p.name for p in handed_on} == set(mutations)  # every case decided
     assert not set(failed) & {p.name for p in handed_on}
     assert all(reason and reason.strip() for reason in failed.values())

@@ -7,10 +7,9 @@ import pytest
 import starfile
 
 from emmae.config import OutputConfig
-from emmae.io.layout import coordinate_stem
+from emmae.io.layout import coordinate_stem, micrograph_name
 from emmae.io.picks import (
     Optics,
-    micrograph_name,
     transform_xy,
     write_box,
     write_cbox,

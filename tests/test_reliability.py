@@ -29,6 +29,7 @@ from emmae.config import load_config
 from emmae.errors import EmmaeError, MicrographError
 from emmae.io.mrc import write_micrograph
 from emmae.runtime.commands import pick as cli
+from emmae.runtime.commands import demo as demo_cmd
 from emmae.runtime.commands import stream as stream_cmd
 from emmae.runtime.outputs import OutputFolder
 from emmae.runtime.picking.bundle import default_bundle_path
@@ -135,7 +136,7 @@ def test_2_a_watch_star_rewritten_or_emptied_keeps_its_last_good_list(tmp_path, 
         live.scan()
         assert ready(live) == ["a.mrc", "b.mrc"]
     finally:
-        live._ready.clear()
+        live.schedule.ready.clear()
         live.close(StopFlag("test"))
         live.release()
 
@@ -359,9 +360,9 @@ def test_8_demo_keeps_the_options_it_is_given(monkeypatch):
         raise EmmaeError("stop here")
 
     monkeypatch.setattr(sys, "argv", ["emmae-stream", "--demo", "--demo-count", "1", "--adapt", "3", "-t", "0.7"])
-    monkeypatch.setattr(stream_cmd.Encoder, "configured", lambda *a, **k: None)
-    monkeypatch.setattr(stream_cmd, "Daemon", daemon)
-    monkeypatch.setattr(stream_cmd.Acquisition, "start", lambda self: None)
+    monkeypatch.setattr(demo_cmd.Encoder, "configured", lambda *a, **k: None)
+    monkeypatch.setattr(demo_cmd, "Daemon", daemon)
+    monkeypatch.setattr(demo_cmd.Acquisition, "start", lambda self: None)
     assert stream_cmd.main() == stream_cmd.EXIT_USAGE
     assert seen["config"].stream.adapt_after == 3 and seen["config"].postprocess.threshold == 0.7
 

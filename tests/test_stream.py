@@ -17,7 +17,8 @@ import starfile
 
 from emmae.errors import NotMRCError
 from emmae.runtime.picking.bundle import default_bundle_path
-from emmae.runtime.stream.gate import Gate, is_candidate, scan
+from emmae.runtime.stream.gate import Gate
+from emmae.runtime.stream.scanner import is_candidate, scan
 from emmae.runtime.stream.journal import Journal
 from emmae.io.mrc import write_micrograph
 from emmae.synth import SynthParams, make_micrograph, write_session

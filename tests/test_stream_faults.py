@@ -54,7 +54,7 @@ def test_odd_names_never_crash_the_scan_or_corrupt_the_index(tmp_path):
         live.scan()  # a second look records nothing twice and raises nothing
         failed = {e.path: e.reason for e in live.journal.failed()}
         assert ready(live) == sorted(["plain.mrc", *GOOD_NAMES])
-        for job in live._ready:  # as if picked: the index must carry every safe name
+        for job in live.schedule.ready:  # as if picked: the index must carry every safe name
             live.journal.mark_picked(live.scanner.key(job.path), job.name, 1, str(out / "x_autopick.star"), {})
         (out / "x_autopick.star").write_text("")
         live.write_index()
@@ -169,7 +169,7 @@ def test_a_pick_of_a_file_that_changed_while_read_is_never_recorded(tmp_path, mo
     config = __import__("emmae.config", fromlist=["load_config"]).load_config(None, ["preprocess.diameter_px=24"])
     job = admit(path, "a.mrc", "a", config)
 
-    def read_while_written(source, config, encoder, name=None, layout=None):  # the read of a file a writer is still filling
+    def read_while_written(source, config, encoder, name=None, layout=None, diameter_px=None):  # the read of a file a writer is still filling
         with open(source, "ab") as handle:
             handle.write(b"\x01" * 100)
         return "prepared"
@@ -245,8 +245,8 @@ def test_two_spellings_of_the_watched_folder_share_one_journal(tmp_path, monkeyp
     for spelling in (watch, Path("session"), Path("./session/"), tmp_path / "." / "session"):
         with session(spelling, out, "preprocess.diameter_px=24") as live:
             live.scan()
-            keys += [live.scanner.key(job.path) for job in live._ready]
-            assert [job.stem for job in live._ready] == ["session/sub/a"]  # never a second sub-tree
+            keys += [live.scanner.key(job.path) for job in live.schedule.ready]
+            assert [job.stem for job in live.schedule.ready] == ["session/sub/a"]  # never a second sub-tree
     assert keys == ["sub/a.mrc"] * 4
 
 
@@ -358,10 +358,10 @@ def test_order_oldest_is_by_time_not_by_name(tmp_path):
         os.utime(path, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))  # b10 oldest, b1 newest
     with session(watch, out, "preprocess.diameter_px=24") as live:
         live.scan()
-        assert [job.path.name for job in live._ready] == ["b10.mrc", "b2.mrc", "b1.mrc"]
+        assert [job.path.name for job in live.schedule.ready] == ["b10.mrc", "b2.mrc", "b1.mrc"]
     with session(watch, tmp_path / "out2", "preprocess.diameter_px=24", 'stream.order="newest"') as live:
         live.scan()
-        assert [job.path.name for job in live._ready] == ["b1.mrc", "b2.mrc", "b10.mrc"]
+        assert [job.path.name for job in live.schedule.ready] == ["b1.mrc", "b2.mrc", "b10.mrc"]
 
 
 def test_the_failed_count_matches_the_journal(tmp_path):

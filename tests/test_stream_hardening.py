@@ -35,7 +35,7 @@ def session(watch: Path, out: Path, *overrides: str) -> Iterator[Daemon]:
     try:
         yield live
     finally:
-        live._ready.clear()
+        live.schedule.ready.clear()
         live.close(StopFlag("test"))
         live.release()
 
@@ -47,7 +47,7 @@ def micrograph(path: Path, seed: int = 1, pixel_size_A: float | None = 4.0) -> P
 
 
 def ready(live: Daemon) -> list[str]:
-    return sorted(job.path.name for job in live._ready)
+    return sorted(job.path.name for job in live.schedule.ready)
 
 
 def daemon(args: list[str], timeout_s: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -152,7 +152,7 @@ def test_a_growing_backlog_warns_that_the_daemon_falls_behind(tmp_path, caplog):
     with session(watch, out, "preprocess.diameter_px=24", "stream.queue_depth=2") as live:
         start = live.health._pace_at
         assert not live.check_pace(start + 61)  # nothing waiting
-        live._ready.extend(Job(watch / f"m{i}.mrc", f"m{i}.mrc", f"m{i}") for i in range(5))
+        live.schedule.ready.extend(Job(watch / f"m{i}.mrc", f"m{i}.mrc", f"m{i}") for i in range(5))
         assert live.check_pace(start + 122)  # 5 waiting, up from 0 a minute ago
         assert not live.check_pace(start + 130)  # at most once a minute
         assert not live.check_pace(start + 183)  # not growing any more

@@ -158,8 +158,7 @@ def test_micrographs_due_to_be_picked_again_stay_in_the_index(tmp_path, monkeypa
     config = load_config(None, ["preprocess.diameter_px=24", "stream.poll=\"always\""])
     live = Daemon(watch, out, config, encoder=None)
     try:
-        again = live.journal.unpick_other_sessions("fixed", "model")
-        live.recorder.pick_again(again)
+        again = live.recorder.repick_other_sessions("fixed", "model")
         live.write_index()
         assert sorted(again) == ["m0.mrc", "m1.mrc", "m2.mrc"] and live.progress.count == 3
         assert live.recorder.index_stale  # autopick.star lists all three; the other index files wait for their picks
@@ -337,8 +336,8 @@ def test_micrographs_picked_again_wait_behind_new_ones(tmp_path):
         live.recorder.picked["old.mrc"] = None  # type: ignore[assignment]  # picked before, due again
         live.recorder.repick.add("old.mrc")
         pipeline, live.pipeline = live.pipeline, _Recording()
-        live._again.append(Job(watch / "old.mrc", "mics/old.mrc", "old"))
-        live._ready.extend([Job(watch / "new1.mrc", "mics/new1.mrc", "new1"), Job(watch / "new2.mrc", "mics/new2.mrc", "new2")])
+        live.schedule.again.append(Job(watch / "old.mrc", "mics/old.mrc", "old"))
+        live.schedule.ready.extend([Job(watch / "new1.mrc", "mics/new1.mrc", "new1"), Job(watch / "new2.mrc", "mics/new2.mrc", "new2")])
         live.feed()
         assert live.pipeline.submitted == ["new1.mrc", "new2.mrc", "old.mrc"]
         assert live.journal.get("old.mrc") is None  # not marked processing: it stays picked until picked again

@@ -401,7 +401,7 @@ def test_rates_and_the_falling_behind_rule():
 def test_live_figures_see_a_growing_backlog(monkeypatch):
     progress = SimpleNamespace(rate_per_hour=lambda: 900.0, last_latency_s=2.5)
     daemon = SimpleNamespace(queued=2, admission=SimpleNamespace(pending=1), progress=progress,
-                             switcher=SimpleNamespace(model="m:1", status=lambda: ""))
+                             model=SimpleNamespace(id="m:1", status=lambda: ""))
     clock = iter([0.0, 30.0, 61.0, 62.0])
     monkeypatch.setattr("emmae.runtime.web.live.time.monotonic", lambda: next(clock))
     live = LiveFigures(daemon)  # type: ignore[arg-type]

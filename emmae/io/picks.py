@@ -25,10 +25,9 @@ Nothing is ever flipped or scaled silently.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,31 +107,6 @@ def transform_xy(xy: np.ndarray, shape: tuple[int, int], output: OutputConfig) -
     if output.flip_y:
         out[:, 1] = shape[0] - 1 - out[:, 1]
     return out * output.coordinate_scale
-
-
-def micrograph_name(path: str | PurePath, output: OutputConfig) -> str:
-    """The name written as ``_rlnMicrographName``: the path below the project folder (``project_root``, else the
-    current folder) when the file lies there, else the path as given; then ``strip_prefix`` removed and
-    ``add_prefix`` added, as explicit switches."""
-    root = Path(output.project_root) if output.project_root is not None else Path.cwd()
-    return prefixed(below(Path(path), root) or str(path), output)
-
-
-def below(path: Path, root: Path) -> str | None:
-    """``path`` relative to ``root`` when it lies below it (as spelled, else both resolved), or None."""
-    for inner, outer in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
-        try:
-            return str(inner.relative_to(outer))
-        except ValueError:
-            continue
-    return None
-
-
-def prefixed(name: str, output: OutputConfig) -> str:
-    """``name`` with ``strip_prefix`` removed and ``add_prefix`` added (explicit switches)."""
-    if output.strip_prefix and name.startswith(output.strip_prefix):
-        name = name[len(output.strip_prefix) :]
-    return output.add_prefix + name
 
 
 def relion_coordinates(xy: np.ndarray, score: np.ndarray) -> pd.DataFrame:

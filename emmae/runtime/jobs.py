@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -75,7 +76,7 @@ def check_layout(path: Path, layout: MrcLayout, config: EmmaeConfig) -> float:
         ConfigError: no usable diameter (no pixel size for ``diameter_A``).
         MicrographSizeError: too small for the diameter, or absurdly elongated.
     """
-    header_px = None if layout.pixel_size_xy_A is None else float((layout.pixel_size_xy_A[0] * layout.pixel_size_xy_A[1]) ** 0.5)
+    header_px = None if layout.pixel_size_xy_A is None else math.sqrt(layout.pixel_size_xy_A[0] * layout.pixel_size_xy_A[1])  # as read
     diameter_px = resolve_diameter_px(config.preprocess, header_px)
     check_dimensions(path, layout, diameter_px)
     return diameter_px
@@ -197,8 +198,9 @@ class Picker:
 
 
 def read_job(job: Job, picker: Picker) -> Prepared:
-    """Read and preprocess a job (the header as admitted). Raises MicrographError, ConfigError, ChangedError."""
-    prepared = prepare(job.path, picker.config, picker.encoder, name=job.name, layout=job.layout)
+    """Read and preprocess a job (the header and the particle diameter as admitted). Raises MicrographError, ConfigError,
+    ChangedError."""
+    prepared = prepare(job.path, picker.config, picker.encoder, name=job.name, layout=job.layout, diameter_px=job.diameter_px)
     if job.size and not unchanged(job):
         raise ChangedError(f"{job.path} changed while it was read")
     return prepared

@@ -14,7 +14,23 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from emmae.config import EmmaeConfig
+from emmae.runtime.picking.encoder import CPU_BATCH_TILES, GPU_BATCH_TILES
+
 FORMATS = ("star", "box", "cbox")
+
+
+def default(field: str) -> Any:
+    """The default of the configuration field ``field`` (``section.name``), for a help text: each default is written once,
+    in :mod:`emmae.config`."""
+    section, name = field.split(".")
+    return getattr(getattr(EmmaeConfig(), section), name)
+
+
+def tiles_help() -> str:
+    """``--batch-tiles``' help, shared by the commands that encode."""
+    return (f"64x64 tiles the encoder takes per run (default {CPU_BATCH_TILES} on the CPU, {GPU_BATCH_TILES} on a GPU; "
+            "the latents of fp32 models do not depend on it); lower it when memory is short")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None) -> None:
@@ -28,7 +44,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, group: argparse._Argum
                        help="write y as (height - 1 - y), for micrographs that the next program reads upside down "
                             "(e.g. cryoSPARC Patch Motion output); default: y as in the file")
     group.add_argument("--scale", type=float, metavar="FACTOR",
-                       help="multiply the written coordinates by FACTOR (picks made on binned micrographs); default 1")
+                       help=f"multiply the written coordinates by FACTOR (picks made on binned micrographs); default "
+                            f"{default('output.coordinate_scale'):g}")
     group.add_argument("--strip-prefix", metavar="TEXT", help="remove TEXT from the start of the written micrograph names")
     group.add_argument("--add-prefix", metavar="TEXT", help="add TEXT to the start of the written micrograph names")
     group.add_argument("--pixel-size-A", type=float, metavar="A",

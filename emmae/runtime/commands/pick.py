@@ -28,20 +28,20 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emmae.backend import check_threads, limit_cpu_threads
 from emmae.config import EmmaeConfig, add_config_arguments, config_from_args, config_record
-from emmae.errors import ConfigError, EmmaeError, MicrographError, OutputError
-from emmae.io.inputs import expand_inputs, micrographs_from_star, star_inputs
-from emmae.io.layout import coordinate_stem, relative_folder
-from emmae.io.picks import Picks, micrograph_name
+from emmae.errors import ConfigError, EmmaeError, OutputError
+from emmae.io.inputs import star_inputs
+from emmae.io.layout import relative_folder
+from emmae.io.picks import Picks
 from emmae.memory import retain_freed_memory
-from emmae.runtime.jobs import Executor, Job, LocalExecutor, admit, failure_kind, reason_of, run_batch
 from emmae.commandline import Parser, add_common_arguments, choose_gpu, progress_bar, setup_logging
-from emmae.runtime.options import add_class_arguments, add_output_arguments, class_switches, output_switches
+from emmae.runtime.inputs import admit_all, collect_inputs, one_line
+from emmae.runtime.jobs import Executor, Job, LocalExecutor, run_batch
+from emmae.runtime.options import add_class_arguments, add_output_arguments, class_switches, default, output_switches, tiles_help
 from emmae.runtime.outputs import FAILED_FILE, Failure, OutputFolder, with_star_optics
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.commands.rethreshold import rethreshold, rethreshold_config, with_min_distance
@@ -74,11 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "or --diameter-A with --pixel-size-A")
     group.add_argument("-t", "--threshold", type=float, metavar="P",
                        help="keep candidates whose figure of merit (0-1, calibrated per session: 0.5 at the split between background "
-                            "and particles, 0.9 at the median particle) reaches P (default 0.5); higher for precision, lower for recall; "
+                            f"and particles, 0.9 at the median particle) reaches P (default {default('postprocess.threshold'):g}); higher for precision, lower for recall; "
                             "with --rethreshold, re-cuts without encoding")
     group.add_argument("--model", type=Path, metavar="FILE", help="model bundle (.onnx; default: the bundled model)")
-    group.add_argument("--batch-tiles", type=int, metavar="N",
-                       help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
+    group.add_argument("--batch-tiles", type=int, metavar="N", help=tiles_help())
     group.add_argument("--recursive", action="store_true", help="also pick the micrographs in sub-folders of folder inputs")
     group.add_argument("--rethreshold", type=Path, metavar="DIR",
                        help="re-pick an earlier output folder DIR from its saved particle maps, without encoding: the run's recorded "
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs, rejected = admit_all(collect_inputs(args.inputs, config, args.recursive), config)
         outputs = OutputFolder.open(args.out or Path("emmae_picks"))
     except (EmmaeError, OSError, ValueError) as exc:
-        log.error("%s", _one_line(exc))
+        log.error("%s", one_line(exc))
         return EXIT_FAILED
     try:
         if args.scheduler is not None or args.workers is not None:
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = Encoder.configured(config, args.threads)
         return pick_all(jobs, rejected, LocalExecutor(config, encoder), config, outputs, command, encoder.bundle.info.patch_px)
     except (EmmaeError, OSError, ValueError) as exc:
-        log.error("%s", _one_line(exc))
+        log.error("%s", one_line(exc))
         return EXIT_FAILED
     finally:
         outputs.close()
@@ -161,99 +160,6 @@ def pick_on_cluster(jobs: list[Job], rejected: list[Failure], config: EmmaeConfi
         return pick_all(jobs, rejected, executor, config, outputs, command, executor.patch_px, {"cluster": distributed.describe(client)})
     finally:
         distributed.close(client)
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, EmmaeError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One micrograph to pick: its file, the name written to the outputs, and its output stem."""
-
-    path: Path
-    name: str
-    stem: str
-
-
-def collect_inputs(inputs: list[str], config: EmmaeConfig, recursive: bool = False) -> list[Item]:
-    """Every micrograph named on the command line, with names and output stems.
-
-    A file's name is its path below the project folder (``--project-root``, else the
-    current folder; a STAR's names as they are); its stem is where RELION looks for its
-    coordinates (:func:`emmae.io.layout.coordinate_stem`). Files outside the project
-    folder mirror their folders below the folder all of them share.
-
-    Raises:
-        EmmaeError: nothing to pick, no row of a STAR resolves, or two micrographs would
-            write the same outputs.
-        FileNotFoundError: an input matches nothing.
-    """
-    if not inputs:
-        raise EmmaeError("no micrographs given (files, folders, globs or a micrographs .star)")
-    stars = star_inputs(inputs)
-    others = [item for item in inputs if item not in stars]
-    pairs: list[tuple[Path, str]] = []
-    for star in stars:
-        pairs += star_micrographs(star, config.output.project_root)
-    files = expand_inputs(others, recursive=recursive) if others else []
-    pairs += [(path, micrograph_name(path, config.output)) for path in files]
-    stems = [coordinate_stem(name) for _, name in pairs]
-    loose = [path for (path, _), stem in zip(pairs, stems) if stem is None]
-    root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in loose])) if loose else None
-    items = [Item(path, name, stem if stem is not None else str(Path(os.path.abspath(path)).relative_to(root).with_suffix("")))
-             for (path, name), stem in zip(pairs, stems)]
-    _check_unique_stems(items)
-    return items
-
-
-def star_micrographs(star: str | Path, project_root: Path | None) -> list[tuple[Path, str]]:
-    """The rows of a micrographs STAR; a missing micrograph is kept (reported when picked).
-
-    Raises:
-        EmmaeError: the STAR cannot be read, or none of its rows resolves under the project folder.
-    """
-    root = Path(project_root) if project_root is not None else Path.cwd()
-    if not Path(star).is_file():
-        raise EmmaeError(f"{star}: no such file; give a micrographs STAR (e.g. MotionCorr/job002/corrected_micrographs.star)")
-    try:
-        rows = micrographs_from_star(star, root)
-    except (OSError, ValueError) as exc:
-        hint = "" if "_rlnMicrographName" in str(exc) else "; a micrographs STAR has a loop with the column _rlnMicrographName"
-        raise EmmaeError(f"cannot read micrographs from {star}: {_one_line(exc)}{hint}") from None
-    missing = [name for path, name in rows if not path.is_file()]
-    if rows and len(missing) == len(rows):
-        raise EmmaeError(
-            f"{star}: none of its {len(rows)} micrographs is found under {root.resolve()} (e.g. {missing[0]}): "
-            "run from the project folder the names are relative to, or give it with --project-root"
-        )
-    if missing:
-        log.warning("%s: %d of %d micrographs not found under %s (e.g. %s); they are reported and skipped",
-                    star, len(missing), len(rows), root.resolve(), missing[0])
-    return rows
-
-
-def _check_unique_stems(items: list[Item]) -> None:
-    seen: dict[str, Path] = {}
-    for item in items:
-        if item.stem in seen:
-            raise EmmaeError(f"two micrographs would write the same outputs {item.stem!r} ({seen[item.stem]} and {item.path}): "
-                             "pick them into separate --out folders")
-        seen[item.stem] = item.path
-
-
-def admit_all(items: list[Item], config: EmmaeConfig) -> tuple[list[Job], list[Failure]]:
-    """Every item admitted (header parsed and sized once, dimensions checked), and those refused with their reason."""
-    jobs, rejected = [], []
-    for item in items:
-        try:
-            jobs.append(admit(item.path, item.name, item.stem, config))
-        except (MicrographError, ConfigError, OSError) as exc:
-            rejected.append(Failure(str(item.path), failure_kind(exc), reason_of(exc)))
-            log.error("skipped %s: %s", item.path, reason_of(exc))
-    return jobs, rejected
 
 
 def pick_all(jobs: list[Job], rejected: list[Failure], executor: Executor, config: EmmaeConfig, outputs: OutputFolder, argv: list[str],

@@ -21,8 +21,7 @@ from emmae.config import EmmaeConfig, apply_override, config_record, validate_co
 from emmae.errors import ConfigError, EmmaeError
 from emmae.runtime.outputs import RECORD_FILE, OutputFolder
 from emmae.runtime.picking.picker import repick
-from emmae.runtime.stream.journal import FILENAME as JOURNAL_FILE
-from emmae.runtime.stream.journal import Journal
+from emmae.runtime.stream.recorder import recount_particles
 
 log = logging.getLogger("emmae.pick")
 
@@ -117,23 +116,12 @@ def rethreshold(outputs: OutputFolder, config: EmmaeConfig, argv: list[str], rec
         rows.append(outputs.row(stem))
     rows += [replace(outputs.row(stem), name=listed[stem]) for stem in unsaved]
     outputs.write_index(sorted(rows, key=lambda row: row.stem), config, project)
-    recount_journal(outputs, counts)
+    recount_particles(outputs, counts)
     outputs.redraw_classes(config.postprocess.keep_classes, config.postprocess.drop_classes)  # the montage shows the user's choice
     if no_preview:
         log.warning("%d previews removed: their micrographs were not found; pick again to draw them", no_preview)
     log.info("re-picked %d micrographs: %d particles", len(rows), sum(counts.values()))
     return 0
-
-
-def recount_journal(outputs: OutputFolder, counts: dict[str, int]) -> None:
-    """A stream's journal (when the folder has one) records the particles of each micrograph as re-picked (stem -> count)."""
-    if not (outputs.root / JOURNAL_FILE).is_file():
-        return
-    journal = Journal(outputs.root)
-    try:
-        journal.set_particles({e.path: counts[stem] for e in journal.picked() if (stem := outputs.stem_of(e.outputs)) in counts})
-    finally:
-        journal.close()
 
 
 CUT_OUTPUT = ("formats", "flip_y", "coordinate_scale")  # with every postprocess value: how a folder's picks are cut and written

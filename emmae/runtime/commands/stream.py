@@ -48,7 +48,6 @@ import logging
 import math
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,14 +58,13 @@ from emmae.io.star import read_star
 from emmae.memory import retain_freed_memory
 from emmae.backend import check_threads
 from emmae.runtime.outputs import with_star_optics
+from emmae.runtime.commands.demo import run_demo
 from emmae.runtime.commands.rethreshold import restart_config
 from emmae.commandline import Parser, add_common_arguments, choose_gpu, plain_text, setup_logging
-from emmae.runtime.options import add_http_arguments, add_output_arguments, output_switches
+from emmae.runtime.options import add_http_arguments, add_output_arguments, default, output_switches, tiles_help
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.adapter import check_can_adapt
 from emmae.runtime.stream.daemon import Daemon, StopFlag, run
-from emmae.runtime.stream.demo import DEMO_DIAMETER_A, Acquisition
-from emmae.runtime.stream.journal import Journal
 from emmae.runtime.stream.status import StatusLine
 from emmae.runtime.web.live import serve_daemon
 from emmae.runtime.web.server import ViewServer, parse_address
@@ -86,22 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", type=Path, help="folder where micrographs land")
     parser.add_argument("--watch-star", type=Path, help="follow an upstream micrographs STAR (e.g. corrected_micrographs.star) instead; names kept verbatim")
     parser.add_argument("--demo", action="store_true", help="simulate a session in a temporary folder and pick it live")
-    parser.add_argument("--demo-count", type=int, default=12, help="micrographs in the demo (default 12)")
-    parser.add_argument("--demo-per-hour", type=float, default=1200, help="acquisition rate of the demo (default 1200/h)")
+    parser.add_argument("--demo-count", type=int, default=12, help="micrographs in the demo (default %(default)s)")
+    parser.add_argument("--demo-per-hour", type=float, default=1200, help="acquisition rate of the demo (default %(default)g/h)")
     parser.add_argument("--diameter-px", type=float, metavar="PX", help="particle diameter in pixels of the micrographs")
     parser.add_argument("--diameter-A", type=float, metavar="A",
                         help="particle diameter in Angstrom (pixel size from each header, or --pixel-size-A)")
     parser.add_argument("-t", "--threshold", type=float, metavar="P",
-                        help="keep candidates whose figure of merit (0-1, calibrated per session) reaches P (default 0.5)")
+                        help=f"keep candidates whose figure of merit (0-1, calibrated per session) reaches P "
+                             f"(default {default('postprocess.threshold'):g})")
     parser.add_argument("--model", type=Path, help="model bundle (default: the bundled model)")
-    parser.add_argument("--batch-tiles", type=int, metavar="N",
-                        help="64x64 tiles the encoder takes per run (default 256, a whole 1024-px grid); lower it when memory is short")
+    parser.add_argument("--batch-tiles", type=int, metavar="N", help=tiles_help())
     parser.add_argument("--once", action="store_true", help="pick the backlog, then exit")
     parser.add_argument("--preview", action="store_true", help="also write <stem>_preview.png with the picks circled")
-    parser.add_argument("--settle-s", type=float, help="seconds a file must stay unchanged (default 5)")
-    parser.add_argument("--poll-interval-s", type=float, help="seconds between scans (default 2)")
+    parser.add_argument("--settle-s", type=float, help=f"seconds a file must stay unchanged (default {default('stream.settle_s'):g})")
+    parser.add_argument("--poll-interval-s", type=float, help=f"seconds between scans (default {default('stream.poll_interval_s'):g})")
     parser.add_argument("--stale-after-s", type=float,
-                        help="seconds an incomplete file may stay unchanged before it is recorded as failed (default 180)")
+                        help="seconds an incomplete file may stay unchanged before it is recorded as failed "
+                             f"(default {default('stream.stale_after_s'):g})")
     parser.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
                         help="live: a status line redrawn under the log; plain: log lines only; auto (default): live on a terminal")
     parser.add_argument("--poll", action="store_true", help="polling only (automatic on NFS/SMB/CIFS, where no change events arrive)")
@@ -113,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="once N micrographs are picked, fine-tune the model on them in a separate process (no labels), then pick with it")
     adapt.add_argument("--adapt-then", choices=("repick", "mark"),
                        help="what the old model picked: picked again with the adapted model (repick, default) or left, marked in the journal")
-    adapt.add_argument("--adapt-epochs", type=int, metavar="N", help="most fine-tuning epochs (default 5)")
-    adapt.add_argument("--adapt-budget-s", type=float, metavar="S", help="fine-tuning time budget in seconds (default 600)")
+    adapt.add_argument("--adapt-epochs", type=int, metavar="N", help=f"most fine-tuning epochs (default {default('stream.adapt_epochs')})")
+    adapt.add_argument("--adapt-budget-s", type=float, metavar="S", help=f"fine-tuning time budget in seconds (default {default('stream.adapt_budget_s'):g})")
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder (default: WATCH/emmae_picks)")
     add_output_arguments(parser, output)
@@ -134,6 +133,15 @@ def _config(args: argparse.Namespace) -> EmmaeConfig:
         ("output", "preview"): args.preview or None, ("backend", "device"): args.device, ("postprocess", "threshold"): args.threshold,
         **output_switches(args),
     })
+
+
+def _demo_config(argv: list[str]) -> tuple[argparse.Namespace, EmmaeConfig]:
+    """The options and configuration of a demo's command line (see :mod:`emmae.runtime.commands.demo`)."""
+    args = build_parser().parse_args(argv)
+    config = _config(args)
+    if config.stream.adapt_after:
+        check_can_adapt()
+    return args, config
 
 
 def connect_cluster(scheduler: str | None, config: EmmaeConfig) -> object | None:
@@ -235,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
     if args.demo:
-        return demo(args, argv, status, stop)
+        try:
+            return run_demo(args, argv, status, stop, _demo_config)
+        except (EmmaeError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
     try:
         config = _config(args)
         check_diameter(config)  # before any micrograph is touched
@@ -277,55 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         if client is not None:
             client.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
-def demo(args: argparse.Namespace, argv: list[str] | None, status: StatusLine | None, stop: StopFlag) -> int:
-    """Simulate an acquisition into a temporary folder and pick it live with the bundled model."""
-    watch = Path(tempfile.mkdtemp(prefix="emmae-demo-"))
-    out = args.out or watch / "emmae_picks"
-    argv = [*(sys.argv[1:] if argv is None else argv), "--watch", str(watch), "--out", str(out), "--diameter-A", str(DEMO_DIAMETER_A), "--settle-s", "1", "--poll-interval-s", "0.5"]
-    demo_args = build_parser().parse_args([a for a in argv if a != "--demo"])
-    acquisition = Acquisition(watch, args.demo_count, 3600.0 / args.demo_per_hour)
-    log.info("demo: %d synthetic micrographs land in %s at %g per hour; picks go to %s", args.demo_count, watch, args.demo_per_hour, out)
-    try:
-        config = _config(demo_args)
-        if config.stream.adapt_after:
-            check_can_adapt()
-        encoder = Encoder.configured(config, demo_args.threads)
-        daemon = Daemon(watch, out, config, encoder, status=status, stop=stop)
-    except (EmmaeError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
-    try:
-        server = start_view(args, daemon)
-    except EmmaeError as exc:
-        log.error("%s", exc)
-        daemon.release()
-        return EXIT_USAGE
-    acquisition.start()
-    try:
-        run(daemon, stop, once=True, until=acquisition.finished.is_set)
-    finally:
-        acquisition.cancelled.set()
-        if server is not None:
-            server.view.live = None  # from now on the journal's figures
-        daemon.release()
-    picked = Journal(out)
-    entries = picked.picked()
-    log.info("demo done: %d micrographs picked, %d particles; outputs in %s", len(entries), sum(e.particles or 0 for e in entries), out)
-    picked.close()
-    if server is not None:
-        keep_serving(server, stop)
-    return 0
-
-
-def keep_serving(server: ViewServer, stop: StopFlag) -> None:
-    """Serve the finished demo's page until SIGINT or SIGTERM (at once when one came during the demo)."""
-    if not stop:
-        log.info("the web view stays up at %s: press Ctrl-C to stop", server.url())
-    while not stop:
-        time.sleep(0.2)
-    server.stop()
 
 
 if __name__ == "__main__":

@@ -66,11 +66,12 @@ class Prepared:
 
 
 def prepare(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encoder, name: str | None = None, pixel_size_A: float | None = None,
-            layout: MrcLayout | None = None) -> Prepared:
+            layout: MrcLayout | None = None, diameter_px: float | None = None) -> Prepared:
     """Read (a path) or take (an array ``[row, col]``) one micrograph and preprocess it with the bundle's settings.
 
     ``layout``: the file's header as already parsed and checked against its size (the
-    admission's): the file is then read without parsing or sizing it again.
+    admission's): the file is then read without parsing or sizing it again. ``diameter_px``: the particle diameter in
+    its pixels as the admission resolved it from that header (else resolved here).
 
     Raises:
         MicrographError: the file cannot be read (see :mod:`emmae.io.mrc`).
@@ -85,7 +86,7 @@ def prepare(source: str | Path | np.ndarray, config: EmmaeConfig, encoder: Encod
         else:
             image, header_px, label = np.asarray(source, dtype=np.float32), pixel_size_A, name or "array"
     pre = model_preprocess_config(config, encoder)
-    diameter_px = resolve_diameter_px(pre, header_px)
+    diameter_px = resolve_diameter_px(pre, header_px) if diameter_px is None else diameter_px
     with _timed(timings, "preprocess", backend.synchronize):
         grid = preprocess(image, pre, diameter_px, backend)
     pixel = header_px if pre.pixel_size_A is None else pre.pixel_size_A

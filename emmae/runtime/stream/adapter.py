@@ -27,7 +27,8 @@ from pathlib import Path
 
 from emmae.config import EmmaeConfig
 from emmae.errors import ConfigError
-from emmae.runtime.stream.journal import Adaptation, Journal
+from emmae.runtime.stream.journal import Adaptation
+from emmae.runtime.stream.recorder import Recorder
 
 log = logging.getLogger("emmae.stream")
 
@@ -60,8 +61,9 @@ def check_can_adapt() -> None:
 class Adapter:
     """Starts, watches and restarts the fine-tuning child of one stream (the daemon's scanning thread only)."""
 
-    def __init__(self, out: Path, config: EmmaeConfig, journal: Journal, parent: Path, threads: int | None = None) -> None:
-        self.config, self.journal, self.parent, self.threads = config, journal, parent, threads
+    def __init__(self, out: Path, config: EmmaeConfig, recorder: Recorder, parent: Path, threads: int | None = None) -> None:
+        """``recorder``: the journal's owner, which records the adaptation's state."""
+        self.config, self.recorder, self.parent, self.threads = config, recorder, parent, threads
         self.folder = out / FOLDER
         self.bundle = self.folder / "adapted.onnx"
         self.progress_file = self.folder / "progress.json"
@@ -69,7 +71,7 @@ class Adapter:
 
     @property
     def record(self) -> Adaptation | None:
-        return self.journal.adaptation()
+        return self.recorder.journal.adaptation()
 
     def done_bundle(self) -> Path | None:
         """The adapted bundle, once the adaptation is done and it is on disk."""
@@ -88,7 +90,7 @@ class Adapter:
     def start(self, micrographs: list[str]) -> None:
         log.info("adapting the model to this session on %d micrographs in a separate process (log: %s); picking goes on meanwhile",
                  len(micrographs), self.folder / "adapt.log")
-        self.journal.set_adaptation("running", micrographs, attempts=1)
+        self.recorder.set_adaptation("running", micrographs, attempts=1)
         self._launch(micrographs)
 
     def poll(self) -> str:
@@ -108,18 +110,18 @@ class Adapter:
             return "ready"
         if record.attempts < MAX_ATTEMPTS:
             log.warning("the adaptation stopped (exit status %s, see %s): trying again", status, self.folder / "adapt.log")
-            self.journal.set_adaptation("running", record.micrographs, attempts=record.attempts + 1)
+            self.recorder.set_adaptation("running", record.micrographs, attempts=record.attempts + 1)
             self._launch(record.micrographs)
             return "running"
         reason = f"exit status {status} after {record.attempts} attempts (see {self.folder / 'adapt.log'})"
-        self.journal.set_adaptation("failed", record.micrographs, attempts=record.attempts, reason=reason)
+        self.recorder.set_adaptation("failed", record.micrographs, attempts=record.attempts, reason=reason)
         log.error("the adaptation failed: %s; picking goes on with %s", reason, self.parent.name)
         return "idle"
 
     def finish(self, model: str) -> None:
         """Record the adaptation as done (the switch is made)."""
         record = self.record
-        self.journal.set_adaptation("done", record.micrographs if record else [], str(self.bundle), model, record.attempts if record else 0)
+        self.recorder.set_adaptation("done", record.micrographs if record else [], str(self.bundle), model, record.attempts if record else 0)
 
     def status(self) -> str:
         """For the status line: the adaptation's stage and progress, or ''."""

@@ -12,14 +12,15 @@ that failed unchanged is skipped without a query or a read.
 from __future__ import annotations
 
 import os
+import stat as stat_module
 from dataclasses import replace
 from pathlib import Path
 
 from emmae.config import EmmaeConfig
 from emmae.errors import UnsafeNameError
 from emmae.io.inputs import content_fingerprint
+from emmae.io.layout import micrograph_name, output_stem, project_folder
 from emmae.io.mrc import MrcLayout
-from emmae.io.picks import prefixed
 from emmae.runtime.jobs import Job, admit, check_layout
 from emmae.runtime.stream.gate import Gate, stat_regular
 from emmae.runtime.stream.names import unsafe_name
@@ -32,24 +33,25 @@ class Admission:
 
     def __init__(self, config: EmmaeConfig, scanner: Scanner, recorder: Recorder) -> None:
         self.config, self.scanner, self.recorder = config, scanner, recorder
-        watch = os.path.realpath(scanner.watch)  # one spelling of the folder, whichever the user gave
-        root = os.path.realpath(config.output.project_root) if config.output.project_root is not None else os.path.dirname(watch)
-        self._watch_name = os.path.relpath(watch, root)
-        self.project_root = Path(root)  # names are written relative to it (and the index's coordinate files)
+        self._watch = os.path.realpath(scanner.watch)  # one spelling of the folder, whichever the user gave
+        # names are written relative to it (and the index's coordinate files)
+        self.project_root = Path(os.path.realpath(project_folder(config.output, scanner.watch)))
         self.gate = Gate(config.stream.settle_s, config.stream.stale_after_s, vet=self._vet)
         self._vetted: dict[str, tuple[MrcLayout, float]] = {}  # path -> the header the gate vetted and its diameter in pixels
-        self._known: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> ('seen' | 'failed', (size, mtime_ns)) as last looked at
+        # key -> ('seen' | 'failed', (size, mtime_ns), name) as last looked at
+        self._known: dict[str, tuple[str, tuple[int, int], str | None]] = {}
 
     def _vet(self, path: Path, layout: MrcLayout) -> None:
         """The gate's check of a header against the particles (the only one: :func:`admit` is handed its result)."""
         self._vetted[str(path)] = (layout, check_layout(path, layout, self.config))
 
     def name(self, path: Path, name: str | None) -> str:
-        """The name a micrograph is written under: its path relative to the project root (``output.project_root``, else
-        the watched folder's parent), through the folder's resolved spelling; a STAR's row keeps its own."""
+        """The name a micrograph is written under (:func:`emmae.io.layout.micrograph_name`, the rule of both commands):
+        its path below the project root (``output.project_root``, else the watched folder's parent), through the folder's
+        resolved spelling; a STAR's row keeps its own."""
         if name is not None:
             return name
-        return prefixed(os.path.normpath(os.path.join(self._watch_name, self.scanner.key_text(path))), self.config.output)
+        return micrograph_name(os.path.join(self._watch, self.scanner.key_text(path)), self.config.output, self.project_root)
 
     def consider(self, path: Path, name: str | None, key: str, stat: os.stat_result | None) -> Job | None:
         """A job for the file once it is complete and sane, else None (still settling, gone, picked, failed unchanged).
@@ -69,6 +71,7 @@ class Admission:
         if known is not None and known[1] == (stat.st_size, stat.st_mtime_ns) and not picked:
             if known[0] == "failed":
                 return None  # failed, unchanged: no query, no read
+            name = known[2]  # named when it was first seen
         else:  # new this session, or changed: the name, the journal, the file's kind
             name = self.name(path, name)
             if picked and self.recorder.still_current(key, name, stat, Path(path)):
@@ -77,11 +80,12 @@ class Admission:
             if unsafe:
                 raise UnsafeNameError(path, unsafe)
             if not picked and not journal.wants(key, stat.st_size, stat.st_mtime_ns, stat.st_ino):
-                self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns))
+                self._known[key] = ("failed", (stat.st_size, stat.st_mtime_ns), None)
                 return None
-            stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
-            journal.mark_seen(key, name)
-            self._known[key] = ("seen", (stat.st_size, stat.st_mtime_ns))
+            if not stat_module.S_ISREG(stat.st_mode):
+                stat_regular(path)  # a symlink loop, a FIFO or a device: failed, never opened
+            self.recorder.seen(key, name)
+            self._known[key] = ("seen", (stat.st_size, stat.st_mtime_ns), name)
         if self.gate.check(path, stat=stat) != "ready":
             return None
         layout = self.gate.take_layout(path)
@@ -89,16 +93,16 @@ class Admission:
         if stat is None:
             return None
         self._known.pop(key, None)
-        name = self.name(path, name)
         vetted = self._vetted.pop(str(path), None)
         diameter_px = vetted[1] if vetted is not None and vetted[0] is layout else None
-        job = admit(Path(path), name, self.scanner.stem(Path(path), name), self.config, layout=layout, stat=stat, diameter_px=diameter_px)
+        job = admit(Path(path), name, output_stem(name, path, self.scanner.watch), self.config, layout=layout, stat=stat,
+                    diameter_px=diameter_px)
         return replace(job, fingerprint=content_fingerprint(path))
 
     def note_failed(self, key: str, size: int | None, mtime_ns: int | None, kind: str) -> None:
         """A failed file is not looked at again until it changes (an output failure is retried anyway)."""
         if size is not None and mtime_ns is not None and kind != "output":
-            self._known[key] = ("failed", (size, mtime_ns))
+            self._known[key] = ("failed", (size, mtime_ns), None)
 
     def forget(self, path: Path, key: str) -> None:
         self.gate.forget(path)

@@ -1,14 +1,14 @@
-"""The streaming daemon: wires the scanner, the admission, the pipeline, the journal's owner and the model switcher.
+"""The streaming daemon: wires the scanner, the admission, the pipeline, the journal's owner, the model and the health.
 
 One :class:`Daemon` per watched folder (or upstream micrographs STAR) and output folder.
-Its thread scans (every ``stream.poll_interval_s``, sooner on a file-system event; a huge
-folder less often, so scans cost ~2 % of a core), admits what is complete and sane, feeds
-the pipeline while it has room (back-pressure), and records what comes back; the
-pipeline's threads read, pick and write. The index files are rewritten at most once per
-``INDEX_INTERVAL_S`` (less often when large) and at exit. SIGINT, SIGTERM or a file named
-``EMMAE_STOP`` created in the watched folder (:mod:`.health`) stop it after the micrograph in hand (one left
-from an earlier run is reported and ignored). Nothing here parses a micrograph, writes a
-file or queries the journal itself: each room does its own part.
+Its thread scans when the :class:`~emmae.runtime.stream.schedule.Schedule` says so,
+admits what is complete and sane, feeds the pipeline while it has room (back-pressure)
+in the schedule's order, and records what comes back; the pipeline's threads read, pick
+and write. The index files are rewritten when the schedule says so and at exit. SIGINT,
+SIGTERM or a file named ``EMMAE_STOP`` created in the watched folder (:mod:`.health`)
+stop it after the micrograph in hand (one left from an earlier run is reported and
+ignored). Nothing here parses a micrograph, writes a file, writes the journal or decides
+when or in which order: each room does its own part.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from emmae.config import EmmaeConfig, config_hash
 from emmae.errors import ConfigError, EmmaeError, MicrographError
-from emmae.runtime.jobs import Done, Job, failure_kind, reason_of
+from emmae.runtime.jobs import Done, failure_kind, reason_of
 from emmae.runtime.outputs import OutputFolder
 from emmae.runtime.picking.encoder import Encoder
 from emmae.runtime.stream.admission import Admission
@@ -33,17 +32,14 @@ from emmae.runtime.stream.names import shown
 from emmae.runtime.stream.health import Health, StopFlag
 from emmae.runtime.stream.pipeline import InHand, Pipeline
 from emmae.runtime.stream.recorder import Recorder
+from emmae.runtime.stream.schedule import Schedule
 from emmae.runtime.stream.scanner import Scanner, any_stat
 from emmae.runtime.stream.status import Progress, StatusLine
-from emmae.runtime.stream.switcher import ModelSwitcher
+from emmae.runtime.stream.switcher import open_model
 from emmae.runtime.stream.watcher import start_observer, wants_observer
 
 log = logging.getLogger("emmae.stream")
-MIN_SCAN_INTERVAL_S = 0.25  # file-system events trigger scans no more often than this
-SCAN_SHARE = 0.02  # ... nor more often than every 50 scan-times
-MAX_SCAN_INTERVAL_S = 30.0  # ... but at least this often
 IN_HAND_FILE = ".emmae-in-hand"  # the micrograph the pick stage holds (see pipeline.InHand)
-INDEX_INTERVAL_S = 1.0  # the index files are rewritten at most this often (more rarely when large), and at exit
 JOURNAL_RETRY_S = 10.0  # after the journal could not be written
 
 
@@ -73,20 +69,15 @@ class Daemon:
         self.admission = Admission(config, self.scanner, self.recorder)
         self.recorder.on_failed = self.admission.note_failed
         self.recorder.project = self.admission.project_root
-        self.switcher = ModelSwitcher(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
+        self.model = open_model(self.outputs, config, self.recorder, encoder, threads, self.scanner.path_of)
         if stop is not None:
-            self.switcher.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
+            self.model.stopping = lambda: bool(stop) or self.health.stop_file_found(stop)
         self.wake = threading.Event()  # a result is ready, a file changed, or it is time to scan
         self.changed = threading.Event()  # set by the file-system observer
         self.in_hand = InHand(out / IN_HAND_FILE, watch)
         self._count_crash()
         self.pipeline = self._pipeline()
-        self._ready: deque[Job] = deque()  # admitted, waiting for room in the pipeline
-        self._again: deque[Job] = deque()  # admitted to be picked again: behind every new micrograph
-        self._queued: set[str] = set()  # keys ready or in the pipeline
-        self._repicked_for: str | None = None  # the fixed session whose provisional picks were sent back
-        self._last_scan, self._scan_cost_s = -float("inf"), 0.0
-        self._index_written, self._index_cost_s = -float("inf"), 0.0
+        self.schedule = Schedule(config.stream)
 
     @property
     def journal(self) -> Journal:
@@ -98,8 +89,8 @@ class Daemon:
             from emmae.runtime.distributed import ClusterPipeline  # optional: dask.distributed
 
             patch_px = ClusterPipeline.patch_px_of(self.config)
-            return ClusterPipeline(self.config, self.client, self.outputs, depth, self.switcher.builder(patch_px), self.wake.set)
-        return Pipeline(self.switcher.picker(), self.outputs, depth, on_done=self.wake.set, in_hand=self.in_hand)
+            return ClusterPipeline(self.config, self.client, self.outputs, depth, self.model.builder(patch_px), self.wake.set)
+        return Pipeline(self.model.picker(), self.outputs, depth, on_done=self.wake.set, in_hand=self.in_hand)
 
     def _count_crash(self) -> None:
         """The micrograph in hand when the daemon last died (not a clean stop): an attempt counted, failed after ``stream.max_attempts``."""
@@ -113,20 +104,17 @@ class Daemon:
         picked = self.collect()
         if stop or self.health.stop_file_found(stop):
             return picked
-        switched = self.switcher.step(self.pipeline.in_flight)
+        switched = self.model.step(self.pipeline.in_flight)
         if switched is not None:
             self.pipeline.close()
             self.pipeline = Pipeline(switched, self.outputs, self.config.stream.queue_depth, on_done=self.wake.set, in_hand=self.in_hand)
-            self._last_scan = -float("inf")
+            self.schedule.scan_soon()
         now = time.monotonic()
-        spread_s = min(self._scan_cost_s / SCAN_SHARE, MAX_SCAN_INTERVAL_S)
-        due = now - self._last_scan >= max(self.config.stream.poll_interval_s, spread_s) or now >= self.admission.next_due()
-        woken = self.changed.is_set() and now - self._last_scan >= max(MIN_SCAN_INTERVAL_S, spread_s)
-        if due or woken:
+        if self.schedule.scan_due(now, self.changed.is_set(), self.admission.next_due()):
             self.changed.clear()
-            self._last_scan = now
+            self.schedule.scanning(now)
             self.scan()
-            self._scan_cost_s = time.monotonic() - now
+            self.schedule.scanned(time.monotonic() - now)
             self.check_pace(now)
         self.feed()
         return picked
@@ -157,7 +145,7 @@ class Daemon:
 
     def _consider(self, path: Path, name: str | None, stat: os.stat_result | None) -> None:
         key = self.scanner.key(path)
-        if key in self._queued or self.recorder.retry_after.get(key, 0.0) > time.monotonic():
+        if self.schedule.later(key, self.recorder.retry_after.get(key, 0.0), time.monotonic()):
             return
         try:
             job = self.admission.consider(path, name, key, stat)
@@ -174,30 +162,28 @@ class Daemon:
                                  failure_kind(exc))
             return
         if job is not None:
-            (self._again if key in self.recorder.repick else self._ready).append(job)
-            self._queued.add(key)
+            self.schedule.admit(key, job, again=key in self.recorder.repick)
 
     def feed(self) -> None:
-        """Move admitted micrographs into the pipeline while it has room (back-pressure), new ones before those picked again;
-        none while the model is switched."""
-        while (self._ready or self._again) and self.pipeline.has_room() and not self.switcher.switching:
-            if not self._ready and self.pipeline.in_flight:
-                break  # one re-pick at a time, and only when the pipeline is idle: a new micrograph never waits behind many
-            job = (self._ready or self._again).popleft()
+        """Move admitted micrographs into the pipeline while it has room (back-pressure), in the schedule's order; none
+        while the model is switched."""
+        while self.pipeline.has_room() and not self.model.switching:
+            job = self.schedule.next_job(self.pipeline.in_flight)
+            if job is None:
+                break
             key = self.scanner.key(job.path)
             if key not in self.recorder.repick:
-                self.journal.mark_processing(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
+                self.recorder.handed_on(key, job.name, job.size, job.mtime_ns)  # one picked again stays listed as picked until it is
             self.pipeline.submit(job)
 
     def collect(self, results: list[Done] | None = None) -> int:
         """Record finished micrographs; rewrite the index files if due."""
         results = self.pipeline.collect() if results is None else results
-        self._queued.difference_update(self.scanner.key(done.job.path) for done in results)  # rescanned if recording fails
+        self.schedule.finished([self.scanner.key(done.job.path) for done in results])
         figures = None if self.status is not None else self.summary  # live: the status line shows them
-        picked = sum(self.recorder.record(done, self.scanner.key(done.job.path), self.switcher.model, figures) for done in results)
+        picked = sum(self.recorder.record(done, self.scanner.key(done.job.path), self.model.id, figures) for done in results)
         self._repick_provisional()
-        interval = max(INDEX_INTERVAL_S, 10 * self._index_cost_s)  # the index costs at most ~10 % of this thread
-        if self.recorder.index_stale and time.monotonic() - self._index_written >= interval:
+        if self.schedule.index_due(self.recorder.index_stale, time.monotonic()):
             self.write_index()
         return picked
 
@@ -207,28 +193,26 @@ class Daemon:
             self.recorder.write_index(self.config)
         except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the journal has every pick; tried again later
             log.error("cannot rewrite the index files: %s (the journal has every pick)", exc)
-        self._index_written = time.monotonic()
-        self._index_cost_s = self._index_written - start
+        self.schedule.indexed(start, time.monotonic())
 
     def _repick_provisional(self) -> None:
         """Once the stream's session is fixed, what provisional sessions picked is picked again with it (once per fixed session)."""
         builder = self.pipeline.builder
         frozen = builder.frozen if builder is not None else None
-        if frozen is None or not self.config.stream.repick_provisional or frozen.digest() == self._repicked_for:
+        fixed = frozen.digest() if frozen is not None else None
+        if not self.schedule.repick_due(fixed):
             return
-        self._repicked_for = frozen.digest()
-        again = self.journal.unpick_other_sessions(self._repicked_for, self.switcher.model)
-        self.recorder.pick_again(again)
+        again = self.recorder.repick_other_sessions(fixed, self.model.id)
         if again:
-            self._last_scan = -float("inf")
-            log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", self._repicked_for, len(again))
+            self.schedule.scan_soon()
+            log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", fixed, len(again))
 
     def close(self, stop: StopFlag) -> None:
         """Stop the pipeline: roll back what has not started if stopping, else let it finish; record the rest."""
         if stop:
             self.pipeline.cancel()
         self.collect(self.pipeline.close())
-        self.switcher.stop()
+        self.model.stop()
 
     def release(self) -> None:
         """Close the journal and free the output folder for another command."""
@@ -237,10 +221,10 @@ class Daemon:
 
     @property
     def queued(self) -> int:
-        return len(self._ready) + len(self._again) + self.pipeline.in_flight
+        return self.schedule.waiting + self.pipeline.in_flight
 
     def summary(self) -> str:
-        adapting = self.switcher.status()
+        adapting = self.model.status()
         return self.progress.summary(self.queued, self.admission.pending) + (f" | {adapting}" if adapting else "")
 
     def check_pace(self, now: float) -> bool:
@@ -253,17 +237,17 @@ class Daemon:
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or admitted, and no file in the folder still waiting (for ``--once``)."""
-        if self.switcher.busy():
+        if self.model.busy():
             return False
         now = time.monotonic()
         for key in list(self.recorder.repick):
             if any_stat(self.scanner.path_of(key)) is None:
                 self.recorder.repick.discard(key)  # gone: its picks stay as they are
-            elif key not in self._queued:
+            elif key not in self.schedule.queued:
                 return False
         for path, _, _ in self.scanner.candidates(self.recorder.picked):
             key = self.scanner.key(path)
-            if key in self._queued or self.recorder.retry_after.get(key, 0.0) > now:
+            if self.schedule.later(key, self.recorder.retry_after.get(key, 0.0), now):
                 continue
             stat = any_stat(path)
             if stat is not None and self.recorder.wants(key, stat, Path(path)):
@@ -294,7 +278,6 @@ def run(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] | 
 
 
 def _loop(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] | None) -> None:
-    poll = min(daemon.config.stream.poll_interval_s, 1.0)  # the status line ticks at least once a second
     while True:
         try:
             daemon.step(stop)
@@ -306,6 +289,5 @@ def _loop(daemon: Daemon, stop: StopFlag, once: bool, until: Callable[[], bool] 
             return
         if daemon.status is not None:
             daemon.status.show(daemon.summary())
-        settled_in = daemon.admission.next_due() - time.monotonic()  # a settling file is looked at when it has settled
-        daemon.wake.wait(min(poll, max(settled_in, MIN_SCAN_INTERVAL_S)))
+        daemon.wake.wait(daemon.schedule.wait_s(time.monotonic(), daemon.admission.next_due()))  # a settling file: when it has settled
         daemon.wake.clear()

@@ -1,4 +1,4 @@
-"""Discovery and the completeness gate.
+"""The completeness gate: a file the scanner found (:mod:`.scanner`) is handed on once it is whole.
 
 A file is handed on only when its size, mtime, ctime and inode have not changed for
 ``settle_s`` seconds *and* the strict MRC check passes (header valid, data block
@@ -12,20 +12,16 @@ that can never do (``vet``, e.g. too small for the particles) is refused before 
 data block is looked at. Only regular files are
 considered: a FIFO, a device or a symlink loop is rejected without being opened.
 The strict check reads a file's header only when the file changed since the last
-look, so thousands of unfinished files cost one ``stat`` each per scan. Hidden files
-and the usual temporary names of copy tools are never considered.
+look, so thousands of unfinished files cost one ``stat`` each per scan.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import logging
 import os
-import re
 import stat as stat_module
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,48 +31,6 @@ from emmae.runtime.jobs import signature
 
 log = logging.getLogger("emmae.stream")
 ZERO_TAIL_BYTES = 4096  # a data block whose last bytes are all zero may still be filled in (preallocated)
-TEMPORARY = ("*~", "*.tmp", "*.part", "*.partial", "*.filepart", "*downloading*", "*.crdownload")
-
-
-@functools.lru_cache(maxsize=16)
-def _matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
-    """One compiled test for a name: matches a pattern, is not hidden, is not a temporary name."""
-    wanted = re.compile("|".join(fnmatch.translate(p) for p in patterns))
-    temporary = re.compile("|".join(fnmatch.translate(t) for t in TEMPORARY))
-    return lambda name: not name.startswith(".") and wanted.match(name) is not None and temporary.match(name) is None
-
-
-def is_candidate(name: str, patterns: tuple[str, ...]) -> bool:
-    """Matches a pattern and is neither hidden nor a temporary name."""
-    return _matcher(tuple(patterns))(name)
-
-
-def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
-         prefix: str = "") -> Iterator[Path]:
-    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered; paths in ``known`` left out).
-
-    With ``prefix`` (how every path found starts, e.g. ``folder`` and a slash), ``known``
-    holds the paths without it (relative to the folder).
-    """
-    return map(Path, walk(folder, patterns, recursive, skip, known, prefix))
-
-
-def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
-         prefix: str = "", stacks: list[str] | None = None) -> Iterator[str]:
-    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files); ``stacks``: gets the ``*.mrcs`` files
-    (movie stacks) that are not candidates."""
-    candidate = _matcher(tuple(patterns))
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
-        for name in sorted(files):
-            if candidate(name):
-                path = os.path.join(root, name)
-                if path[len(prefix):] not in known:
-                    yield path
-            elif stacks is not None and name[-5:].lower() == ".mrcs" and not name.startswith("."):
-                stacks.append(os.path.join(root, name))
-        if not recursive:
-            break
 
 
 def stat_regular(path: Path) -> os.stat_result | None:

@@ -1,10 +1,13 @@
 """The journal's owner: what became of every micrograph of a stream, recorded once, in one thread.
 
-A :class:`Recorder` is the only writer of the stream's SQLite journal and keeps the
-in-memory view the daemon consults without a query (what is picked, what failed, what
-waits out a retry). It records finished jobs, failures and replaced files (whose old
-outputs go), and has the output folder rewrite the index files and ``failed.txt`` from
-the journal. It never reads micrographs and never decides what to pick.
+A :class:`Recorder` is the only writer of the stream's SQLite journal (every ``mark_*``,
+``unpick_*``, ``set_*`` and ``forget*`` call is made here: ``tests/test_journal_writers.py``
+holds every other module to it) and keeps the in-memory view the daemon consults without
+a query (what is picked, what failed, what waits out a retry). It records micrographs
+seen and handed on, finished jobs, failures, replaced files (whose old outputs go), what
+is due to be picked again and the adaptation's state, and has the output folder rewrite
+the index files and ``failed.txt`` from the journal; :func:`recount_particles` is the
+one write of a re-threshold. It never reads micrographs and never decides what to pick.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from emmae.config import EmmaeConfig
 from emmae.errors import OutputError
 from emmae.runtime.jobs import Done, remember_saved
 from emmae.runtime.outputs import Failure, OutputFolder
-from emmae.runtime.stream.journal import Entry, Journal, changed_since_picked, journal_key
+from emmae.runtime.stream.journal import FILENAME, Entry, Journal, changed_since_picked, journal_key
 from emmae.runtime.stream.names import shown, unsafe_name
 from emmae.runtime.stream.status import Progress
 
@@ -62,6 +65,14 @@ class Recorder:
         if moved:
             self.journal.set_outputs(moved)
             self.picked.update({key: replace(self.picked[key], outputs=outputs) for key, outputs in moved.items()})
+
+    def seen(self, key: str, name: str) -> None:
+        """A micrograph found (not yet complete): listed in the journal unless it already is."""
+        self.journal.mark_seen(key, name)
+
+    def handed_on(self, key: str, name: str, size: int | None, mtime_ns: int | None) -> None:
+        """Handed to the pipeline as the file of this size and mtime (what a crash while it is in hand is counted against)."""
+        self.journal.mark_processing(key, name, size, mtime_ns)
 
     def record(self, done: Done, key: str, model: str | None, figures: Callable[[], str] | None = None) -> int:
         """Record a finished job; returns 1 when it was picked."""
@@ -172,6 +183,23 @@ class Recorder:
         """``keys``, marked in the journal to be picked again, stay picked and listed until they are (the next scan queues them)."""
         self.repick.update(key for key in keys if key in self.picked)
 
+    def repick_other_sessions(self, session: str, model: str | None) -> list[str]:
+        """What ``model`` picked with another (provisional) session than ``session`` is to be picked again; returns the keys."""
+        again = self.journal.unpick_other_sessions(session, model)
+        self.pick_again(again)
+        return again
+
+    def repick_other_models(self, model: str) -> list[str]:
+        """What another model than ``model`` picked is to be picked again; returns the keys."""
+        again = self.journal.unpick_other_models(model)
+        self.pick_again(again)
+        return again
+
+    def set_adaptation(self, state: str, micrographs: list[str], bundle: str | None = None, model: str | None = None,
+                       attempts: int = 0, reason: str | None = None) -> None:
+        """The adaptation's state (see :class:`~emmae.runtime.stream.journal.Adaptation`)."""
+        self.journal.set_adaptation(state, micrographs, bundle, model, attempts, reason)
+
     def count_crash(self, key: str, limit: int, stat: os.stat_result | None = None) -> bool:
         """The micrograph in hand when the daemon last died: one more attempt counted (a clean pick resets the count);
         after ``limit``, failed with its reason as the version that was handed on (else the file as it is now, ``stat``),
@@ -231,3 +259,15 @@ class Recorder:
             log.warning("  %s: %s", shown(entry.path), shown(entry.reason or ""))
         if len(failed) > FAILED_SHOWN:
             log.warning("  ... and %d more", len(failed) - FAILED_SHOWN)
+
+
+def recount_particles(outputs: OutputFolder, counts: dict[str, int]) -> None:
+    """A stream's journal (when the folder has one) records the particles of each micrograph as re-picked (stem -> count),
+    e.g. by ``emmae-pick --rethreshold``."""
+    if not (outputs.root / FILENAME).is_file():
+        return
+    journal = Journal(outputs.root)
+    try:
+        journal.set_particles({e.path: counts[stem] for e in journal.picked() if (stem := outputs.stem_of(e.outputs)) in counts})
+    finally:
+        journal.close()

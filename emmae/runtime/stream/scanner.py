@@ -1,8 +1,11 @@
-"""What is new or changed: the watched folder's (or an upstream micrographs STAR's) micrographs and their keys.
+"""Discovery: which files are micrographs, what is new or changed, and their keys.
 
-Every micrograph is keyed on its path relative to the watched folder (so two spellings
+A candidate is a file matching ``stream.patterns`` that is neither hidden nor one of the
+usual temporary names of copy tools (:func:`is_candidate`), in the watched folder (its
+sub-folders too with ``stream.recursive``; hidden ones and the output folder are not
+entered), or a row of an upstream micrographs STAR. Every micrograph is keyed on its path relative to the watched folder (so two spellings
 of the folder, absolute, relative or through a link, are one stream) and its outputs
-go where RELION looks for them (:meth:`Scanner.stem`). A scan lists the files not yet picked; a
+go where RELION looks for them (:func:`emmae.io.layout.output_stem`). A scan lists the files not yet picked; a
 sweep (every ``SWEEP_INTERVAL_S``, or for a file the file-system observer reported)
 lists the picked ones too, so a replaced micrograph is noticed. It never opens a file
 and never writes anything.
@@ -10,20 +13,22 @@ and never writes anything.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
 from emmae.config import EmmaeConfig
-from emmae.io.layout import coordinate_stem
 from emmae.io.inputs import micrographs_from_star
-from emmae.runtime.stream.gate import walk
 from emmae.runtime.stream.journal import journal_key, key_path
 
 log = logging.getLogger("emmae.stream")
+TEMPORARY = ("*~", "*.tmp", "*.part", "*.partial", "*.filepart", "*downloading*", "*.crdownload")
 SWEEP_INTERVAL_S = 60.0  # every picked file is checked for a new version at least this often (sooner on an observer's event)
 
 Candidate = tuple[Path, "str | None", "os.stat_result | None"]  # file, output name (None: from its path), stat (None: not taken)
@@ -63,17 +68,6 @@ class Scanner:
     def exists(self, key: str) -> bool:
         """The file of ``key`` is there (a name that is not UTF-8 included)."""
         return any(any_stat(self.path_of(text)) is not None for text in {key, key_path(key)})
-
-    def stem(self, path: Path, name: str) -> str:
-        """Where RELION looks for the micrograph's coordinates (:func:`emmae.io.layout.coordinate_stem` of its name); for
-        a name outside the project folder, its place below the watched folder (or its file name, from a STAR)."""
-        stem = coordinate_stem(name)
-        if stem is not None:
-            return stem
-        try:
-            return str(Path(self.key_text(path) if self.watch_star is None else Path(path).relative_to(self.watch)).with_suffix(""))
-        except ValueError:
-            return str(Path(Path(path).name).with_suffix(""))
 
     def notice_path(self, path: str) -> None:
         """Called by the file-system observer (its thread) with a changed file: looked at even if picked (a new version?)."""
@@ -126,6 +120,47 @@ class Scanner:
             log.info("%s can be read again: %d rows", self.watch_star, len(rows))
         self._star_last, self._star_unready = rows, False
         return rows
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """One compiled test for a name: matches a pattern, is not hidden, is not a temporary name."""
+    wanted = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    temporary = re.compile("|".join(fnmatch.translate(t) for t in TEMPORARY))
+    return lambda name: not name.startswith(".") and wanted.match(name) is not None and temporary.match(name) is None
+
+
+def is_candidate(name: str, patterns: tuple[str, ...]) -> bool:
+    """Matches a pattern and is neither hidden nor a temporary name."""
+    return _matcher(tuple(patterns))(name)
+
+
+def scan(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
+         prefix: str = "") -> Iterator[Path]:
+    """Candidate files under ``folder`` (sorted; hidden folders and ``skip`` are not entered; paths in ``known`` left out).
+
+    With ``prefix`` (how every path found starts, e.g. ``folder`` and a slash), ``known``
+    holds the paths without it (relative to the folder).
+    """
+    return map(Path, walk(folder, patterns, recursive, skip, known, prefix))
+
+
+def walk(folder: Path, patterns: tuple[str, ...], recursive: bool, skip: Path | None = None, known: Container[str] = frozenset(),
+         prefix: str = "", stacks: list[str] | None = None) -> Iterator[str]:
+    """:func:`scan` as plain strings (cheaper, for a folder of thousands of files); ``stacks``: gets the ``*.mrcs`` files
+    (movie stacks) that are not candidates."""
+    candidate = _matcher(tuple(patterns))
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
+        for name in sorted(files):
+            if candidate(name):
+                path = os.path.join(root, name)
+                if path[len(prefix):] not in known:
+                    yield path
+            elif stacks is not None and name[-5:].lower() == ".mrcs" and not name.startswith("."):
+                stacks.append(os.path.join(root, name))
+        if not recursive:
+            break
 
 
 class _Without:

@@ -39,7 +39,7 @@ class LiveFigures:
         return {
             "queued": queued, "settling": settling, "throughput_per_hour": rate or None,
             "latency_last_s": daemon.progress.last_latency_s, "backlog_growing": bool(older) and queued > older[-1],
-            "model": daemon.switcher.model, "adapting": daemon.switcher.status() or None,
+            "model": daemon.model.id, "adapting": daemon.model.status() or None,
         }
 
 
