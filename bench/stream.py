@@ -53,11 +53,13 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def acquire(folder: Path, images: list[bytes], interval_s: float, completed: dict[str, float]) -> None:
-    for i, payload in enumerate(images):
+def acquire(folder: Path, images: list[Path], interval_s: float, completed: dict[str, float]) -> None:
+    """Copy each staged micrograph into ``folder`` in chunks, one every ``interval_s`` (read from disk when it lands, so the
+    staged micrographs never count in this process's memory)."""
+    for i, staged in enumerate(images):
         start = time.monotonic()
         name = f"{folder.name}_{i:05d}.mrc"
-        write_in_chunks(payload, folder / name, pause_s=0.01)
+        write_in_chunks(staged.read_bytes(), folder / name, pause_s=0.01)
         completed[name] = time.time()
         time.sleep(max(0.0, interval_s - (time.monotonic() - start)))
 
@@ -87,7 +89,7 @@ def browse(base: str, stop: threading.Event, counts: dict[str, int]) -> None:
             counts["overlays"] += len(fetch(f"/overlay.png?stem={urllib.request.quote(latest)}")) > 0
 
 
-def scenario(name: str, images: list[bytes], interval_s: float, encoder: Encoder, settle_s: float, root: Path,
+def scenario(name: str, images: list[Path], interval_s: float, encoder: Encoder, settle_s: float, root: Path,
              http: bool = False) -> dict:
     watch, out = root / name, root / f"{name}-out"
     watch.mkdir()
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        staged = root / "staged.mrc"
+        (root / "staged").mkdir()
 
-        def images(n: int, seed: int) -> list[bytes]:
+        def images(n: int, seed: int) -> list[Path]:
             out = []
             for i in range(n):
-                write_micrograph(staged, make_micrograph(params, seed=seed + i).image, 1.0)
-                out.append(staged.read_bytes())
+                out.append(root / "staged" / f"{seed + i:05d}.mrc")
+                write_micrograph(out[-1], make_micrograph(params, seed=seed + i).image, 1.0)
             return out
 
         served = (False, True) if args.http else (False,)

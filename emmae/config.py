@@ -64,7 +64,9 @@ class ModelConfig(_Section):
     """Which model bundle encodes the tiles (None: the bundled default model)."""
 
     bundle: Path | None = None
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    # the bundled model's precision; auto: int8 on the CPU (half the encoder's time there, the dev
+    # datasets' F1 within 0.005 of fp32's: docs/benchmarks.md), fp32 on a GPU
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # tiles per encoder run; None: CPU_BATCH_TILES on the CPU (each run's activations stay in the
     # cache: the same latents, measured faster than bigger runs), GPU_BATCH_TILES on a GPU
     batch_tiles: int | None = Field(None, ge=1, le=65536)

@@ -31,7 +31,7 @@ def test_cuda_latents_equal_the_cpu_latents_and_stay_on_the_gpu(gpu_encoder):
     on_gpu = gpu_encoder.encode(gpu_encoder.backend.asarray(grid))
     assert gpu_encoder.on_device
     assert type(on_gpu).__module__.split(".")[0] == "cupy"
-    on_cpu = Encoder.open().encode(grid)
+    on_cpu = Encoder.open(precision="fp32").encode(grid)  # the GPU runs the fp32 bundle (precision auto), the CPU int8
     assert on_gpu.shape == on_cpu.shape
     got = on_gpu.get()
     scale = float(np.abs(on_cpu).max())

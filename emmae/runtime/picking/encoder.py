@@ -10,7 +10,9 @@ also faster (``bench/encode.py --batches``): a run of a few tiles keeps its acti
 the processor's cache, where 256 tiles' (~130 MB per MLP activation) stream from memory.
 The latents do not depend on the run size. On the GPU the tiles are
 bound from, and the latents written to, device memory (IO binding), so nothing crosses
-to the host.
+to the host. The bundled model runs as int8 on the CPU (its weights' matrix products in
+8-bit integers: half the time of fp32, the dev datasets' picks within 0.005 F1) and as
+fp32 on a GPU (``model.precision``, default ``auto``).
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ def preload_cuda_libraries(ort: ModuleType) -> None:
         log.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def bundle_path(path: Path | None, precision: str) -> Path:
-    """``path``, or the bundled default model of that precision."""
+def bundle_path(path: Path | None, precision: str, gpu: bool = False) -> Path:
+    """``path``, or the bundled default model of that precision (``auto``: fp32 for a ``gpu``, else int8)."""
     if path is not None:
         return path
+    if precision == "auto":
+        precision = "fp32" if gpu else "int8"
     default = default_bundle_path()
     return default if precision == "fp32" else default.with_name(f"{default.stem}-{precision}{default.suffix}")
 
@@ -75,9 +79,10 @@ class Encoder:
             raise ValueError(f"batch_tiles must be at least 1, got {self.batch_tiles}")
 
     @classmethod
-    def open(cls, path: Path | None = None, precision: str = "fp32", backend: Backend = CPU, batch_tiles: int | None = None,
+    def open(cls, path: Path | None = None, precision: str = "auto", backend: Backend = CPU, batch_tiles: int | None = None,
              threads: int | None = None) -> Encoder:
-        """Open a bundle (default: the shipped model) on the best provider; ``batch_tiles``: tiles per run (default:
+        """Open a bundle (default: the shipped model, ``precision`` ``auto``: int8 on the CPU, fp32 on a GPU) on the
+        best provider; ``batch_tiles``: tiles per run (default:
         ``CPU_BATCH_TILES`` or ``GPU_BATCH_TILES``, by the provider that runs); ``threads``: CPU threads of the
         session (default: all cores). Raises ``BundleError``."""
         import onnxruntime as ort
@@ -85,7 +90,7 @@ class Encoder:
         if backend.is_gpu:
             preload_cuda_libraries(ort)
         providers = choose_providers(ort.get_available_providers(), backend)
-        bundle = open_bundle(bundle_path(path, precision), providers, threads)
+        bundle = open_bundle(bundle_path(path, precision, gpu=providers[0] != "CPUExecutionProvider"), providers, threads)
         running = bundle.providers
         log.info("encoder %s runs on %s", bundle.path.name, running[0])
         if backend.is_gpu and running[0] == "CPUExecutionProvider":
