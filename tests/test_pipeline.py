@@ -144,6 +144,11 @@ def test_progress_reports_rate_latency_and_particles(monkeypatch):
     assert progress.rate_per_hour() == pytest.approx(100.0)
     text = progress.summary(queued=2, settling=1)
     assert "3 picked" in text and "100/h" in text and "queue 2" in text and "0.50 s" in text and "20 particles" in text
+    assert "BEHIND" not in progress.summary(queued=2, settling=1, queue_depth=2)  # what the queue holds: keeping up
+    behind = progress.summary(queued=10, settling=0, queue_depth=2)
+    assert "BEHIND by 10 micrographs, ~6 min of picking" in behind  # 10 at 100 per hour
+    assert "BEHIND by 3 micrographs, ~108 s of picking" in progress.summary(queued=3, settling=0, queue_depth=2)
+    assert "BEHIND by 30 micrographs, ~18 min of picking" in progress.summary(queued=30, settling=0, queue_depth=2)
 
 
 @needs_model

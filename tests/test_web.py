@@ -390,8 +390,10 @@ def test_rates_and_the_falling_behind_rule():
     waiting = [Micrograph(f"w{i}", f"w{i}", "seen", None, None) for i in range(6)]
     pace = figures.pace(landing + waiting, queue_depth=4)
     assert pace["acquisition_per_hour"] == pytest.approx(1000.0) and pace["throughput_per_hour"] == pytest.approx(500.0)
-    assert pace["falling_behind"] and "6 micrographs wait" in pace["warning"]
+    assert pace["falling_behind"] and "6 micrographs wait to be picked, ~43 s of picking" in pace["warning"]  # 6 at 500 per hour
+    assert pace["behind_s"] == pytest.approx(6 / 500 * 3600)
     assert not figures.pace(landing + waiting[:4], queue_depth=4)["falling_behind"]  # no more than the queue holds
+    assert figures.pace(landing + waiting[:4], queue_depth=4)["behind_s"] is None
     keeping_up = [Micrograph(f"m{i}", f"m{i}", "picked", f"m{i}", 10, 1.0, 10.0 + 3.6 * i, 3.6 * i) for i in range(10)]
     assert not figures.pace(keeping_up + waiting, queue_depth=4)["falling_behind"]
     live = {"queued": 9, "settling": 0, "backlog_growing": True, "throughput_per_hour": 2000.0}

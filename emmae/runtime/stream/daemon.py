@@ -225,7 +225,7 @@ class Daemon:
 
     def summary(self) -> str:
         adapting = self.model.status()
-        return self.progress.summary(self.queued, self.admission.pending) + (f" | {adapting}" if adapting else "")
+        return self.progress.summary(self.queued, self.admission.pending, self.config.stream.queue_depth) + (f" | {adapting}" if adapting else "")
 
     def check_pace(self, now: float) -> bool:
         return self.health.check_pace(now, self.queued, self.config.stream.queue_depth, self.progress.rate_per_hour)

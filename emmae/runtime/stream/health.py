@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from emmae.runtime.stream.status import catch_up_text
+
 log = logging.getLogger("emmae.stream")
 STOP_FILE = "EMMAE_STOP"
 STOP_FILE_SLACK_S = 1.0  # a stop file this much older than the start still counts (file systems that keep whole seconds)
@@ -91,8 +93,8 @@ class Health:
         before = self._pace_backlog
         self._pace_at, self._pace_backlog = now, backlog
         if backlog > depth and backlog > before:
-            log.warning("falling behind the acquisition: %d micrographs wait to be picked (%d %.0f s ago); picking %.0f per hour",
-                        backlog, before, PACE_INTERVAL_S, rate_per_hour())
+            log.warning("falling behind the acquisition: %d micrographs wait to be picked (%d %.0f s ago), %s; picking %.0f per hour",
+                        backlog, before, PACE_INTERVAL_S, catch_up_text(backlog, rate_per_hour()), rate_per_hour())
             return True
         return False
 

@@ -50,12 +50,29 @@ class Progress:
     def rate_per_hour(self) -> float:
         return rate_per_hour(self.times) or 0.0
 
-    def summary(self, queued: int, settling: int) -> str:
+    def summary(self, queued: int, settling: int, queue_depth: int | None = None) -> str:
+        """The status line; with more than ``queue_depth`` micrographs queued it says how far behind the stream is."""
         latency = "-" if self.last_latency_s is None else f"{self.last_latency_s:.2f} s"
+        behind = ""
+        if queue_depth is not None and queued > queue_depth:
+            behind = f" | BEHIND by {queued} micrographs" + (f", {catch_up_text(queued, self.rate_per_hour())}" if self.rate_per_hour() else "")
         return (
-            f"{self.count} picked, {self.failed} failed | {self.rate_per_hour():.0f}/h | queue {queued}, settling {settling} | "
+            f"{self.count} picked, {self.failed} failed | {self.rate_per_hour():.0f}/h | queue {queued}, settling {settling}{behind} | "
             f"last latency {latency} | {self.particles / max(self.count, 1):.0f} particles per micrograph"
         )
+
+
+def catch_up_s(backlog: int, picking_per_hour: float | None) -> float | None:
+    """Seconds of picking the ``backlog`` holds at the current rate (None without a rate)."""
+    return backlog / picking_per_hour * 3600 if picking_per_hour else None
+
+
+def catch_up_text(backlog: int, picking_per_hour: float | None) -> str:
+    """``~N s (or min) of picking``, for a log line, the status line and the web view."""
+    seconds = catch_up_s(backlog, picking_per_hour)
+    if seconds is None:
+        return "no picking rate yet"
+    return f"~{seconds:.0f} s of picking" if seconds < 120 else f"~{seconds / 60:.0f} min of picking"
 
 
 class StatusLine(logging.Handler):

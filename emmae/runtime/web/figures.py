@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from emmae.runtime.stream.status import RATE_WINDOW as WINDOW  # micrographs the rates and latencies are taken over, as on the status line
-from emmae.runtime.stream.status import rate_per_hour
+from emmae.runtime.stream.status import catch_up_s, catch_up_text, rate_per_hour
 from emmae.runtime.web.reading import Micrograph
 
 BEHIND_MARGIN = 1.05  # acquiring this much faster than picking, with a backlog, is falling behind
@@ -54,6 +54,8 @@ def pace(micrographs: Sequence[Micrograph], queue_depth: int, live: dict | None 
         figures["latency_last_s"] = live.get("latency_last_s", figures["latency_last_s"])
         figures["waiting"] = (live.get("queued") or 0) + (live.get("settling") or 0)
     figures["falling_behind"], figures["warning"] = behind(figures)
+    backlog = figures["queued"] if figures["queued"] is not None else figures["waiting"]
+    figures["behind_s"] = catch_up_s(backlog, figures["throughput_per_hour"]) if figures["falling_behind"] else None
     return figures
 
 
@@ -66,7 +68,7 @@ def behind(figures: dict) -> tuple[bool, str | None]:
     if backlog <= figures["queue_depth"] or not (figures["backlog_growing"] or outpaced):
         return False, None
     rates = f"picking {picking or 0:.0f} per hour" + (f", acquiring {landing:.0f} per hour" if landing is not None else "")
-    return True, f"falling behind the acquisition: {backlog} micrographs wait to be picked; {rates}"
+    return True, f"falling behind the acquisition: {backlog} micrographs wait to be picked, {catch_up_text(backlog, picking)}; {rates}"
 
 
 def series(micrographs: Sequence[Micrograph], limit: int) -> list[dict]:
