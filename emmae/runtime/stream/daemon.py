@@ -237,8 +237,9 @@ class Daemon:
 
     def backlog_done(self) -> bool:
         """Nothing in the pipeline or admitted, and no file in the folder still waiting (for ``--once``)."""
-        if self.model.busy():
-            return False
+        builder = self.pipeline.builder
+        if self.model.busy() or (builder is not None and builder.fitting):
+            return False  # the model's work, or the session's fit (then the re-picks it brings), is still to come
         now = time.monotonic()
         for key in list(self.recorder.repick):
             if any_stat(self.scanner.path_of(key)) is None:

@@ -57,7 +57,7 @@ class StreamModel:
         if fixed is not None:
             log.info("session %s read from %s", fixed.digest(), folder.root)
         builder = SessionBuilder(self.config, patch_px, fixed, on_fixed=lambda session, names: self._save(folder, session, names),
-                                 on_sample=folder.write_session_samples)
+                                 on_sample=folder.write_session_samples, background=True)  # a refit never holds up a pick
         if fixed is None and self.encoder is not None:
             builder.restore(self._samples_of(folder.read_session_samples()))
         return builder
