@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--count", type=int, default=5)
-    parser.add_argument("--quality", choices=["generalise", "pick-hash"], default="generalise",
+    parser.add_argument("--quality", choices=["generalise", "pick-hash", "none"], default="generalise",
                         help="F1 from bench/generalise.py's folds (their models cached in bench/.cache), or from bench/pick_hash.py "
-                             "(the bundled model on every dev micrograph; its hash shows whether the picks are the same)")
+                             "(the bundled model on every dev micrograph; its hash shows whether the picks are the same), or none (time only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     commit = _short(args.commit)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     for key, ms in pick_totals(tree, args.count).items():
                         times[label].setdefault(key, []).append(ms)
                 log.info("round %d of %d timed", round_ + 1, args.rounds)
-            score = fold_f1 if args.quality == "generalise" else hash_f1
+            score = {"generalise": fold_f1, "pick-hash": hash_f1, "none": lambda *_: {}}[args.quality]
             f1 = {"earlier": score(old, Path(tmp) / "old.json", args.data), "this": score(new, Path(tmp) / "new.json", args.data)}
         finally:
             for tree in (old, new):
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'bench/' + ('generalise' if args.quality == 'generalise' else 'pick_hash') + '.py F1':<52} {'earlier':>8} {'this':>8}")
     for key, row in quality.items():
         print(f"{key:<52} {row['earlier'] if row['earlier'] is None else format(row['earlier'], '.4f'):>8} {row['this']:8.4f}")
-    worst_f1 = max(abs(r["this"] - r["earlier"]) for r in quality.values() if r["earlier"] is not None)
+    worst_f1 = max((abs(r["this"] - r["earlier"]) for r in quality.values() if r["earlier"] is not None), default=0.0)
     worst_time = max(abs(r["ratio"] - 1) for r in timing.values())
     print(f"\nlargest F1 difference {worst_f1:.4f}; largest time difference {worst_time:.1%} (medians of {args.rounds} rounds)")
     out = HERE / "results" / f"compare-{commit}-{this or 'tree'}.json"

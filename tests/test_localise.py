@@ -4,6 +4,7 @@ then end to end on crowded and on raw-contrast, non-square synthetic micrographs
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -232,13 +233,15 @@ def test_stream_picks_again_what_provisional_sessions_picked(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="emmae.stream"):
         assert daemon.main(args) == 0
     again = [r.getMessage() for r in caplog.records if "picked with a provisional session" in r.getMessage()]
-    assert len(again) == 1 and "the 1 micrographs" in again[0]  # the first, picked before the session was fixed
+    # the first two, picked before the session was fixed (the second calls for its fit, which runs on a thread of
+    # its own), and those that came while it was fitted
+    assert len(again) == 1 and (repicked := int(re.search(r"the (\d+) micrographs", again[0]).group(1))) in (2, 3, 4)
     frozen = json.loads((out / "emmae-session.json").read_text())["session"]
     rows = sqlite3.connect(out / "emmae-journal.sqlite").execute("SELECT path, state, session FROM micrographs").fetchall()
     assert sorted(r[0] for r in rows) == [m.name for m in mics]
     assert {(r[1], r[2]) for r in rows} == {("picked", Session.from_json(json.dumps(frozen)).digest())}
     picks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("picked ")]
-    assert len(picks) == len(mics) + 1 and "4 picked, 0 failed" in picks[-1]
+    assert len(picks) == len(mics) + repicked and "4 picked, 0 failed" in picks[-1]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="emmae.stream"):  # a restart has nothing left to do
         assert daemon.main(args) == 0
