@@ -235,7 +235,8 @@ def test_stream_picks_again_what_provisional_sessions_picked(tmp_path, caplog):
     again = [r.getMessage() for r in caplog.records if "picked with a provisional session" in r.getMessage()]
     # the first two, picked before the session was fixed (the second calls for its fit, which runs on a thread of
     # its own), and those that came while it was fitted
-    assert len(again) == 1 and (repicked := int(re.search(r"the (\d+) micrographs", again[0]).group(1))) in (2, 3, 4)
+    repicked = sum(int(re.search(r"the (\d+) micrographs", line).group(1)) for line in again)
+    assert 1 <= len(again) <= 2 and repicked in (2, 3, 4)
     frozen = json.loads((out / "emmae-session.json").read_text())["session"]
     rows = sqlite3.connect(out / "emmae-journal.sqlite").execute("SELECT path, state, session FROM micrographs").fetchall()
     assert sorted(r[0] for r in rows) == [m.name for m in mics]

@@ -182,7 +182,7 @@ class Daemon:
         self.schedule.finished([self.scanner.key(done.job.path) for done in results])
         figures = None if self.status is not None else self.summary  # live: the status line shows them
         picked = sum(self.recorder.record(done, self.scanner.key(done.job.path), self.model.id, figures) for done in results)
-        self._repick_provisional()
+        self._repick_provisional({(done.picks.session or {}).get("id") for done in results if done.picks is not None})
         if self.schedule.index_due(self.recorder.index_stale, time.monotonic()):
             self.write_index()
         return picked
@@ -195,17 +195,22 @@ class Daemon:
             log.error("cannot rewrite the index files: %s (the journal has every pick)", exc)
         self.schedule.indexed(start, time.monotonic())
 
-    def _repick_provisional(self) -> None:
-        """Once the stream's session is fixed, what provisional sessions picked is picked again with it (once per fixed session)."""
+    def _repick_provisional(self, sessions: set[str | None]) -> None:
+        """Once the stream's session is fixed, what provisional sessions picked is picked again with it: once per fixed
+        session, and again for a micrograph recorded later with a provisional one (``sessions``: those just recorded;
+        it was in the pipeline while the session was fitted on its own thread)."""
         builder = self.pipeline.builder
         frozen = builder.frozen if builder is not None else None
         fixed = frozen.digest() if frozen is not None else None
-        if not self.schedule.repick_due(fixed):
+        late = fixed is not None and fixed == self.schedule.repicked_for and bool(sessions - {None, fixed})
+        if not (self.schedule.repick_due(fixed) or late):
             return
-        again = self.recorder.repick_other_sessions(fixed, self.model.id)
+        before = set(self.recorder.repick)
+        again = [key for key in self.recorder.repick_other_sessions(fixed, self.model.id) if key not in before]
         if again:
             self.schedule.scan_soon()
-            log.info("session %s fixed: the %d micrographs picked with a provisional session are picked again with it", fixed, len(again))
+            log.info("session %s fixed: the %d micrographs picked with a provisional session%s are picked again with it", fixed, len(again),
+                     " while it was fitted" if late else "")
 
     def close(self, stop: StopFlag) -> None:
         """Stop the pipeline: roll back what has not started if stopping, else let it finish; record the rest."""
