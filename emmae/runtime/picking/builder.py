@@ -102,7 +102,7 @@ class SessionBuilder:
             elif self.frozen is None:
                 self.provisional = session
 
-        self._fit = threading.Thread(target=fit, name="emmae-session-fit", daemon=True)
+        self._fit = threading.Thread(target=fit, name="emmae-session-fit")  # not a daemon thread: never cut off at exit
         self._fit.start()
 
     def restore(self, samples: list[tuple[str, SessionSample]]) -> None:

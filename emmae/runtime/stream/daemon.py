@@ -213,10 +213,13 @@ class Daemon:
                      " while it was fitted" if late else "")
 
     def close(self, stop: StopFlag) -> None:
-        """Stop the pipeline: roll back what has not started if stopping, else let it finish; record the rest."""
+        """Stop the pipeline: roll back what has not started if stopping, else let it finish; record the rest. A session
+        fit running on its own thread is waited for (seconds): it is saved while the output folder is still ours."""
         if stop:
             self.pipeline.cancel()
         self.collect(self.pipeline.close())
+        if self.pipeline.builder is not None:
+            self.pipeline.builder.wait()
         self.model.stop()
 
     def release(self) -> None:
