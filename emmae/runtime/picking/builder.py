@@ -95,7 +95,8 @@ class SessionBuilder:
                 session = fit_session(samples, self.config, self.patch_px)
             except Exception:  # noqa: BLE001 - a failed refit keeps the session there is; the next one tries again
                 log.exception("the session could not be refitted on %d micrographs", len(samples))
-                self._final_asked = False if final else self._final_asked
+                if final:
+                    self._final_asked = False  # the next sample asks for the fixed session's fit again
                 return
             if final:
                 self._freeze(session, names)
